@@ -1,0 +1,256 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Network config (``<prefix>/config``): parse, validate and default exactly as Flannel does.
+
+Reference: flannel ``pkg/subnet/config.go`` (``ParseConfig``, ``CheckNetworkConfig``) and
+flannel-compat.md section 1.2. Field names are matched case-insensitively (Go ``encoding/json``).
+Every error is a ``ConfigError`` whose message names the field and the rule, so the daemon can print
+one line and exit 1.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Any, Dict, Optional
+
+DEFAULT_BACKEND = "udp"  # Backend absent -> udp on the etcd path (flannel's docs say vxlan; the code says udp)
+MAX_SUBNET_LEN = 30  # an explicit SubnetLen must be <= 30
+MIN_NETWORK_PREFIX_DEFAULT_LEN = 28  # without SubnetLen, Network prefix > 28 is an error
+MAX_SUBNET_LEN6 = 126
+MIN_NETWORK_PREFIX6 = 124
+KNOWN_BACKENDS = ("udp", "vxlan", "host-gw")
+
+
+class ConfigError(ValueError):
+    """The network config is invalid; the message names the field and the rule."""
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Validated, defaulted network config. ``backend`` is the raw Backend object (options read by backends)."""
+
+    network: Optional[IPv4Network]
+    subnet_len: int
+    subnet_min: Optional[IPv4Address]
+    subnet_max: Optional[IPv4Address]
+    backend_type: str
+    backend: Dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    enable_ipv4: bool = True
+    enable_ipv6: bool = False
+    ipv6_network: Optional[IPv6Network] = None
+    ipv6_subnet_len: int = 0
+    ipv6_subnet_min: Optional[IPv6Address] = None
+    ipv6_subnet_max: Optional[IPv6Address] = None
+    enable_nftables: bool = False
+
+    def backend_option(self, name: str, default: Any = None) -> Any:
+        """Return a Backend option matched case-insensitively (Go json), or ``default``."""
+        return _ci_get(self.backend, name, default)
+
+    def subnet_in_range(self, net: IPv4Network) -> bool:
+        """Return True if ``net`` is a lease this config could have allocated (Flannel's compatibility test)."""
+        if self.network is None or self.subnet_min is None or self.subnet_max is None:
+            return False
+        return (
+            net.prefixlen == self.subnet_len
+            and net.subnet_of(self.network)
+            and self.subnet_min <= net.network_address <= self.subnet_max
+        )
+
+
+def _ci_get(obj: Dict[str, Any], name: str, default: Any = None) -> Any:
+    if name in obj:
+        return obj[name]
+    low = name.lower()
+    for k, v in obj.items():
+        if k.lower() == low:
+            return v
+    return default
+
+
+def _int_field(raw: Dict[str, Any], name: str) -> int:
+    v = _ci_get(raw, name, 0)
+    if v is None:
+        return 0
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"{name}: must be an integer, got {v!r}")
+    return v
+
+
+def _bool_field(raw: Dict[str, Any], name: str, default: bool) -> bool:
+    v = _ci_get(raw, name, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ConfigError(f"{name}: must be true or false, got {v!r}")
+    return v
+
+
+def _str_field(raw: Dict[str, Any], name: str) -> str:
+    v = _ci_get(raw, name, "")
+    if v is None:
+        return ""
+    if not isinstance(v, str):
+        raise ConfigError(f"{name}: must be a string, got {v!r}")
+    return v
+
+
+def parse_config(text: str) -> NetworkConfig:
+    """Parse and check the config JSON; raise ``ConfigError`` naming the field and the rule."""
+    try:
+        raw = json.loads(text)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a JSON object, got {type(raw).__name__}")
+
+    enable_ipv4 = _bool_field(raw, "EnableIPv4", True)
+    enable_ipv6 = _bool_field(raw, "EnableIPv6", False)
+    enable_nft = _bool_field(raw, "EnableNFTables", False)
+
+    backend_raw = _ci_get(raw, "Backend", None)
+    if backend_raw is None:
+        backend: Dict[str, Any] = {}
+        btype = DEFAULT_BACKEND
+    else:
+        if not isinstance(backend_raw, dict):
+            raise ConfigError(f"Backend: must be a JSON object, got {backend_raw!r}")
+        backend = backend_raw
+        t = _ci_get(backend, "Type", "")
+        if not isinstance(t, str):
+            raise ConfigError(f"Backend.Type: must be a string, got {t!r}")
+        btype = t.lower()
+        if btype not in KNOWN_BACKENDS:
+            raise ConfigError(
+                f"Backend.Type: unknown backend type {t!r}; fastflannel supports {', '.join(KNOWN_BACKENDS)}"
+            )
+
+    network = None
+    subnet_len = 0
+    smin = smax = None
+    if enable_ipv4:
+        network, subnet_len, smin, smax = _check_v4(raw)
+    if not enable_ipv4 and not enable_ipv6:
+        raise ConfigError("EnableIPv4/EnableIPv6: at least one address family must be enabled")
+
+    net6 = None
+    len6 = 0
+    min6 = max6 = None
+    if enable_ipv6:
+        net6, len6, min6, max6 = _check_v6(raw)
+
+    return NetworkConfig(
+        network=network,
+        subnet_len=subnet_len,
+        subnet_min=smin,
+        subnet_max=smax,
+        backend_type=btype,
+        backend=backend,
+        enable_ipv4=enable_ipv4,
+        enable_ipv6=enable_ipv6,
+        ipv6_network=net6,
+        ipv6_subnet_len=len6,
+        ipv6_subnet_min=min6,
+        ipv6_subnet_max=max6,
+        enable_nftables=enable_nft,
+    )
+
+
+def _check_v4(raw: Dict[str, Any]):
+    text = _str_field(raw, "Network")
+    if not text:
+        raise ConfigError("Network: required (an IPv4 CIDR such as \"100.96.0.0/16\")")
+    try:
+        network = IPv4Network(text, strict=False)
+    except ValueError as e:
+        raise ConfigError(f"Network: {text!r} is not an IPv4 CIDR: {e}") from None
+    subnet_len = _int_field(raw, "SubnetLen")
+    if subnet_len:
+        if subnet_len > MAX_SUBNET_LEN:
+            raise ConfigError(f"SubnetLen: {subnet_len} is too long; it must be <= {MAX_SUBNET_LEN}")
+        if subnet_len < network.prefixlen + 2:
+            raise ConfigError(
+                f"SubnetLen: {subnet_len} must be at least Network prefix + 2 = {network.prefixlen + 2}"
+                " (a network must hold at least 4 subnets)"
+            )
+    else:
+        if network.prefixlen > MIN_NETWORK_PREFIX_DEFAULT_LEN:
+            raise ConfigError(
+                f"Network: /{network.prefixlen} is too small; minimum useful network prefix is /28"
+            )
+        subnet_len = 24 if network.prefixlen <= 22 else network.prefixlen + 2
+    size = 1 << (32 - subnet_len)
+    smin = _addr_field(raw, "SubnetMin")
+    smax = _addr_field(raw, "SubnetMax")
+    net_lo = int(network.network_address)
+    net_next = net_lo + network.num_addresses
+    if smin is None:
+        smin = IPv4Address(net_lo + size)
+    else:
+        _check_bound("SubnetMin", smin, network, size)
+    if smax is None:
+        smax = IPv4Address(net_next - size)
+    else:
+        _check_bound("SubnetMax", smax, network, size)
+    if smin > smax:
+        raise ConfigError(f"SubnetMin: {smin} is above SubnetMax {smax}")
+    return network, subnet_len, smin, smax
+
+
+def _addr_field(raw: Dict[str, Any], name: str) -> Optional[IPv4Address]:
+    text = _str_field(raw, name)
+    if not text:
+        return None
+    try:
+        a = IPv4Address(text)
+    except ValueError as e:
+        raise ConfigError(f"{name}: {text!r} is not an IPv4 address: {e}") from None
+    return None if int(a) == 0 else a  # only 0.0.0.0 counts as unset
+
+
+def _check_bound(name: str, addr: IPv4Address, network: IPv4Network, size: int) -> None:
+    if addr not in network:
+        raise ConfigError(f"{name}: {addr} is not within Network {network}")
+    if int(addr) % size:
+        raise ConfigError(f"{name}: {addr} is not aligned to SubnetLen (a multiple of {size} addresses)")
+
+
+def _check_v6(raw: Dict[str, Any]):
+    text = _str_field(raw, "IPv6Network")
+    if not text:
+        raise ConfigError("IPv6Network: required when EnableIPv6 is true")
+    try:
+        net6 = IPv6Network(text, strict=False)
+    except ValueError as e:
+        raise ConfigError(f"IPv6Network: {text!r} is not an IPv6 CIDR: {e}") from None
+    len6 = _int_field(raw, "IPv6SubnetLen")
+    if len6:
+        if len6 > MAX_SUBNET_LEN6:
+            raise ConfigError(f"IPv6SubnetLen: {len6} is too long; it must be <= {MAX_SUBNET_LEN6}")
+        if len6 < net6.prefixlen + 2:
+            raise ConfigError(f"IPv6SubnetLen: {len6} must be at least IPv6Network prefix + 2 = {net6.prefixlen + 2}")
+    else:
+        if net6.prefixlen > MIN_NETWORK_PREFIX6:
+            raise ConfigError(f"IPv6Network: /{net6.prefixlen} is too small; minimum useful prefix is /124")
+        len6 = 64 if net6.prefixlen <= 62 else net6.prefixlen + 2
+    size = 1 << (128 - len6)
+    lo = int(net6.network_address)
+    nxt = lo + net6.num_addresses
+
+    def bound(name: str, default: int) -> IPv6Address:
+        t = _str_field(raw, name)
+        if not t:
+            return IPv6Address(default)
+        try:
+            a = IPv6Address(t)
+        except ValueError as e:
+            raise ConfigError(f"{name}: {t!r} is not an IPv6 address: {e}") from None
+        if int(a) == 0:
+            return IPv6Address(default)
+        if a not in net6:
+            raise ConfigError(f"{name}: {a} is not within IPv6Network {net6}")
+        if int(a) % size:
+            raise ConfigError(f"{name}: {a} is not aligned to IPv6SubnetLen")
+        return a
+
+    return net6, len6, bound("IPv6SubnetMin", lo + size), bound("IPv6SubnetMax", nxt - size)
