@@ -1,0 +1,170 @@
+# SPDX-License-Identifier: Apache-2.0
+"""udp backend: a TUN device and a UDP socket, bridged by the Cython fast path.
+
+Design notes (flannel ``pkg/backend/udp``, flannel-compat.md section 7):
+- One TUN ``flannel0`` (IFF_TUN | IFF_NO_PI) carries raw IP packets. Its address is the lease's network
+  address as /32, its MTU the external MTU - 28 (UDP_ENCAP_OVERHEAD), and one route sends the whole
+  Network into it. The local bridge's /24 is more specific, so only remote traffic enters the TUN.
+- One UDP socket bound to the interface IP and ``Port`` (8285). Wire format: exactly one inner IPv4
+  packet per datagram, TTL decremented on each hop: byte-compatible with flanneld.
+- Per remote lease the data path holds one table slot (O(1), indexed by subnet number) with the peer's
+  PublicIP; nothing per peer is programmed in the kernel. Lease events become ``set_route``/``del_route``
+  on the running loop; the loop is never stopped for an update.
+- Peers' leases are accepted whatever BackendType they carry (flanneld's udp backend writes none).
+- Our lease value is flanneld's udp one: ``{"PublicIP":"...","PublicIPv6":null}``.
+- The TUN disappears with the process (as flanneld); a restart re-creates it and replays the snapshot.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Dict, List, Optional
+
+from fastflannel.backend import BackendError
+from fastflannel.config import NetworkConfig
+from fastflannel.iface import ExternalInterface
+from fastflannel.lease import Event, EventType, Lease, LeaseAttrs
+
+log = logging.getLogger("fastflannel.backend.udp")
+
+UDP_ENCAP_OVERHEAD = 28  # bytes: 20 IPv4 header + 8 UDP header
+DEFAULT_PORT = 8285
+TUN_NAME = "flannel0"
+RECONCILE_INTERVAL_S = 10.0
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    return raw.strip().lower() not in ("0", "false", "no", "off")
+
+
+def fastpath_options_from_env():
+    """Return the fast path's switches. The inbound checks flanneld lacks are on by default; each can be
+    turned off per host (docs/configuration.md): FASTFLANNEL_UDP_CHECK_PEER_SOURCE=0 accepts datagrams
+    from any source, FASTFLANNEL_UDP_CHECK_INNER_DEST=0 forwards inner packets for any destination."""
+    from fastflannel.fastpath import FastPathOptions
+
+    return FastPathOptions(
+        check_peer_source=_env_flag("FASTFLANNEL_UDP_CHECK_PEER_SOURCE", True),
+        check_inner_dest=_env_flag("FASTFLANNEL_UDP_CHECK_INNER_DEST", True),
+    )
+
+
+class UdpBackend:
+    """Constructed with the subnet manager, the external interface and the netlink facade."""
+
+    def __init__(self, manager, ext_iface: ExternalInterface, netlink, previous_lease: Optional[Lease] = None):
+        self.manager = manager
+        self.ext = ext_iface
+        self.netlink = netlink
+
+    def register_network(self, config: NetworkConfig) -> "UdpNetwork":
+        port = config.backend_option("Port", DEFAULT_PORT) or DEFAULT_PORT
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise BackendError(f"Backend.Port: {port!r} is not a UDP port number")
+        lease = self.manager.acquire_lease(LeaseAttrs(public_ip=self.ext.ext_addr))
+        return UdpNetwork(config, lease, self.ext, self.netlink, port)
+
+
+class UdpNetwork:
+    reconcile_interval = RECONCILE_INTERVAL_S
+
+    def __init__(self, config: NetworkConfig, lease: Lease, ext: ExternalInterface, netlink, port: int):
+        from fastflannel.fastpath import FastPath, tune_socket
+        from fastflannel.tun import open_tun
+
+        self.config = config
+        self.lease = lease
+        self.netlink = netlink
+        self.port = port
+        self.mtu = ext.mtu - UDP_ENCAP_OVERHEAD
+        self.tun_fd = -1
+        self.sock: Optional[socket.socket] = None
+        self.fastpath = None
+        try:
+            self.tun_fd, self.tun_name = open_tun(TUN_NAME)
+            self._configure_tun()
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                self.sock.bind((str(ext.iface_addr), port))
+            except OSError as e:
+                raise BackendError(
+                    f"udp socket {ext.iface_addr}:{port}: {e.strerror}; is another flanneld running on this host?"
+                ) from e
+            self.sock.setblocking(False)
+            tune_socket(self.sock)
+            opts = fastpath_options_from_env()
+            self.fastpath = FastPath(
+                self.tun_fd,
+                self.sock.fileno(),
+                network=config.network,
+                subnet_len=config.subnet_len,
+                own_subnet=lease.subnet,
+                tun_ip=lease.subnet.network_address,
+                mtu=self.mtu,
+                port=port,
+                options=opts,
+            )
+            self.fastpath.start()
+        except BaseException:
+            self.close()
+            raise
+        log.info("event=device_ready device=%s addr=%s/32 mtu=%d udp=%s:%d fastpath=%s",
+                 self.tun_name, lease.subnet.network_address, self.mtu, ext.iface_addr, port,
+                 type(self.fastpath).__module__)
+
+    def _configure_tun(self) -> None:
+        nl = self.netlink
+        nl.set_mtu(self.tun_name, self.mtu)
+        nl.addr_replace(self.tun_name, f"{self.lease.subnet.network_address}/32")
+        nl.set_link_up(self.tun_name)
+        self._ensure_network_route()
+
+    def _ensure_network_route(self) -> None:
+        self.netlink.route_replace(str(self.config.network), oif=self.netlink.link_index(self.tun_name))
+
+    def handle_events(self, events: List[Event]) -> None:
+        for ev in events:
+            subnet, peer = ev.lease.subnet, ev.lease.attrs.public_ip
+            try:
+                if ev.type is EventType.ADDED:
+                    self.fastpath.set_route(subnet, peer)
+                    log.info("event=peer_added subnet=%s public_ip=%s", subnet, peer)
+                else:
+                    self.fastpath.del_route(subnet)
+                    log.info("event=peer_removed subnet=%s public_ip=%s", subnet, peer)
+            except (OSError, ValueError) as e:
+                log.error("event=route_failed subnet=%s public_ip=%s error=%s", subnet, peer, e)
+
+    def reconcile(self, leases: Dict) -> None:
+        self.fastpath.check()  # raises if the loop thread died: the daemon then exits non-zero
+        self._ensure_network_route()
+        want = {s: l.attrs.public_ip for s, l in leases.items()}
+        have = self.fastpath.routes()
+        for subnet, peer in want.items():
+            if have.get(subnet) != peer:
+                log.warning("event=route_repaired subnet=%s public_ip=%s", subnet, peer)
+                self.fastpath.set_route(subnet, peer)
+        for subnet in set(have) - set(want):
+            log.warning("event=route_stale_removed subnet=%s", subnet)
+            self.fastpath.del_route(subnet)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("event=fastpath_stats %s", " ".join(f"{k}={v}" for k, v in self.fastpath.stats().items()))
+
+    def stats(self) -> Dict[str, int]:
+        return self.fastpath.stats() if self.fastpath is not None else {}
+
+    def close(self) -> None:
+        """Stop the loop first, then close the fds it used (never the other way round)."""
+        fp, self.fastpath = self.fastpath, None
+        if fp is not None:
+            fp.close()
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.close()
+        fd, self.tun_fd = self.tun_fd, -1
+        if fd >= 0:
+            os.close(fd)

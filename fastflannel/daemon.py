@@ -1,0 +1,225 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The daemon: wires the parts in flanneld's start-up order and owns everything it opens.
+
+Order (flannel main.go): subnet manager (reads the old subnet.env) -> signal handlers -> healthz -> config
+fetch loop -> interface -> backend + register_network (device, lease, address) -> traffic rules ->
+subnet.env (ready) -> backend event loop + lease keeper -> sd_notify READY=1 -> wait for a signal.
+
+Concurrency: plain threads and one ``threading.Event`` (``stop``). SIGTERM/SIGINT set it; every loop
+returns soon after; exit status 0; kernel state is left in place so a restart is seamless (flanneld does
+the same; only the udp backend's TUN goes away with the process).
+
+Differences from flanneld, on purpose: a store outage during start-up is waited out instead of exiting;
+losing our own lease re-acquires the same subnet instead of shutting down (see subnet/manager.py).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from contextlib import ExitStack
+from typing import Callable, List, Optional
+
+from fastflannel.cli import DaemonOptions
+from fastflannel.config import ConfigError, NetworkConfig
+from fastflannel.subnet import ConfigNotFoundError, LeaseError, StoreUnavailableError, SubnetError
+
+log = logging.getLogger("fastflannel.daemon")
+
+CONFIG_RETRY_S = 1.0  # flanneld polls for a missing config every second
+STORE_RETRY_MAX_S = 10.0  # cap of the back-off while the store is unreachable at start-up
+THREAD_JOIN_S = 10.0
+
+
+class StartupError(Exception):
+    """Start-up cannot continue; the message says what failed and what to do. Exit status 1."""
+
+
+class Daemon:
+    def __init__(self, opts: DaemonOptions) -> None:
+        self.opts = opts
+        self.stop = threading.Event()
+        self.health = None
+        self.network = None
+        self.threads: List[threading.Thread] = []
+
+    # -- signals ---------------------------------------------------------------------------------
+    def _install_signals(self) -> None:
+        def handler(signum, _frame):
+            log.info("event=signal signal=%s action=shutdown", signal.Signals(signum).name)
+            self.stop.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        def guarded() -> None:
+            try:
+                target()
+            except Exception:
+                log.exception("event=thread_failed thread=%s action=shutdown", name)
+                self.failed = True
+                self.stop.set()
+
+        t = threading.Thread(target=guarded, name=name, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    # -- start-up steps --------------------------------------------------------------------------
+    def _wait_for_config(self, manager) -> Optional[NetworkConfig]:
+        delay = CONFIG_RETRY_S
+        last_state = None
+        while not self.stop.is_set():
+            try:
+                return manager.get_network_config()
+            except ConfigNotFoundError as e:
+                log.warning("event=config_missing error=%r action=retry_in_1s hint=%s", str(e),
+                            f"write the network config to {self.opts.etcd_prefix}/config with the etcd v3 API")
+                delay = CONFIG_RETRY_S
+            except StoreUnavailableError as e:
+                if last_state != "unavailable":
+                    log.warning("event=store_unavailable error=%r action=retrying", str(e))
+                last_state = "unavailable"
+                delay = min(delay * 2, STORE_RETRY_MAX_S)
+            self.stop.wait(delay)
+        return None
+
+    def _acquire(self, backend, config: NetworkConfig):
+        delay = CONFIG_RETRY_S
+        logged = False
+        while not self.stop.is_set():
+            try:
+                return backend.register_network(config)
+            except StoreUnavailableError as e:
+                if not logged:
+                    log.warning("event=store_unavailable step=acquire_lease error=%r action=retrying", str(e))
+                    logged = True
+                self.stop.wait(delay)
+                delay = min(delay * 2, STORE_RETRY_MAX_S)
+        return None
+
+    def _notify_systemd(self) -> None:
+        addr = os.environ.get("NOTIFY_SOCKET")
+        if not addr:
+            return
+        if addr.startswith("@"):
+            addr = "\0" + addr[1:]
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                s.sendto(b"READY=1", addr)
+        except OSError as e:
+            log.warning("event=sd_notify_failed error=%r", str(e))
+
+    # -- main ------------------------------------------------------------------------------------
+    def run(self) -> int:
+        self.failed = False
+        self._install_signals()
+        try:
+            with ExitStack() as stack:
+                rc = self._run(stack)
+        except (StartupError, ConfigError, LeaseError, SubnetError) as e:
+            log.error("event=startup_failed error=%s", e)
+            return 1
+        except Exception as e:
+            from fastflannel.backend import BackendError
+
+            if isinstance(e, BackendError):
+                log.error("event=startup_failed error=%s", e)
+                return 1
+            raise
+        log.info("event=exit status=%d", rc)
+        return rc
+
+    def _run(self, stack: ExitStack) -> int:
+        from fastflannel.backend import get_backend, run_network
+        from fastflannel.healthz import HealthServer
+        from fastflannel.iface import select_interface
+        from fastflannel.netlink import Netlink
+        from fastflannel.subnet.etcd import EtcdRegistry
+        from fastflannel.subnet.manager import LocalManager
+        from fastflannel.subnet.subnetfile import read_previous_subnet, write_subnet_file
+        from fastflannel.traffic import TrafficManager
+
+        opts = self.opts
+        prev_network, prev_subnet = read_previous_subnet(opts.subnet_file)
+        registry = EtcdRegistry(
+            endpoints=opts.etcd_endpoints,
+            prefix=opts.etcd_prefix,
+            keyfile=opts.etcd_keyfile,
+            certfile=opts.etcd_certfile,
+            cafile=opts.etcd_cafile,
+            username=opts.etcd_username,
+            password=opts.etcd_password,
+        )
+        stack.callback(registry.close)
+        manager = LocalManager(
+            registry,
+            prefix=opts.etcd_prefix,
+            previous_subnet=prev_subnet,
+            renew_margin_s=opts.subnet_lease_renew_margin * 60,
+        )
+        if opts.healthz_port:
+            self.health = HealthServer(opts.healthz_ip, opts.healthz_port)
+            stack.callback(self.health.close)
+
+        config = self._wait_for_config(manager)
+        if config is None:
+            return 0
+        log.info("event=config_loaded network=%s subnet_len=%d backend=%s",
+                 config.network, config.subnet_len, config.backend_type)
+
+        netlink = stack.enter_context(Netlink())
+        ext = select_interface(opts.iface, opts.iface_regex, opts.public_ip or None, netlink)
+        log.info("event=interface_selected iface=%s iface_addr=%s public_ip=%s mtu=%d",
+                 ext.name, ext.iface_addr, ext.ext_addr, ext.mtu)
+
+        prev_lease = None
+        try:
+            prev_lease = manager.lookup_lease_by_public_ip(ext.ext_addr)
+        except StoreUnavailableError:
+            pass
+        backend = get_backend(config.backend_type)(manager, ext, netlink, previous_lease=prev_lease)
+        network = self._acquire(backend, config)
+        if network is None:
+            return 0
+        self.network = network
+        stack.callback(network.close)
+        lease = network.lease
+        log.info("event=lease_acquired subnet=%s public_ip=%s backend=%s mtu=%d",
+                 lease.subnet, lease.attrs.public_ip, config.backend_type, network.mtu)
+
+        traffic = TrafficManager(
+            network=config.network,
+            subnet=lease.subnet,
+            masq=opts.ip_masq,
+            forward=opts.iptables_forward_rules,
+            prev_network=prev_network,
+            prev_subnet=prev_subnet,
+            resync_s=float(opts.iptables_resync),
+        )
+        if opts.ip_masq or opts.iptables_forward_rules:
+            traffic.apply()
+
+        write_subnet_file(opts.subnet_file, config, lease, network.mtu, opts.ip_masq)
+        log.info("event=subnet_file_written path=%s", opts.subnet_file)
+        if self.health is not None:
+            self.health.ready.set()
+
+        self._spawn("network", lambda: run_network(network, manager, self.stop))
+        self._spawn("lease", lambda: manager.keep_lease(lease, self.stop))
+        if opts.ip_masq or opts.iptables_forward_rules:
+            self._spawn("traffic", lambda: traffic.run(self.stop))
+        self._notify_systemd()
+
+        while not self.stop.wait(1.0):
+            pass
+        deadline = time.monotonic() + THREAD_JOIN_S
+        for t in self.threads:
+            t.join(max(0.1, deadline - time.monotonic()))
+            if t.is_alive():
+                log.warning("event=thread_stuck thread=%s", t.name)
+        log.info("event=shutdown msg=\"Exiting cleanly...\"")
+        return 1 if self.failed else 0
