@@ -1,0 +1,68 @@
+# fastflannel: `make demo` runs the main job, `make test` runs the tests. Both do their own set-up:
+# Debian packages when missing (needs root), a virtualenv in .venv, and an editable install that
+# compiles the Cython extension in place.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := etcd-server etcd-client iperf3 iproute2 iptables
+PYTEST_ARGS ?=
+
+.PHONY: all setup system-deps venv compile debug test test-noext demo bench bench-smoke clean distclean wheel
+
+all: compile
+
+setup: system-deps venv
+
+# Install the system tools the testbed and the daemon use, only when one is missing.
+system-deps:
+	@missing=""; \
+	for t in etcd:etcd-server etcdctl:etcd-client iperf3:iperf3 ip:iproute2 bridge:iproute2 iptables:iptables iptables-restore:iptables; do \
+	  command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "need root to install packages (run as root or install:$$missing)"; exit 1; fi; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml setup.py fastflannel/_fastpath.pyx $(wildcard fastflannel/*.pxd fastflannel/includes/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+compile: venv
+	$(PY) setup.py -q build_ext --inplace
+
+debug: venv
+	FASTFLANNEL_DEBUG=1 $(PY) setup.py -q build_ext --inplace --force
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The same suite with the pure-Python twin of the fast path.
+test-noext: setup
+	FASTFLANNEL_NO_EXTENSIONS=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m fastflannel.tools demo
+
+bench: setup
+	$(PY) -m pytest bench -o python_files='bench_*.py' --benchmark-only
+	$(PY) -m fastflannel.tools bench
+
+bench-smoke: setup
+	$(PY) -m pytest bench -o python_files='bench_*.py' --benchmark-disable -q
+
+wheel: venv
+	$(PY) -m pip install -q build
+	$(PY) -m build --wheel
+
+clean:
+	rm -rf build dist *.egg-info fastflannel/*.so fastflannel/_fastpath.c fastflannel/_fastpath.html .pytest_cache
+
+distclean: clean
+	rm -rf $(VENV)
