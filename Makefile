@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := etcd-server etcd-client iperf3 iproute2 iptables
+APT_PACKAGES := etcd-server etcd-client iperf3 iproute2 iptables iputils-ping
 PYTEST_ARGS ?=
 
 .PHONY: all setup system-deps venv compile debug test test-noext demo bench bench-smoke clean distclean wheel
@@ -16,7 +16,7 @@ setup: system-deps venv
 # Install the system tools the testbed and the daemon use, only when one is missing.
 system-deps:
 	@missing=""; \
-	for t in etcd:etcd-server etcdctl:etcd-client iperf3:iperf3 ip:iproute2 bridge:iproute2 iptables:iptables iptables-restore:iptables; do \
+	for t in etcd:etcd-server etcdctl:etcd-client iperf3:iperf3 ip:iproute2 bridge:iproute2 iptables:iptables iptables-restore:iptables ping:iputils-ping; do \
 	  command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \

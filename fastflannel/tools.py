@@ -1,0 +1,168 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``fastflannel``: the tools around the daemon: ``demo``, ``bench`` and ``testbed``.
+
+``demo`` is the first thing a new user runs: a 3-host cluster in network namespaces with a real etcd, the
+classic addressing (underlay 10.168.0.0/24, hosts .2 .3 .4, network 100.96.0.0/16), each backend in turn,
+then a table. Everything it creates is removed at the end, on error and on Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from typing import List, Optional, Sequence
+
+DEMO_NETWORK = "100.96.0.0/16"
+ALL_BACKENDS = ("udp", "vxlan", "host-gw")
+
+
+class Progress:
+    """Print numbered progress lines with elapsed time (plain text: works in logs and terminals)."""
+
+    def __init__(self, out=sys.stdout) -> None:
+        self.t0 = time.monotonic()
+        self.out = out
+
+    def __call__(self, msg: str) -> None:
+        print(f"[{time.monotonic() - self.t0:5.1f}s] {msg}", file=self.out, flush=True)
+
+
+def _fmt(v: float, digits: int = 2) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def demo_backend(backend: str, say: Progress, seconds: float = 3.0, tb_log=None) -> dict:
+    """Bring up 3 hosts on ``backend``, prove container reachability, measure; return a table row."""
+    from fastflannel.measure import IperfServer, iperf, ping_rtt
+    from fastflannel.testbed import Testbed
+
+    row = {"backend": backend}
+    with Testbed(3, log=tb_log) as tb:
+        say(f"{backend}: testbed {tb.prefix}: etcd at {tb.endpoints}, hosts "
+            + ", ".join(f"{h.name}={h.ip}" for h in tb.hosts))
+        config = {"Network": DEMO_NETWORK, "Backend": {"Type": backend}}
+        tb.put_config(config)
+        say(f"{backend}: etcdctl put {tb.prefix_key}/config '{_json(config)}'")
+        for h in tb.hosts:
+            h.start_daemon()
+        envs = [h.wait_subnet_env(timeout=60) for h in tb.hosts]
+        for h, env in zip(tb.hosts, envs):
+            say(f"{backend}: {h.name} ({h.ip}) leased FLANNEL_SUBNET={env['FLANNEL_SUBNET']} "
+                f"FLANNEL_MTU={env['FLANNEL_MTU']}")
+        containers = [h.add_container() for h in tb.hosts]
+        for c in containers:
+            say(f"{backend}: container {c.name} on {c.host.name} has {c.ip}")
+        ok = True
+        for i, a in enumerate(containers):
+            b = containers[(i + 1) % len(containers)]
+            reached = _wait_ping(a, b.ip)
+            ok &= reached
+            say(f"{backend}: ping {a.name} ({a.ip}) -> {b.name} ({b.ip}): {'ok' if reached else 'FAILED'}")
+        row["reachable"] = ok
+        row["mtu"] = int(envs[0]["FLANNEL_MTU"])
+        if ok:
+            rtt = ping_rtt(containers[0], containers[1].ip, count=50)
+            row["rtt_p50_ms"], row["rtt_p99_ms"] = rtt.p50, rtt.p99
+            say(f"{backend}: RTT {containers[0].name} -> {containers[1].name}: p50 {rtt.p50:.3f} ms, "
+                f"p99 {rtt.p99:.3f} ms ({rtt.received}/{rtt.sent} replies)")
+            say(f"{backend}: iperf3 TCP {containers[0].name} -> {containers[1].name} for {seconds:g} s ...")
+            with IperfServer(containers[1]):
+                r = iperf(containers[0], containers[1].ip, seconds=seconds)
+            row["tcp_gbps"] = r.gbps
+            say(f"{backend}: TCP throughput {r.gbps:.2f} Gb/s, {r.retransmits} retransmits")
+        say(f"{backend}: tearing down {tb.prefix}")
+    return row
+
+
+def _json(obj) -> str:
+    import json
+
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _wait_ping(a, ip, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if a.ping(ip, count=1, timeout=2):
+            return True
+    return False
+
+
+def print_table(rows: List[dict], out=sys.stdout) -> None:
+    head = f"{'backend':<9} {'reachable':<9} {'RTT p50 ms':>10} {'RTT p99 ms':>10} {'TCP Gb/s':>9} {'MTU':>5}"
+    print(head, file=out)
+    print("-" * len(head), file=out)
+    for r in rows:
+        print(f"{r['backend']:<9} {('yes' if r.get('reachable') else 'NO'):<9} {_fmt(r.get('rtt_p50_ms'), 3):>10} "
+              f"{_fmt(r.get('rtt_p99_ms'), 3):>10} {_fmt(r.get('tcp_gbps')):>9} {r.get('mtu', '-'):>5}", file=out)
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from fastflannel.testbed import install_signal_handlers
+
+    install_signal_handlers(sigterm=KeyboardInterrupt)
+    say = Progress()
+    backends = [b.strip() for b in ns.backends.split(",") if b.strip()]
+    say("fastflannel demo: 3 simulated hosts on underlay 10.168.0.0/24 (.2 .3 .4), etcd at 10.168.0.250, "
+        f"network {DEMO_NETWORK}; backends: {', '.join(backends)}")
+    rows = []
+    try:
+        for b in backends:
+            rows.append(demo_backend(b, say, seconds=ns.seconds, tb_log=(say if ns.verbose else None)))
+    except KeyboardInterrupt:
+        say("interrupted: everything the demo created has been removed")
+        return 130
+    print()
+    print_table(rows)
+    return 0 if all(r.get("reachable") for r in rows) else 1
+
+
+def cmd_testbed(ns: argparse.Namespace) -> int:
+    from fastflannel.testbed import cleanup_stale
+
+    if ns.cleanup:
+        removed = cleanup_stale(include_unowned=ns.include_unowned, log=print)
+        print(f"removed {len(removed)} namespaces")
+        return 0
+    from fastflannel.testbed import _main
+
+    return _main([str(ns.hosts)])
+
+
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from fastflannel.bench import run_bench
+
+    return run_bench(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastflannel", description="fastflannel tools: demo, bench, testbed")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="3 hosts in namespaces, each backend in turn, then a table")
+    d.add_argument("--backends", default=",".join(ALL_BACKENDS), help="comma list (default: udp,vxlan,host-gw)")
+    d.add_argument("--seconds", type=float, default=3.0, help="iperf3 duration per backend")
+    d.add_argument("-v", "--verbose", action="store_true", help="also print every testbed step")
+    d.set_defaults(func=cmd_demo)
+    b = sub.add_parser("bench", help="udp vs vxlan vs host-gw, side by side, interleaved")
+    b.add_argument("--quick", action="store_true", help="one short repetition (a CI smoke test)")
+    b.add_argument("--reps", type=int, default=3)
+    b.add_argument("--seconds", type=float, default=5.0)
+    b.add_argument("--modes", default="host-gw,vxlan,udp,udp-python")
+    b.add_argument("--out", default="bench-results", help="directory for the JSON and the PNG")
+    b.set_defaults(func=cmd_bench)
+    t = sub.add_parser("testbed", help="bring up a testbed until Ctrl-C, or clean up stale ones")
+    t.add_argument("--cleanup", action="store_true", help="remove namespaces left by dead runs")
+    t.add_argument("--include-unowned", action="store_true")
+    t.add_argument("hosts", nargs="?", type=int, default=3)
+    t.set_defaults(func=cmd_testbed)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ns = build_parser().parse_args(argv)
+    return ns.func(ns)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
