@@ -1,0 +1,65 @@
+# SPDX-License-Identifier: Apache-2.0
+"""host-gw backend: route each remote pod subnet to its host's PublicIP (flannel ``pkg/backend/hostgw``).
+
+Design notes
+------------
+Per remote host exactly one kernel object is programmed: ``ip route replace <subnet> via <PublicIP> dev <ext>``
+in the main table. No device, no encapsulation, MTU = external interface MTU. The gateway must be on-link
+(hosts share an L2 segment), so the backend refuses to start when PublicIP is not the interface address (a NAT
+address cannot be a next hop): Flannel's exact error text is kept.
+
+Order and failure handling: events are applied in the order the store produced them; a failed route is logged
+and the loop goes on; the periodic ``reconcile`` (every ``ROUTE_CHECK_INTERVAL_S``) re-adds missing or changed
+routes ("Route recovered") and removes stale ones inside the Network (see ``route_network``). Leases whose
+BackendType is not "host-gw" are skipped with a warning.
+
+Scale: one FIB entry per peer; an event is one netlink request; a reconcile is one route dump plus one request
+per drifted route.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from fastflannel.backend import BackendError
+from fastflannel.backend.route_network import RouteNetwork, direct_route
+from fastflannel.config import NetworkConfig
+from fastflannel.iface import ExternalInterface
+from fastflannel.lease import Lease, LeaseAttrs
+
+log = logging.getLogger("fastflannel.backend.hostgw")
+
+BACKEND_TYPE = "host-gw"
+NAT_ERROR = (
+    "your PublicIP differs from interface IP, meaning that probably you're on a NAT, "
+    "which is not supported by host-gw backend"
+)
+
+
+class HostGwNetwork(RouteNetwork):
+    backend_type = BACKEND_TYPE
+
+    def route_for(self, lease: Lease, quiet: bool = False):
+        if lease.attrs.backend_type != BACKEND_TYPE:
+            if not quiet:
+                log.warning("event=lease_skipped subnet=%s backend_type=%r reason=\"not a host-gw lease\"",
+                            lease.subnet, lease.attrs.backend_type)
+            return None
+        return direct_route(lease, self.ext)
+
+
+class HostGwBackend:
+    """Constructed by the daemon as ``HostGwBackend(manager, ext_iface, netlink, previous_lease=...)``."""
+
+    def __init__(self, manager, ext_iface: ExternalInterface, netlink, previous_lease: Optional[Lease] = None):
+        if ext_iface.ext_addr != ext_iface.iface_addr:
+            raise BackendError(NAT_ERROR)
+        self.manager = manager
+        self.ext = ext_iface
+        self.netlink = netlink
+
+    def register_network(self, config: NetworkConfig) -> HostGwNetwork:
+        """Acquire the lease (BackendType "host-gw", no BackendData); routes come with the events."""
+        attrs = LeaseAttrs(public_ip=self.ext.ext_addr, backend_type=BACKEND_TYPE)
+        lease = self.manager.acquire_lease(attrs)
+        return HostGwNetwork(lease, self.ext.mtu, self.ext, self.netlink, config.network)

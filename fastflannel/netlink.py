@@ -1,0 +1,580 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Program the kernel over rtnetlink: the only module that imports pyroute2 (design.md rule A2.1).
+
+Every write is idempotent: ``replace`` (NLM_F_CREATE|NLM_F_REPLACE) or ensure-then-compare, never a blind
+``add`` that fails on the second run. Reads return small frozen dataclasses with ``ipaddress`` values, so
+callers never see pyroute2 messages. Every kernel error is re-raised as ``KernelError`` whose message names
+the object and the kernel's reason, e.g. ``route 100.96.2.0/24 via 10.168.0.3 dev eth0: Network is unreachable``.
+
+Threading: one ``Netlink`` may be shared by the daemon thread, the event loop thread and a reconcile timer;
+calls are serialised by a lock (one request/response at a time on one socket). Namespaces: ``netns=<name>``
+targets an existing named namespace (never created implicitly); ``None`` is the caller's namespace.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_network
+from typing import Any, Callable, Iterator, List, Optional, Union
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from fastflannel.backend import BackendError
+
+log = logging.getLogger("fastflannel.netlink")
+
+AF_INET = 2
+AF_BRIDGE = 7
+RT_TABLE_MAIN = 254
+RTN_UNICAST = 1
+RTNH_F_ONLINK = 4  # linux/rtnetlink.h: gateway is on-link even without a covering prefix route
+RTM_NEWLINK = "RTM_NEWLINK"
+RTM_DELLINK = "RTM_DELLINK"
+RTMGRP_LINK = 0x1  # linux/rtnetlink.h: multicast group for link events
+NUD_PERMANENT = 0x80  # linux/neighbour.h
+NUD_NOARP = 0x40
+NTF_SELF = 0x02  # linux/neighbour.h: the entry lives in the device's own FDB (vxlan), not a bridge master
+IFF_UP = 0x1
+IFA_F_SECONDARY = 0x01  # == IFA_F_TEMPORARY for IPv6
+IFA_F_DEPRECATED = 0x20
+IFA_F_PERMANENT = 0x80
+VXLAN_DEFAULT_PORT = 8472  # Linux's default (pre-IANA) VXLAN UDP port, used when no dstport is given
+
+Address = Union[str, IPv4Address]
+Prefix = Union[str, IPv4Network]
+
+
+class KernelError(BackendError):
+    """A netlink request failed; ``errno`` is the kernel's error code (0 if not from the kernel)."""
+
+    def __init__(self, what: str, reason: str, code: int = 0) -> None:
+        super().__init__(f"{what}: {reason}")
+        self.what = what
+        self.reason = reason
+        self.errno = code
+
+
+@dataclass(frozen=True)
+class VxlanAttrs:
+    """The vxlan link attributes Flannel compares (plus learning, which it reports but does not compare)."""
+
+    vni: int
+    link: int  # underlay ifindex, 0 if unset
+    local: Optional[IPv4Address]
+    group: Optional[IPv4Address]
+    port: int  # UDP destination port; the kernel reports 8472 when none was given
+    learning: bool
+    gbp: bool
+    l2miss: bool
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    name: str
+    index: int
+    kind: str  # "vxlan", "veth", "tun", "" for devices without IFLA_INFO_KIND
+    mtu: int
+    mac: str  # lower-case colon-separated, "" for devices without one
+    up: bool  # administratively up (IFF_UP)
+    vxlan: Optional[VxlanAttrs] = None
+
+
+@dataclass(frozen=True)
+class AddrInfo:
+    index: int
+    address: IPv4Interface
+    scope: int  # 0 universe, 253 link, 254 host
+    flags: int  # IFA_F_*
+
+
+@dataclass(frozen=True)
+class Route:
+    dst: IPv4Network
+    gateway: Optional[IPv4Address] = None
+    oif: Optional[int] = None
+    onlink: bool = False
+    table: int = RT_TABLE_MAIN
+    type: int = RTN_UNICAST
+    proto: int = 0
+    scope: int = 0
+    prefsrc: Optional[IPv4Address] = None
+
+    def __str__(self) -> str:
+        s = str(self.dst)
+        if self.gateway is not None:
+            s += f" via {self.gateway}"
+        if self.oif is not None:
+            s += f" dev #{self.oif}"
+        if self.onlink:
+            s += " onlink"
+        return s
+
+    def same_path(self, other: "Route") -> bool:
+        """Return True if both routes have Flannel's identity: dst, mask, gateway, link index (and onlink)."""
+        return (self.dst, self.gateway, self.oif, self.onlink) == (other.dst, other.gateway, other.oif, other.onlink)
+
+
+@dataclass(frozen=True)
+class Neigh:
+    index: int
+    ip: IPv4Address
+    mac: str
+    state: int
+
+
+@dataclass(frozen=True)
+class Fdb:
+    index: int
+    mac: str
+    dst: Optional[IPv4Address]
+    state: int
+    flags: int
+
+
+def _reason(e: BaseException) -> tuple:
+    if isinstance(e, NetlinkError):
+        code = e.code
+        return (os.strerror(code) if code else str(e)), code
+    if isinstance(e, OSError) and e.errno:
+        return os.strerror(e.errno), e.errno
+    return str(e), 0
+
+
+class Netlink:
+    """Typed, idempotent rtnetlink operations. A context manager; ``close()`` is idempotent."""
+
+    def __init__(self, netns: Optional[str] = None) -> None:
+        self.netns = netns
+        self._lock = threading.RLock()
+        kw: dict = {"groups": 0}  # a command socket: no multicast events queue up behind our requests
+        if netns is not None:
+            kw.update(netns=netns, flags=0)  # flags=0: never create the namespace implicitly
+        try:
+            self._ipr: Optional[IPRoute] = IPRoute(**kw)
+        except (NetlinkError, OSError) as e:
+            reason, code = _reason(e)
+            raise KernelError(f"netlink socket (netns {netns or 'current'})", reason, code) from e
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            ipr, self._ipr = self._ipr, None
+        if ipr is not None:
+            ipr.close()
+
+    def __enter__(self) -> "Netlink":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _call(self, what: str, fn: Callable[[IPRoute], Any], ignore: tuple = ()) -> Any:
+        with self._lock:
+            if self._ipr is None:
+                raise KernelError(what, "netlink socket is closed")
+            try:
+                return fn(self._ipr)
+            except NetlinkError as e:
+                if e.code in ignore:
+                    return None
+                reason, code = _reason(e)
+                raise KernelError(what, reason, code) from e
+            except OSError as e:
+                reason, code = _reason(e)
+                raise KernelError(what, reason, code) from e
+
+    def _name(self, index: int) -> str:
+        info = self.link_by_index(index)
+        return info.name if info else f"#{index}"
+
+    # -- links -------------------------------------------------------------------------------------
+    def link_index(self, name: str) -> Optional[int]:
+        """Return the ifindex of ``name``, or None if there is no such link."""
+        found = self._call(f"link {name}", lambda i: i.link_lookup(ifname=name))
+        return found[0] if found else None
+
+    def link_info(self, name: str) -> Optional[LinkInfo]:
+        """Return the attributes of link ``name``, or None if it does not exist."""
+        msgs = self._call(f"link {name}", lambda i: i.get_links(ifname=name), ignore=(errno.ENODEV,))
+        return _link_info(msgs[0]) if msgs else None
+
+    def link_by_index(self, index: int) -> Optional[LinkInfo]:
+        msgs = self._call(f"link #{index}", lambda i: i.get_links(index), ignore=(errno.ENODEV,))
+        return _link_info(msgs[0]) if msgs else None
+
+    def links(self) -> List[LinkInfo]:
+        """Return every link, in ifindex order."""
+        return sorted((_link_info(m) for m in self._call("link dump", lambda i: i.get_links())), key=lambda x: x.index)
+
+    def ensure_vxlan(
+        self,
+        name: str,
+        vni: int,
+        dev_index: int,
+        local: Optional[Address],
+        port: int = 0,
+        gbp: bool = False,
+        learning: bool = False,
+        mtu: int = 0,
+        mac: Optional[str] = None,
+    ) -> LinkInfo:
+        """Create vxlan ``name`` or reuse a compatible existing one; return its attributes.
+
+        Compatibility is Flannel's (``vxlanLinksIncompat``): type, VNI, underlay index and local IP (when both
+        set), group, l2miss, port (when both > 0), GBP. MTU and learning are not compared: an existing device
+        keeps its MTU and MAC. An incompatible device is deleted and recreated; the reason is logged.
+        ``port`` 0 omits the attribute so the kernel uses 8472."""
+        local_ip = IPv4Address(local) if local else None
+        existing = self.link_info(name)
+        if existing is not None:
+            why = _vxlan_incompat(existing, vni, dev_index, local_ip, port, gbp)
+            if why is None:
+                return existing
+            log.warning("event=vxlan_incompatible dev=%s reason=%r action=recreate", name, why)
+            self.delete_link(name)
+        spec: dict = dict(
+            ifname=name, kind="vxlan", vxlan_id=vni, vxlan_learning=1 if learning else 0,
+        )
+        if dev_index:
+            spec["vxlan_link"] = dev_index
+        if local_ip is not None:
+            spec["vxlan_local"] = str(local_ip)
+        if port > 0:
+            spec["vxlan_port"] = port
+        if gbp:
+            spec["vxlan_gbp"] = True
+        if mtu > 0:
+            spec["mtu"] = mtu
+        if mac:
+            spec["address"] = mac.lower()
+        what = f"vxlan {name} id {vni} dev #{dev_index} local {local_ip} dstport {port or VXLAN_DEFAULT_PORT}"
+        self._call(what, lambda i: i.link("add", **spec))
+        info = self.link_info(name)
+        if info is None:
+            raise KernelError(what, "created but not found afterwards")
+        return info
+
+    def set_link_up(self, name: str) -> None:
+        idx = self._require(name)
+        self._call(f"link set {name} up", lambda i: i.link("set", index=idx, state="up"))
+
+    def set_mtu(self, name: str, mtu: int) -> None:
+        idx = self._require(name)
+        self._call(f"link set {name} mtu {mtu}", lambda i: i.link("set", index=idx, mtu=mtu))
+
+    def set_mac(self, name: str, mac: str) -> None:
+        idx = self._require(name)
+        self._call(f"link set {name} address {mac}", lambda i: i.link("set", index=idx, address=mac.lower()))
+
+    def delete_link(self, name: str) -> bool:
+        """Delete link ``name``; return False if it did not exist."""
+        idx = self.link_index(name)
+        if idx is None:
+            return False
+        self._call(f"link del {name}", lambda i: i.link("del", index=idx), ignore=(errno.ENODEV,))
+        return True
+
+    def _require(self, name: str) -> int:
+        idx = self.link_index(name)
+        if idx is None:
+            raise KernelError(f"link {name}", "No such device", errno.ENODEV)
+        return idx
+
+    # -- addresses ---------------------------------------------------------------------------------
+    def addr_replace(self, ifname: str, cidr: Union[str, IPv4Interface]) -> None:
+        """Ensure ``cidr`` (e.g. ``10.5.72.0/32``) is on ``ifname`` (idempotent)."""
+        ifa = IPv4Interface(cidr)
+        idx = self._require(ifname)
+        self._call(
+            f"addr {ifa} dev {ifname}",
+            lambda i: i.addr("replace", index=idx, address=str(ifa.ip), prefixlen=ifa.network.prefixlen),
+        )
+
+    def addr_list(self, ifname: Optional[str] = None) -> List[AddrInfo]:
+        """Return the IPv4 addresses of ``ifname`` (or of every link)."""
+        kw: dict = {"family": AF_INET}
+        if ifname is not None:
+            idx = self.link_index(ifname)
+            if idx is None:
+                return []
+            kw["index"] = idx
+        out = []
+        for m in self._call(f"addr show {ifname or ''}".strip(), lambda i: i.get_addr(**kw)):
+            flags = m.get_attr("IFA_FLAGS")
+            out.append(
+                AddrInfo(
+                    index=m["index"],
+                    address=IPv4Interface(f"{m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}"),
+                    scope=m["scope"],
+                    flags=flags if flags is not None else m["flags"],
+                )
+            )
+        return out
+
+    def addr_del(self, ifname: str, cidr: Union[str, IPv4Interface]) -> None:
+        ifa = IPv4Interface(cidr)
+        idx = self._require(ifname)
+        self._call(
+            f"addr del {ifa} dev {ifname}",
+            lambda i: i.addr("del", index=idx, address=str(ifa.ip), prefixlen=ifa.network.prefixlen),
+            ignore=(errno.EADDRNOTAVAIL, errno.ENOENT),
+        )
+
+    # -- routes ------------------------------------------------------------------------------------
+    def route_replace(
+        self,
+        dst: Prefix,
+        gateway: Optional[Address] = None,
+        oif: Optional[int] = None,
+        onlink: bool = False,
+        table: int = RT_TABLE_MAIN,
+    ) -> None:
+        """``ip route replace dst [via gateway] [dev oif] [onlink]`` in ``table``."""
+        net = ip_network(dst)
+        spec: dict = {"dst": str(net), "table": table}
+        if gateway is not None:
+            spec["gateway"] = str(gateway)
+        if oif is not None:
+            spec["oif"] = oif
+        if onlink:
+            spec["flags"] = RTNH_F_ONLINK
+        self._call(self._route_what(net, gateway, oif, onlink), lambda i: i.route("replace", **spec))
+
+    def route_del(
+        self, dst: Prefix, gateway: Optional[Address] = None, oif: Optional[int] = None, table: int = RT_TABLE_MAIN
+    ) -> bool:
+        """Delete the route; return False if there was none."""
+        net = ip_network(dst)
+        spec: dict = {"dst": str(net), "table": table}
+        if gateway is not None:
+            spec["gateway"] = str(gateway)
+        if oif is not None:
+            spec["oif"] = oif
+        r = self._call(
+            "delete " + self._route_what(net, gateway, oif, False),
+            lambda i: i.route("del", **spec),
+            ignore=(errno.ESRCH, errno.ENOENT),
+        )
+        return r is not None
+
+    def _route_what(self, net: Any, gateway: Any, oif: Optional[int], onlink: bool) -> str:
+        s = f"route {net}"
+        if gateway is not None:
+            s += f" via {gateway}"
+        if oif is not None:
+            s += f" dev {self._name_quiet(oif)}"
+        if onlink:
+            s += " onlink"
+        return s
+
+    def _name_quiet(self, index: int) -> str:
+        try:
+            return self._name(index)
+        except KernelError:
+            return f"#{index}"
+
+    def routes(self, oif: Optional[int] = None, table: int = RT_TABLE_MAIN) -> List[Route]:
+        """Return the IPv4 unicast routes of ``table`` (optionally only those via ``oif``)."""
+        kw: dict = {"family": AF_INET, "table": table}
+        if oif is not None:
+            kw["oif"] = oif
+        return [_route(m) for m in self._call("route show", lambda i: i.get_routes(**kw))]
+
+    def route_get(self, ip: Address) -> Route:
+        """``ip route get <ip>``: the route the kernel would use (gateway None means directly connected)."""
+        msgs = self._call(f"route get {ip}", lambda i: i.route("get", dst=str(ip)))
+        if not msgs:
+            raise KernelError(f"route get {ip}", "no answer")
+        return _route(msgs[0])
+
+    # -- neighbours and FDB ------------------------------------------------------------------------
+    def neigh_replace(self, ifindex: int, ip: Address, mac: str) -> None:
+        """``ip neigh replace <ip> lladdr <mac> dev <ifindex> nud permanent``."""
+        self._call(
+            f"neigh {ip} lladdr {mac} dev {self._name_quiet(ifindex)}",
+            lambda i: i.neigh("replace", ifindex=ifindex, dst=str(ip), lladdr=mac.lower(), state=NUD_PERMANENT),
+        )
+
+    def neigh_del(self, ifindex: int, ip: Address) -> bool:
+        r = self._call(
+            f"delete neigh {ip} dev {self._name_quiet(ifindex)}",
+            lambda i: i.neigh("del", ifindex=ifindex, dst=str(ip)),
+            ignore=(errno.ENOENT, errno.ESRCH),
+        )
+        return r is not None
+
+    def neighs(self, ifindex: int) -> List[Neigh]:
+        """Return the IPv4 neighbour entries on ``ifindex``."""
+        out = []
+        for m in self._call("neigh show", lambda i: i.get_neighbours(family=AF_INET, ifindex=ifindex)):
+            if m["ifindex"] != ifindex:
+                continue
+            dst, mac = m.get_attr("NDA_DST"), m.get_attr("NDA_LLADDR")
+            if dst is None:
+                continue
+            out.append(Neigh(ifindex, IPv4Address(dst), (mac or "").lower(), m["state"]))
+        return out
+
+    def fdb_replace(self, ifindex: int, mac: str, dst: Address) -> None:
+        """``bridge fdb replace <mac> dev <ifindex> dst <dst> self permanent``."""
+        self._call(
+            f"fdb {mac} dev {self._name_quiet(ifindex)} dst {dst} self permanent",
+            lambda i: i.neigh(
+                "replace", family=AF_BRIDGE, ifindex=ifindex, lladdr=mac.lower(), dst=str(dst),
+                state=NUD_PERMANENT, flags=NTF_SELF,
+            ),
+        )
+
+    def fdb_del(self, ifindex: int, mac: str, dst: Optional[Address] = None) -> bool:
+        spec: dict = dict(family=AF_BRIDGE, ifindex=ifindex, lladdr=mac.lower(), state=NUD_PERMANENT, flags=NTF_SELF)
+        if dst is not None:
+            spec["dst"] = str(dst)
+        r = self._call(
+            f"delete fdb {mac} dev {self._name_quiet(ifindex)}" + (f" dst {dst}" if dst else ""),
+            lambda i: i.neigh("del", **spec),
+            ignore=(errno.ENOENT, errno.ESRCH),
+        )
+        return r is not None
+
+    def fdbs(self, ifindex: int) -> List[Fdb]:
+        """Return the FDB entries (AF_BRIDGE) of ``ifindex``."""
+        out = []
+        for m in self._call("fdb show", lambda i: i.get_neighbours(family=AF_BRIDGE, ifindex=ifindex)):
+            if m["ifindex"] != ifindex:
+                continue
+            dst = m.get_attr("NDA_DST")
+            out.append(
+                Fdb(ifindex, (m.get_attr("NDA_LLADDR") or "").lower(), IPv4Address(dst) if dst else None,
+                    m["state"], m["flags"])
+            )
+        return out
+
+    # -- events ------------------------------------------------------------------------------------
+    def link_events(self, stop: threading.Event, poll_s: float = 1.0) -> Iterator[tuple]:
+        """Yield ``(event, name, index)`` for link add/delete events until ``stop`` is set; blocks the caller's
+        thread (meant for a watcher thread). Uses its own socket, closed on exit."""
+        import select
+
+        kw: dict = {"groups": RTMGRP_LINK}
+        if self.netns is not None:
+            kw.update(netns=self.netns, flags=0)
+        ipr = IPRoute(**kw)
+        try:
+            ipr.bind()
+            fd = ipr.fileno()
+            while not stop.is_set():
+                r, _, _ = select.select([fd], [], [], poll_s)
+                if not r:
+                    continue
+                for m in ipr.get():
+                    ev = m.get("event")
+                    if ev in (RTM_NEWLINK, RTM_DELLINK):
+                        yield ev, m.get_attr("IFLA_IFNAME"), m["index"]
+        finally:
+            ipr.close()
+
+
+def write_sysctl(path: str, value: str, netns: Optional[str] = None) -> None:
+    """Write ``value`` to ``/proc/sys/<path>`` (e.g. ``net/ipv6/conf/flannel.1/accept_ra``). Missing files
+    (IPv6 disabled) are ignored. ``netns`` is only for tests and uses ``ip netns exec``."""
+    if netns is not None:
+        import subprocess
+
+        subprocess.run(
+            ["ip", "netns", "exec", netns, "tee", f"/proc/sys/{path}"],
+            input=value.encode(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
+        )
+        return
+    try:
+        with open(f"/proc/sys/{path}", "w") as f:
+            f.write(value)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise KernelError(f"sysctl {path}={value}", os.strerror(e.errno or 0), e.errno or 0) from e
+
+
+# -- message decoding ------------------------------------------------------------------------------
+def _link_info(m: Any) -> LinkInfo:
+    kind = ""
+    vx = None
+    li = m.get_attr("IFLA_LINKINFO")
+    if li is not None:
+        kind = li.get_attr("IFLA_INFO_KIND") or ""
+        data = li.get_attr("IFLA_INFO_DATA")
+        if kind == "vxlan" and data is not None:
+            names = {a[0] for a in data["attrs"]}
+            local = data.get_attr("IFLA_VXLAN_LOCAL")
+            group = data.get_attr("IFLA_VXLAN_GROUP")
+            vx = VxlanAttrs(
+                vni=data.get_attr("IFLA_VXLAN_ID") or 0,
+                link=data.get_attr("IFLA_VXLAN_LINK") or 0,
+                local=IPv4Address(local) if local else None,
+                group=IPv4Address(group) if group and group != "0.0.0.0" else None,
+                port=data.get_attr("IFLA_VXLAN_PORT") or 0,
+                learning=bool(data.get_attr("IFLA_VXLAN_LEARNING")),
+                gbp="IFLA_VXLAN_GBP" in names,
+                l2miss=bool(data.get_attr("IFLA_VXLAN_L2MISS")),
+            )
+    return LinkInfo(
+        name=m.get_attr("IFLA_IFNAME"),
+        index=m["index"],
+        kind=kind,
+        mtu=m.get_attr("IFLA_MTU") or 0,
+        mac=(m.get_attr("IFLA_ADDRESS") or "").lower(),
+        up=bool(m["flags"] & IFF_UP),
+        vxlan=vx,
+    )
+
+
+def _vxlan_incompat(
+    link: LinkInfo, vni: int, dev_index: int, local: Optional[IPv4Address], port: int, gbp: bool
+) -> Optional[str]:
+    """Return why ``link`` cannot be reused for the wanted vxlan attributes (Flannel's ``vxlanLinksIncompat``)."""
+    if link.kind != "vxlan" or link.vxlan is None:
+        return f"link type {link.kind or 'unknown'} != vxlan"
+    x = link.vxlan
+    if x.vni != vni:
+        return f"vxlan id {x.vni} != {vni}"
+    if x.link and dev_index and x.link != dev_index:
+        return f"underlay dev index {x.link} != {dev_index}"
+    if x.local and local and x.local != local:
+        return f"local {x.local} != {local}"
+    if x.group is not None:
+        return f"group {x.group} != none"
+    if x.l2miss:
+        return "l2miss on != off"
+    if x.port > 0 and port > 0 and x.port != port:
+        return f"dstport {x.port} != {port}"
+    if x.gbp != gbp:
+        return f"gbp {'on' if x.gbp else 'off'} != {'on' if gbp else 'off'}"
+    return None
+
+
+def _route(m: Any) -> Route:
+    dst = m.get_attr("RTA_DST")
+    gw = m.get_attr("RTA_GATEWAY")
+    oif = m.get_attr("RTA_OIF")
+    src = m.get_attr("RTA_PREFSRC")
+    table = m.get_attr("RTA_TABLE") or m["table"]
+    return Route(
+        dst=IPv4Network(f"{dst or '0.0.0.0'}/{m['dst_len']}", strict=False),
+        gateway=IPv4Address(gw) if gw else None,
+        oif=oif,
+        onlink=bool(m["flags"] & RTNH_F_ONLINK),
+        table=table,
+        type=m["type"],
+        proto=m["proto"],
+        scope=m["scope"],
+        prefsrc=IPv4Address(src) if src else None,
+    )
+
+
+__all__ = [
+    "AddrInfo", "Fdb", "KernelError", "LinkInfo", "Neigh", "Netlink", "Route", "VxlanAttrs",
+    "VXLAN_DEFAULT_PORT", "write_sysctl",
+]
