@@ -1,0 +1,348 @@
+# SPDX-License-Identifier: Apache-2.0
+"""LocalManager: Flannel's lease policy over a ``Registry`` (flannel ``pkg/subnet/etcd/local_manager.go``).
+
+Acquire (``acquire_lease``), up to ``RACE_RETRIES`` attempts, each on a fresh listing:
+  1. our PublicIP already holds a lease -> config-compatible: re-put it (same etcd lease if still alive, else a new
+     one; a key without an etcd lease, Flannel's "reservation", stays one); incompatible: delete it;
+  2. else the previous subnet from subnet.env, if compatible and free;
+  3. else ``pick_subnet`` (random among the first 100 free).
+  The create is atomic; a lost race is retried with a fresh listing (Flannel exits 1 instead).
+
+Keep (``keep_lease``), deliberately unlike Flannel:
+  - one etcd lease kept alive with keep-alives every ``min(ttl/3, ttl - renew_margin)`` seconds; Flannel grants a
+    new lease on each renewal and leaves the old one to expire;
+  - our key is checked every ``check_s`` seconds and at once when the watch sees it change; if it is gone (deleted,
+    or its etcd lease expired, e.g. during a long outage) the SAME subnet is re-created while it is free, with a
+    WARNING ``event=lease_lost``. Flannel shuts the daemon down instead (flannel-compat.md section 2);
+  - store outages log one line when they start and one when they end, and retry with backoff.
+
+Watch (``watch_leases``): snapshot at revision R -> ``LeaseWatcher.reset``; watch from R+1 -> ``update``;
+reconnect with backoff 100 ms -> 5 s; compaction -> re-list + reset; a full re-list every ``resync_s`` so state
+converges even after a missed event (Flannel has none); an empty batch at least every ``tick_s`` (1 s).
+
+Concurrency: plain threads. ``keep_lease`` and ``watch_leases`` run on different threads; they share only
+``_wake`` (a ``threading.Event``: the watch saw our key change) and ``_current`` (read/written under ``_lock``).
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv4Network
+from typing import Iterator, List, Optional, Tuple
+
+from fastflannel.config import NetworkConfig, parse_config
+from fastflannel.lease import Event, EventType, Lease, LeaseAttrs, LeaseWatcher
+from fastflannel.subnet import ConfigNotFoundError, LeaseError, StoreUnavailableError
+from fastflannel.subnet.allocator import pick_subnet
+from fastflannel.subnet.registry import (
+    CompactedError,
+    LeaseNotFoundError,
+    Registry,
+    SubnetExistsError,
+    WatchBatch,
+    config_key,
+    subnets_prefix,
+)
+
+log = logging.getLogger(__name__)
+
+RACE_RETRIES = 10  # flannel raceRetries
+DEFAULT_TTL_S = 86400  # flannel subnetTTL: 24 h
+DEFAULT_RENEW_MARGIN_S = 3600  # flannel --subnet-lease-renew-margin default: 60 min
+DEFAULT_RESYNC_S = 60.0  # full re-list of the leases (not in Flannel)
+WATCH_BACKOFF_MIN_S = 0.1  # flannel's watch reconnect backoff: 100 ms ...
+WATCH_BACKOFF_MAX_S = 5.0  # ... doubling up to 5 s
+KEEP_BACKOFF_MIN_S = 1.0  # keep_lease retry after a store error: 1 s doubling ...
+KEEP_BACKOFF_MAX_S = 30.0  # ... to 30 s (Flannel retries renewal once a minute)
+TICK_S = 1.0  # longest time watch_leases goes without yielding (so the caller can check stop)
+_POLL_S = 0.2  # granularity of stop/wake checks inside keep_lease
+
+_REMOVED_ATTRS = LeaseAttrs(public_ip=IPv4Address(0))  # placeholder: a store DELETE carries no value
+
+
+class LocalManager:
+    """Lease policy over a ``Registry``; implements ``fastflannel.subnet.SubnetManager``."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        prefix: Optional[str] = None,
+        previous_subnet: Optional[IPv4Network] = None,
+        rng: Optional[random.Random] = None,
+        ttl: int = DEFAULT_TTL_S,
+        renew_margin_s: float = DEFAULT_RENEW_MARGIN_S,
+        resync_s: float = DEFAULT_RESYNC_S,
+        check_s: Optional[float] = None,
+        tick_s: float = TICK_S,
+        watch_backoff: Tuple[float, float] = (WATCH_BACKOFF_MIN_S, WATCH_BACKOFF_MAX_S),
+        keep_backoff: Tuple[float, float] = (KEEP_BACKOFF_MIN_S, KEEP_BACKOFF_MAX_S),
+    ) -> None:
+        if ttl > 0 and not 0 < renew_margin_s < ttl:
+            raise ValueError(f"renew margin {renew_margin_s}s must be between 0 and the lease TTL {ttl}s")
+        self.registry = registry
+        self.prefix = (prefix if prefix is not None else getattr(registry, "prefix", "/coreos.com/network")).rstrip("/")
+        self.previous_subnet = previous_subnet
+        self.rng = rng or random.Random()
+        self.ttl = ttl
+        self.renew_margin_s = renew_margin_s
+        self.resync_s = resync_s
+        self.check_s = check_s if check_s is not None else resync_s
+        self.tick_s = tick_s
+        self.watch_backoff = watch_backoff
+        self.keep_backoff = keep_backoff
+        self._lock = threading.Lock()
+        self._current: Optional[Lease] = None
+        self._wake = threading.Event()
+
+    # -- config ------------------------------------------------------------------------------------------------
+    def get_network_config(self) -> NetworkConfig:
+        """Read and check ``<prefix>/config``; raise ``ConfigNotFoundError`` or ``ConfigError``."""
+        text = self.registry.get_config()
+        if text is None:
+            raise ConfigNotFoundError(
+                f"flannel config not found in etcd store at {config_key(self.prefix)}. Did you create your config "
+                f"using etcdv3 API? (e.g. etcdctl put {config_key(self.prefix)} '{{\"Network\": \"10.5.0.0/16\", "
+                f"\"Backend\": {{\"Type\": \"vxlan\"}}}}')"
+            )
+        return parse_config(text)
+
+    @property
+    def current_lease(self) -> Optional[Lease]:
+        """Return the lease as last acquired or re-created (its etcd lease ID may change after a loss)."""
+        with self._lock:
+            return self._current
+
+    def _set_current(self, lease: Lease) -> None:
+        with self._lock:
+            self._current = lease
+
+    # -- acquire -----------------------------------------------------------------------------------------------
+    def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
+        """Reuse by PublicIP, else the previous subnet, else allocate; atomic create, lost races retried."""
+        config = self.get_network_config()
+        if not config.enable_ipv4 or config.network is None:
+            raise LeaseError("the etcd subnet manager needs an IPv4 Network in the config (IPv6-only is unsupported)")
+        for attempt in range(1, RACE_RETRIES + 1):
+            leases, _rev = self.registry.get_subnets()
+            try:
+                lease, how = self._try_acquire(config, attrs, leases)
+            except SubnetExistsError as e:
+                log.warning("event=lease_race subnet=%s attempt=%d/%d action=retry", e.subnet, attempt, RACE_RETRIES)
+                time.sleep(self.rng.uniform(0, 0.01 * attempt))  # de-synchronise hosts started together
+                continue
+            log.info(
+                "event=lease_acquired subnet=%s public_ip=%s ttl=%d lease_id=%x source=%s",
+                lease.subnet, attrs.public_ip, self.ttl if lease.lease_id else 0, lease.lease_id, how,
+            )
+            self._set_current(lease)
+            return lease
+        raise LeaseError("max retries reached trying to acquire a subnet")
+
+    def _try_acquire(self, config: NetworkConfig, attrs: LeaseAttrs, leases: List[Lease]) -> Tuple[Lease, str]:
+        mine = next((x for x in leases if x.attrs.public_ip == attrs.public_ip), None)
+        if mine is not None:
+            if config.subnet_in_range(mine.subnet):
+                # a key without an etcd lease is an operator reservation: keep it one (Flannel turns it into a 24 h lease)
+                ttl = self.ttl if mine.lease_id else 0
+                return self.registry.update_subnet(mine.subnet, attrs, ttl, lease_id=mine.lease_id or None), "public_ip"
+            log.warning(
+                "event=lease_incompatible subnet=%s public_ip=%s network=%s subnet_len=%d action=delete",
+                mine.subnet, attrs.public_ip, config.network, config.subnet_len,
+            )
+            self.registry.delete_subnet(mine.subnet)
+            leases = [x for x in leases if x.subnet != mine.subnet]
+        taken = [x.subnet for x in leases]
+        prev = self.previous_subnet
+        if prev is not None:
+            if not config.subnet_in_range(prev):
+                log.info("event=previous_subnet_ignored subnet=%s reason=not_in_config network=%s", prev, config.network)
+            elif any(prev.overlaps(t) for t in taken):
+                log.info("event=previous_subnet_ignored subnet=%s reason=taken", prev)
+            else:
+                return self.registry.create_subnet(prev, attrs, self.ttl), "previous_subnet"
+        subnet = pick_subnet(config, taken, self.rng, prefix=self.prefix)
+        return self.registry.create_subnet(subnet, attrs, self.ttl), "allocated"
+
+    def lookup_lease_by_public_ip(self, ip: IPv4Address) -> Optional[Lease]:
+        """Return the stored lease advertising ``ip`` as PublicIP (first found), or None."""
+        leases, _ = self.registry.get_subnets()
+        return next((x for x in leases if x.attrs.public_ip == ip), None)
+
+    # -- keep --------------------------------------------------------------------------------------------------
+    def refresh_interval(self) -> float:
+        """Return the keep-alive period: a third of the TTL, and at least the renew margin before expiry."""
+        return max(1.0, min(self.ttl / 3.0, self.ttl - self.renew_margin_s))
+
+    def keep_lease(self, lease: Lease, stop: threading.Event) -> None:
+        """Keep ``lease`` alive until ``stop`` is set (see the module docstring). Never raises for outages."""
+        self._set_current(lease)
+        interval = self.refresh_interval()
+        backoff = self.keep_backoff[0]
+        available = True
+        lost_logged = False
+        conflict_holder: Optional[IPv4Address] = None
+        now = time.monotonic()
+        next_refresh = now  # a first keep-alive at once resets a reused lease to the full TTL
+        next_check = now + self.check_s
+        while not stop.is_set():
+            now = time.monotonic()
+            due = min(next_refresh if lease.lease_id else float("inf"), next_check)
+            if now < due and not self._wake.is_set():
+                stop.wait(min(due - now, _POLL_S))
+                continue
+            woken = self._wake.is_set()
+            self._wake.clear()
+            try:
+                need_check = woken or now >= next_check
+                if lease.lease_id and now >= next_refresh:
+                    try:
+                        ttl = self.registry.refresh(lease.lease_id)
+                        log.debug("event=lease_refreshed subnet=%s lease_id=%x ttl=%d", lease.subnet, lease.lease_id, ttl)
+                    except LeaseNotFoundError:
+                        need_check = True  # the key went with the etcd lease: re-create below
+                        lease = replace(lease, lease_id=0)
+                        self._set_current(lease)
+                    next_refresh = now + interval
+                if need_check:
+                    lease, lost_logged, conflict_holder = self._check_own(lease, lost_logged, conflict_holder)
+                    next_check = now + self.check_s
+                if not available:
+                    log.info("event=store_available op=keep_lease subnet=%s", lease.subnet)
+                    available = True
+                backoff = self.keep_backoff[0]
+            except StoreUnavailableError as e:
+                if available:
+                    log.warning("event=store_unavailable op=keep_lease subnet=%s error=%r action=retry", lease.subnet, str(e))
+                    available = False
+                # when the store is back: refresh and check at once
+                next_refresh = next_check = time.monotonic() + backoff
+                stop.wait(backoff)
+                backoff = min(backoff * 2, self.keep_backoff[1])
+
+    def _check_own(
+        self, lease: Lease, lost_logged: bool, conflict_holder: Optional[IPv4Address]
+    ) -> Tuple[Lease, bool, Optional[IPv4Address]]:
+        """Verify our key; re-create it if gone. Return (lease, lost_logged, conflict_holder)."""
+        cur = self.registry.get_subnet(lease.subnet)
+        if cur is not None and cur.attrs == lease.attrs:
+            if cur.lease_id != lease.lease_id:
+                lease = replace(lease, lease_id=cur.lease_id)
+                self._set_current(lease)
+            return lease, False, None
+        if cur is not None:
+            if conflict_holder != cur.attrs.public_ip:
+                log.error(
+                    "event=lease_conflict subnet=%s holder=%s public_ip=%s action=wait_until_free",
+                    lease.subnet, cur.attrs.public_ip, lease.attrs.public_ip,
+                )
+            return lease, lost_logged, cur.attrs.public_ip
+        if not lost_logged:
+            log.warning("event=lease_lost subnet=%s public_ip=%s action=reacquire", lease.subnet, lease.attrs.public_ip)
+        try:
+            new = self.registry.create_subnet(lease.subnet, lease.attrs, self.ttl)
+        except SubnetExistsError:
+            self._wake.set()  # someone (maybe us, via a retried request) wrote it meanwhile: look again
+            return lease, True, conflict_holder
+        log.warning("event=lease_reacquired subnet=%s lease_id=%x ttl=%d", new.subnet, new.lease_id, self.ttl)
+        self._set_current(new)
+        return new, False, None
+
+    # -- watch -------------------------------------------------------------------------------------------------
+    def _pause(self, seconds: float, stop: threading.Event) -> Iterator[List[Event]]:
+        """Wait ``seconds`` (stop-aware), yielding an empty batch every tick."""
+        end = time.monotonic() + seconds
+        while not stop.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            stop.wait(min(left, self.tick_s))
+            yield []
+
+    def _note_own(self, own: Lease, item_type: EventType, lease_or_subnet: object) -> None:
+        subnet = lease_or_subnet.subnet if isinstance(lease_or_subnet, Lease) else lease_or_subnet
+        if subnet != own.subnet:
+            return
+        if item_type is EventType.REMOVED or (isinstance(lease_or_subnet, Lease) and lease_or_subnet.attrs != own.attrs):
+            self._wake.set()
+
+    def watch_leases(self, own: Lease, stop: threading.Event) -> Iterator[List[Event]]:
+        """Yield batches of remote-lease events until ``stop`` is set (see the module docstring)."""
+        watcher = LeaseWatcher(own.subnet)
+        backoff = self.watch_backoff[0]
+        available = True
+        need_list = True
+        rev = 0
+        next_resync = 0.0
+
+        def unavailable(op: str, e: Exception) -> None:
+            nonlocal available
+            if available:
+                log.warning("event=store_unavailable op=%s prefix=%s error=%r action=retry", op, subnets_prefix(self.prefix), str(e))
+                available = False
+
+        while not stop.is_set():
+            if need_list:
+                try:
+                    leases, rev = self.registry.get_subnets()
+                except StoreUnavailableError as e:
+                    unavailable("list", e)
+                    yield from self._pause(backoff, stop)
+                    backoff = min(backoff * 2, self.watch_backoff[1])
+                    continue
+                for x in leases:
+                    self._note_own(own, EventType.ADDED, x)
+                if not any(x.subnet == own.subnet for x in leases):
+                    self._wake.set()
+                events = watcher.reset(leases)
+                need_list = False
+                next_resync = time.monotonic() + self.resync_s
+                log.debug("event=leases_listed revision=%d count=%d changes=%d", rev, len(leases), len(events))
+                yield events
+            try:
+                stream = self.registry.watch_subnets(rev + 1, stop)
+                try:
+                    for batch in stream:
+                        if not available:
+                            log.info("event=store_available op=watch prefix=%s revision=%d", subnets_prefix(self.prefix), rev)
+                            available = True
+                        backoff = self.watch_backoff[0]
+                        yield self._apply(own, watcher, batch)
+                        rev = max(rev, batch.revision)
+                        if stop.is_set():
+                            return
+                        if time.monotonic() >= next_resync:
+                            need_list = True
+                            break
+                finally:
+                    close = getattr(stream, "close", None)
+                    if close is not None:
+                        close()
+            except CompactedError as e:
+                log.warning("event=watch_compacted start_revision=%d compact_revision=%d action=relist",
+                            e.start_revision, e.compact_revision)
+                need_list = True
+                continue
+            except StoreUnavailableError as e:
+                unavailable("watch", e)
+                yield from self._pause(backoff, stop)
+                backoff = min(backoff * 2, self.watch_backoff[1])
+                continue
+            if not need_list and not stop.is_set():
+                # the stream ended without an error (server closed it): reconnect from the last revision
+                yield from self._pause(backoff, stop)
+                backoff = min(backoff * 2, self.watch_backoff[1])
+
+    def _apply(self, own: Lease, watcher: LeaseWatcher, batch: WatchBatch) -> List[Event]:
+        events: List[Event] = []
+        for typ, item in batch.items:
+            self._note_own(own, typ, item)
+            if typ is EventType.ADDED:
+                assert isinstance(item, Lease)
+                events.append(Event(EventType.ADDED, item))
+            else:
+                subnet = item.subnet if isinstance(item, Lease) else item
+                events.append(Event(EventType.REMOVED, Lease(subnet, _REMOVED_ATTRS)))
+        return watcher.update(events) if events else []

@@ -1,0 +1,135 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The registry seam: the store's KV verbs for Flannel's layout, with no lease policy (flannel ``Registry``).
+
+Keys are ``<prefix>/config`` and ``<prefix>/subnets/<ip>-<len>``; values are exactly ``LeaseAttrs.to_json()``.
+Policy (reuse by PublicIP, previous subnet, allocation, retries, keep-alive, reconnects) is the manager's.
+
+Expiration: a listing is one range call. Flannel follows every key with a ``LeaseTimeToLive`` call (N+1 round
+trips); a registry here returns ``Lease.expiration == 0`` ("unknown") from ``get_subnets``/``get_subnet``/watch
+and carries the etcd lease ID in ``Lease.lease_id`` instead. Nothing in the policy needs the expiration of a
+*remote* lease; our own lease's remaining TTL comes back from ``refresh``.
+
+Parse failures: a key under ``subnets/`` that is not a subnet key, or a value that is not lease JSON, is logged
+once as a WARNING naming the key and the error and left out of the result (``skipped`` in a watch batch). It never
+turns a listing or a watch batch into an empty snapshot (the Flannel bug of flannel-compat.md section 3).
+
+Every method blocks its caller's thread and may raise ``StoreUnavailableError``.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+from typing import Iterator, List, Optional, Protocol, Tuple, Union
+
+from fastflannel.ip import make_subnet_key, parse_subnet_key
+from fastflannel.lease import EventType, Lease, LeaseAttrs
+from fastflannel.subnet import SubnetError
+
+WatchItem = Tuple[EventType, Union[Lease, IPv4Network]]
+"""(ADDED, Lease) for a put; (REMOVED, subnet) for a delete or lease expiry (a delete carries no value)."""
+
+
+class SubnetExistsError(SubnetError):
+    """An atomic create lost: the subnet key already exists (another host won the race)."""
+
+    def __init__(self, subnet: IPv4Network, key: str = "") -> None:
+        super().__init__(f"subnet {subnet} is already leased (key {key or subnet} exists)")
+        self.subnet = subnet
+
+
+class CompactedError(SubnetError):
+    """A watch start revision is older than the store's compaction point; re-list and watch from the new one."""
+
+    def __init__(self, start_revision: int, compact_revision: int) -> None:
+        super().__init__(
+            f"watch from revision {start_revision} is impossible: the store was compacted at revision "
+            f"{compact_revision}; re-list and watch again"
+        )
+        self.start_revision = start_revision
+        self.compact_revision = compact_revision
+
+
+class LeaseNotFoundError(SubnetError):
+    """The etcd lease behind a subnet has expired or been revoked (its keys are gone)."""
+
+    def __init__(self, lease_id: int) -> None:
+        super().__init__(f"etcd lease {lease_id:x} has expired or was revoked")
+        self.lease_id = lease_id
+
+
+@dataclass(frozen=True)
+class WatchBatch:
+    """One watch response: parsed items in store order, the revision to resume after, skipped keys."""
+
+    items: List[WatchItem] = field(default_factory=list)
+    revision: int = 0
+    skipped: List[str] = field(default_factory=list)
+
+
+class Registry(Protocol):
+    """KV verbs over ``<prefix>``. All block; all may raise ``StoreUnavailableError``."""
+
+    prefix: str
+
+    def get_config(self) -> Optional[str]:
+        """Return the raw text of ``<prefix>/config``, or None if the key does not exist."""
+
+    def get_subnets(self) -> Tuple[List[Lease], int]:
+        """List every parsable lease under ``<prefix>/subnets`` in one range call; return (leases, revision).
+        Unparsable keys/values are logged and skipped."""
+
+    def get_subnet(self, subnet: IPv4Network) -> Optional[Lease]:
+        """Return the lease stored for ``subnet`` (with its etcd lease ID), or None if absent or unparsable."""
+
+    def create_subnet(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease:
+        """Atomically create the key if absent, bound to a freshly granted ``ttl`` lease (``ttl`` 0: no lease).
+        Raise ``SubnetExistsError`` if the key exists; the granted lease is revoked on any failure."""
+
+    def update_subnet(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int, lease_id: Optional[int] = None) -> Lease:
+        """Put the key unconditionally, reusing etcd lease ``lease_id`` if it is still alive, else granting a new
+        ``ttl`` lease (``ttl`` 0: no lease, a Flannel "reservation")."""
+
+    def refresh(self, lease_id: int) -> int:
+        """Keep etcd lease ``lease_id`` alive (one keep-alive); return its TTL in seconds.
+        Raise ``LeaseNotFoundError`` if it has expired or was revoked."""
+
+    def delete_subnet(self, subnet: IPv4Network) -> None:
+        """Delete the key (no error if absent)."""
+
+    def watch_subnets(self, start_revision: int, stop: threading.Event) -> Iterator[WatchBatch]:
+        """Yield batches of events under ``<prefix>/subnets`` from ``start_revision`` on, and an empty batch at
+        least every second; end when ``stop`` is set or the iterator is closed (the watch is cancelled).
+        Raise ``CompactedError`` if ``start_revision`` was compacted, ``StoreUnavailableError`` if the stream
+        breaks."""
+
+
+def config_key(prefix: str) -> str:
+    """Return ``<prefix>/config`` (path-join: one slash, trailing slash of the prefix dropped)."""
+    return prefix.rstrip("/") + "/config"
+
+
+def subnets_prefix(prefix: str) -> str:
+    """Return ``<prefix>/subnets`` (listed and watched without a trailing slash, as Flannel does)."""
+    return prefix.rstrip("/") + "/subnets"
+
+
+def subnet_key(prefix: str, subnet: IPv4Network) -> str:
+    """Return ``<prefix>/subnets/<ip>-<len>``."""
+    return subnets_prefix(prefix) + "/" + make_subnet_key(subnet)
+
+
+def lease_from_kv(key: str, value: "str | bytes", lease_id: int = 0) -> Lease:
+    """Parse one stored lease; raise ``ValueError`` (or ``LeaseParseError``) naming what is wrong."""
+    name = key.rsplit("/", 1)[-1]
+    net, net6 = parse_subnet_key(name)
+    if make_subnet_key(net) != name.split("&", 1)[0]:  # e.g. "x10.5.1.0-24", "10.5.1.7-24", "010.5.1.0-24"
+        raise ValueError(f"not a subnet key: {name!r} (IPv4 part is not <network address>-<prefix length>)")
+    attrs = LeaseAttrs.from_json(value)
+    return Lease(subnet=net, attrs=attrs, expiration=0.0, lease_id=lease_id, subnet6=net6)
+
+
+def log_skipped(log: "logging.Logger", key: str, err: Exception) -> None:
+    """Log one unparsable store entry (WARNING, key=value style)."""
+    log.warning("event=lease_skipped key=%s error=%r", key, str(err))
