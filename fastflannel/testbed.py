@@ -74,6 +74,8 @@ __all__ = [
     "install_signal_handlers",
     "list_netns",
     "owned_prefixes",
+    "pid_alive",
+    "remove_namespaces",
     "restore_signal_handlers",
 ]
 
@@ -246,7 +248,8 @@ def _proc_start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # field 22 (starttime), counting from after the comm field
 
 
-def _pid_alive(pid: int, start_time: str | None) -> bool:
+def pid_alive(pid: int, start_time: str | None = None) -> bool:
+    """Return True if ``pid`` exists (and, if given, still has the recorded /proc start time: not recycled)."""
     now = _proc_start_time(pid)
     return now is not None and (start_time is None or now == start_time)
 
@@ -682,9 +685,10 @@ class Host(_Node):
 
     # -- containers ----------------------------------------------------------------------------------------------
 
-    def etcdctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run ``etcdctl`` (API v3) in this host's netns against the testbed's etcd cluster."""
-        return self.run(["etcdctl", f"--endpoints={self._tb.endpoints}", *args], check=check,
+    def etcdctl(self, *args: str, check: bool = True, endpoints: str | None = None
+                ) -> subprocess.CompletedProcess[str]:
+        """Run ``etcdctl`` (API v3) in this host's netns against ``endpoints`` (default: all etcd members)."""
+        return self.run(["etcdctl", f"--endpoints={endpoints or self._tb.endpoints}", *args], check=check,
                         env={"ETCDCTL_API": "3"})
 
     def add_container(self, name: str | None = None, *, timeout: float = 30) -> Container:
@@ -1036,13 +1040,36 @@ class Testbed:
 
     # -- etcd helpers --------------------------------------------------------------------------------------------
 
+    @property
+    def live_endpoints(self) -> str:
+        """Return the client URLs of the members whose process runs (etcdctl 3.4 fails over slowly from dead ones)."""
+        return ",".join(m.endpoint for m in self.etcd if m.running) or self.endpoints
+
     def etcdctl(self, *args: str) -> str:
-        """Run ``etcdctl`` (API v3) against the cluster from inside a live etcd namespace; return stdout.
+        """Run ``etcdctl`` (API v3) against the live members from inside a live member's namespace; return stdout.
 
         Raise CommandError if etcdctl fails.
         """
         member = next((m for m in self.etcd if m.running), self.etcd[0])
-        return member.etcdctl(*args, endpoints=self.endpoints).stdout
+        return member.etcdctl(*args, endpoints=self.live_endpoints).stdout
+
+    def etcd_leader(self, timeout: float = 10.0) -> EtcdServer:
+        """Return the member that is raft leader, waiting up to ``timeout`` for an election; raise EtcdError."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for m in self.etcd:
+                if not m.running:
+                    continue
+                proc = m.etcdctl("endpoint", "status", "-w", "json", "--command-timeout=2s", check=False, timeout=5)
+                try:
+                    status = json.loads(proc.stdout)[0]["Status"]
+                except (ValueError, LookupError, TypeError):
+                    continue
+                if status.get("leader") and status["leader"] == status["header"]["member_id"]:
+                    return m
+            if time.monotonic() > deadline:
+                raise EtcdError(f"no etcd leader among {self.live_endpoints} after {timeout} s")
+            time.sleep(0.2)
 
     def put_config(self, config: Mapping[str, Any] | str) -> None:
         """Write the flannel network config to ``<prefix_key>/config`` (a dict is JSON-encoded)."""
@@ -1078,13 +1105,13 @@ def cleanup_stale(prefix_glob: str = "ff", *, include_unowned: bool = False, log
             continue
         mine = [ns for ns in all_ns if ns.startswith(prefix + "-")]
         owned_by_marker.update(mine)
-        if _pid_alive(pid, info.get("start_time")):
+        if pid_alive(pid, info.get("start_time")):
             continue
         logf(f"testbed: cleanup: run {prefix} (owner pid {pid} is gone): namespaces {mine}")
         removed.extend(mine)
         if dry_run:
             continue
-        _remove_namespaces(mine, logf)
+        remove_namespaces(mine, log=logf)
         workdir = info.get("workdir")
         if workdir and not info.get("keep_workdir") and Path(workdir).name.startswith(prefix + "-"):
             shutil.rmtree(workdir, ignore_errors=True)
@@ -1099,12 +1126,16 @@ def cleanup_stale(prefix_glob: str = "ff", *, include_unowned: bool = False, log
             logf(f"testbed: cleanup: namespaces without an owner marker: {orphans}")
             removed.extend(orphans)
             if not dry_run:
-                _remove_namespaces(orphans, logf)
+                remove_namespaces(orphans, log=logf)
     return removed
 
 
-def _remove_namespaces(namespaces: Sequence[str], logf: Callable[[str], Any]) -> None:
-    # containers (<prefix>-hN-cM) sort after hosts; delete the deepest names first, the underlay last
+def remove_namespaces(namespaces: Sequence[str], *, log: LogFn = None) -> None:
+    """Kill every process inside the given namespaces, then delete them (deepest names first, underlay last).
+
+    Failures are logged, not raised; callers check ``list_netns()`` afterwards if they must know.
+    """
+    logf = _as_logfn(log)
     for ns in sorted(namespaces, key=lambda s: (s.endswith("-ul"), -s.count("-"))):
         _kill_netns_processes(ns, logf)
     for ns in sorted(namespaces, key=lambda s: (s.endswith("-ul"), -s.count("-"))):

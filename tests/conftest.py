@@ -1,0 +1,301 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Share test tiers, skips and the testbed fixtures across the suite.
+
+Tiers (design A2 rule 11) are pytest markers, skipped with a reason when the machine cannot run them:
+- ``netns``: needs root and a working ``ip netns`` (probed once by creating and deleting a namespace);
+- ``etcd``: needs Debian's etcd-server (``/usr/bin/etcd`` or ``etcd`` on PATH) and ``etcdctl``;
+- ``ext``: needs the compiled ``fastflannel._fastpath`` (and ``FASTFLANNEL_NO_EXTENSIONS`` unset).
+
+The ``make_testbed`` fixture also performs the netns/etcd checks, so a test that forgets a marker skips rather
+than errors. A session-level guard compares ``ip netns list`` before and after the run: namespaces this session
+created and left behind are removed and the run fails loudly. Namespaces made by other, concurrent runs (a testbed
+marker with another live owner pid) are not counted. Tests that need a bare namespace use ``fresh_netns`` or name
+theirs with ``netns_name()`` so the guard can attribute them. SIGTERM is turned into KeyboardInterrupt so a killed
+pytest still unwinds fixtures and tears testbeds down.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+def _base36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if n == 0:
+            return out
+
+
+# Prefix of the bare namespaces this session makes: "ff_t" + our pid in base36, so the leak guard of a concurrent
+# run can tell whose they are; the "_" keeps it distinct from testbed prefixes ("ff" + 5 base36).
+SESSION_NETNS_PREFIX = f"ff_t{_base36(os.getpid())}"
+_NETNS_COUNTER = iter(range(1, 1 << 30))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# capability probes (each cached for the session)
+
+
+@functools.lru_cache(maxsize=None)
+def netns_unavailable() -> str | None:
+    """Return why network-namespace tests cannot run here, or None if they can."""
+    if os.geteuid() != 0:
+        return "netns tests need root"
+    if shutil.which("ip") is None:
+        return "netns tests need iproute2 ('ip' not found)"
+    probe = f"{SESSION_NETNS_PREFIX}-probe"
+    try:
+        add = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, timeout=10)
+        if add.returncode != 0:
+            return f"'ip netns add' does not work here: {add.stderr.strip()}"
+        up = subprocess.run(["ip", "-n", probe, "link", "set", "lo", "up"], capture_output=True, text=True,
+                            timeout=10)
+        if up.returncode != 0:
+            return f"cannot configure a new namespace: {up.stderr.strip()}"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"'ip netns' unusable: {e}"
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=10)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def etcd_unavailable() -> str | None:
+    """Return why etcd tests cannot run here, or None if they can."""
+    if not (Path("/usr/bin/etcd").exists() or shutil.which("etcd")):
+        return "etcd tests need etcd (Debian package etcd-server): /usr/bin/etcd not found"
+    if not shutil.which("etcdctl"):
+        return "etcd tests need etcdctl (Debian package etcd-client)"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def ext_unavailable() -> str | None:
+    """Return why tests of the compiled extension cannot run here, or None if they can."""
+    if os.environ.get("FASTFLANNEL_NO_EXTENSIONS", "") not in ("", "0"):
+        return "FASTFLANNEL_NO_EXTENSIONS is set"
+    try:
+        import fastflannel._fastpath  # noqa: F401
+    except ImportError as e:
+        return f"extension fastflannel._fastpath is not built ({e}); run 'make compile'"
+    return None
+
+
+_TIER_CHECKS: dict[str, Callable[[], str | None]] = {
+    "netns": netns_unavailable,
+    "etcd": etcd_unavailable,
+    "ext": ext_unavailable,
+}
+
+
+def require(*tiers: str) -> None:
+    """Skip the running test with a reason unless every named tier can run here."""
+    for tier in tiers:
+        reason = _TIER_CHECKS[tier]()
+        if reason:
+            pytest.skip(reason)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for tier, check in _TIER_CHECKS.items():
+        if item.get_closest_marker(tier) is not None:
+            reason = check()
+            if reason:
+                pytest.skip(reason)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)  # lets fixtures see whether the test failed
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# SIGTERM -> KeyboardInterrupt, so fixtures (and testbeds) unwind when the run is killed
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        from fastflannel.testbed import install_signal_handlers
+
+        install_signal_handlers(sigterm=KeyboardInterrupt)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# namespace leak guard
+
+
+def _list_netns() -> set[str]:
+    try:
+        out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def _owner_alive_elsewhere(ns: str) -> bool:
+    """Return True if ``ns`` provably belongs to another live process (a concurrent test run)."""
+    from fastflannel.testbed import MARKER_DIR, owned_prefixes, pid_alive
+
+    prefix = ns.split("-", 1)[0]
+    if prefix in owned_prefixes() or prefix == SESSION_NETNS_PREFIX:
+        return False
+    if prefix.startswith("ff_t"):  # another session's netns_name(): owner pid in base36
+        try:
+            pid = int(prefix[4:], 36)
+        except ValueError:
+            return False
+        return pid != os.getpid() and pid_alive(pid)
+    marker = MARKER_DIR / f"{prefix}.pid"
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    try:
+        pid = int(info["pid"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return pid != os.getpid() and pid_alive(pid, info.get("start_time"))
+
+
+def _remove_netns(names: list[str]) -> None:
+    from fastflannel.testbed import remove_namespaces
+
+    remove_namespaces(names, log=logging.getLogger("fastflannel.testbed").warning)
+
+
+def _remove_own_markers(prefixes: set[str]) -> None:
+    """Remove testbed markers (and temp workdirs) of leaked testbeds this process created."""
+    from fastflannel.testbed import MARKER_DIR, owned_prefixes
+
+    for prefix in prefixes & owned_prefixes():
+        marker = MARKER_DIR / f"{prefix}.pid"
+        try:
+            info = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            continue
+        workdir = info.get("workdir") or ""
+        if not info.get("keep_workdir") and Path(workdir).name.startswith(prefix + "-"):
+            shutil.rmtree(workdir, ignore_errors=True)
+        marker.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def netns_leak_guard() -> Iterator[None]:
+    """Fail the run loudly if this session leaves network namespaces behind (after removing them)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        yield
+        return
+    before = _list_netns()
+    yield
+    new = sorted(_list_netns() - before)
+    leaked = [ns for ns in new if not _owner_alive_elsewhere(ns)]
+    if leaked:
+        _remove_netns(leaked)
+        _remove_own_markers({ns.split("-", 1)[0] for ns in leaked})
+        still = sorted(set(leaked) & _list_netns())
+        pytest.fail(f"LEAK: this test session left network namespaces behind: {leaked} "
+                    f"(removed now{'; could NOT remove ' + str(still) if still else ''}). "
+                    "Every namespace must be deleted on every exit path.", pytrace=False)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# namespace and testbed fixtures
+
+
+@pytest.fixture
+def netns_name() -> Callable[[str], str]:
+    """Return a factory of unique namespace names ``ff_t<pid>-<tag><n>`` that the leak guard attributes to us."""
+
+    def make(tag: str = "t") -> str:
+        return f"{SESSION_NETNS_PREFIX}-{tag}{next(_NETNS_COUNTER)}"
+
+    return make
+
+
+@pytest.fixture
+def fresh_netns(netns_name: Callable[[str], str]) -> Iterator[str]:
+    """Create a bare namespace (loopback up) for one test, yield its name, and delete it with its processes."""
+    require("netns")
+    name = netns_name("n")
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=10)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, capture_output=True, timeout=10)
+        yield name
+    finally:
+        _remove_netns([name])
+
+
+class TestbedFactory:
+    """Start testbeds on demand and close every one of them (newest first) at teardown."""
+
+    __test__ = False
+
+    def __init__(self) -> None:
+        self.beds: list[Any] = []
+
+    def __call__(self, n_hosts: int = 3, **kw: Any) -> Any:
+        require("netns", "etcd")
+        from fastflannel.testbed import Testbed
+
+        kw.setdefault("log", logging.getLogger("fastflannel.testbed").info)
+        tb = Testbed(n_hosts, **kw)
+        self.beds.append(tb)
+        tb.start()
+        return tb
+
+    def dump_logs(self) -> None:
+        for tb in self.beds:
+            for host in tb.hosts:
+                if host.daemon_log is not None:
+                    sys.stderr.write(f"----- {tb.prefix} {host.name} fastflanneld log -----\n"
+                                     f"{host.daemon_log_text()[-20000:]}\n")
+
+    def close(self) -> list[str]:
+        errors = []
+        for tb in reversed(self.beds):
+            try:
+                tb.close()
+            except Exception as e:  # close every bed, then report
+                errors.append(f"{tb.prefix}: {e}")
+        self.beds.clear()
+        return errors
+
+
+def _factory_fixture(request: pytest.FixtureRequest) -> Iterator[TestbedFactory]:
+    factory = TestbedFactory()
+    try:
+        yield factory
+    finally:
+        rep = getattr(request.node, "rep_call", None)
+        if rep is not None and rep.failed:
+            factory.dump_logs()
+        errors = factory.close()
+        if errors:
+            pytest.fail(f"testbed teardown failed: {errors}", pytrace=False)
+
+
+@pytest.fixture
+def make_testbed(request: pytest.FixtureRequest) -> Iterator[TestbedFactory]:
+    """Return ``make(n_hosts=3, **Testbed kwargs)`` that starts a Testbed; all are torn down after the test."""
+    yield from _factory_fixture(request)
+
+
+@pytest.fixture(scope="module")
+def make_module_testbed(request: pytest.FixtureRequest) -> Iterator[TestbedFactory]:
+    """Like ``make_testbed`` but the testbeds live until the end of the module (share one world across tests)."""
+    yield from _factory_fixture(request)
