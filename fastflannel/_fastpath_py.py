@@ -1,0 +1,532 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Run the udp backend's data path in pure Python: the test oracle, the benchmark baseline and the fallback.
+
+This module is the twin of ``_fastpath.pyx``: ``Proxy`` here has the same methods, the same per-packet rules
+and the same counters, written for clarity, not speed. It also holds what both implementations share and
+that must not need the extension: the error type (``FastPathError``), the counter names (``COUNTER_NAMES``,
+whose order is the C counter array's) and the verdict strings.
+
+Per-packet rules (both implementations; ``docs/fastpath.md`` has the table):
+
+outbound (TUN -> UDP): malformed -> drop; destination outside the network or no route -> count ``no_route``
+and, unless the offender is ICMP (RFC 792), a non-first fragment, or has an IP header of 60 bytes or more,
+write an ICMP net-unreachable back into the TUN (flannel ``send_net_unreachable``); TTL <= 1 -> drop; else
+TTL - 1 with the RFC 1624 checksum update and send to ``(next_hop, port)``.
+
+inbound (UDP -> TUN): outer source not a current peer -> drop (``check_peer_source``); malformed -> drop;
+inner destination outside our subnet -> drop (``check_inner_dest``); TTL <= 1 -> drop; else TTL - 1 and
+write to the TUN.
+
+"Malformed" is: shorter than 20 bytes, longer than 65535, version != 4, IHL < 5, IHL beyond the data, or an
+IPv4 total length that differs from the number of bytes received (truncated or padded).
+
+The Python loop does one ``os.read``/``sendto``/``recvfrom``/``os.write`` per packet (Python has no
+``sendmmsg``); its ``*_syscalls`` counters are therefore higher than the extension's for the same traffic.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+from array import array
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type
+
+# --- shared between both implementations ------------------------------------------------------------
+
+# Order matters: it is the layout of the C counter array (ff_counter enum in _fastpath.pxd).
+COUNTER_NAMES: Tuple[str, ...] = (
+    "tx_packets",  # inner packets handed to the UDP socket and accepted (process_outbound: verdict "send")
+    "tx_bytes",  # their bytes (inner IP packet length)
+    "tx_syscalls",  # TUN reads (including the EAGAIN one ending a burst), sends, ICMP writes, POLLOUT waits
+    "tx_batches",  # non-empty TUN bursts processed
+    "tx_drop_malformed",
+    "tx_drop_no_route",  # no route for the destination (ICMP generated or not)
+    "tx_drop_ttl",
+    "tx_drop_send",  # the UDP send failed for this packet (e.g. EPERM from a firewall, ENETUNREACH)
+    "tx_icmp_unreach",  # ICMP net-unreachable packets generated
+    "tx_drop_icmp_write",  # ... whose write back into the TUN failed
+    "tx_send_waits",  # times the UDP socket was full and the loop waited for POLLOUT
+    "tx_read_errors",  # TUN reads that failed with a non-fatal errno
+    "rx_packets",  # inner packets written to the TUN (process_inbound: verdict "write")
+    "rx_bytes",
+    "rx_syscalls",  # recv calls (including the EAGAIN one), TUN writes, POLLOUT waits
+    "rx_batches",
+    "rx_drop_unknown_peer",  # outer source is not the PublicIP of a current route (check_peer_source)
+    "rx_drop_foreign_dest",  # inner destination not in own_subnet (check_inner_dest)
+    "rx_drop_malformed",
+    "rx_drop_ttl",
+    "rx_drop_tun_write",  # the TUN write failed for this packet
+    "rx_tun_write_waits",
+    "rx_recv_errors",  # UDP receives that failed with a non-fatal errno (e.g. a queued ICMP error)
+    "polls",  # poll() calls, all loop threads
+    "ctl_commands",  # route/peer commands applied by the loop
+)
+COUNTER_INDEX: Dict[str, int] = {name: i for i, name in enumerate(COUNTER_NAMES)}
+_TX_PACKETS = 0
+_TX_BYTES = 1
+_TX_SYSCALLS = 2
+_TX_BATCHES = 3
+_TX_DROP_MALFORMED = 4
+_TX_DROP_NO_ROUTE = 5
+_TX_DROP_TTL = 6
+_TX_DROP_SEND = 7
+_TX_ICMP_UNREACH = 8
+_TX_DROP_ICMP_WRITE = 9
+_TX_SEND_WAITS = 10
+_TX_READ_ERRORS = 11
+_RX_PACKETS = 12
+_RX_BYTES = 13
+_RX_SYSCALLS = 14
+_RX_BATCHES = 15
+_RX_DROP_UNKNOWN_PEER = 16
+_RX_DROP_FOREIGN_DEST = 17
+_RX_DROP_MALFORMED = 18
+_RX_DROP_TTL = 19
+_RX_DROP_TUN_WRITE = 20
+_RX_TUN_WRITE_WAITS = 21
+_RX_RECV_ERRORS = 22
+_POLLS = 23
+_CTL_COMMANDS = 24
+
+# Verdicts (process_outbound / process_inbound)
+SEND = "send"
+ICMP = "icmp"
+WRITE = "write"
+DROP_MALFORMED = "drop:malformed"
+DROP_NO_ROUTE = "drop:no_route"
+DROP_TTL = "drop:ttl"
+DROP_UNKNOWN_PEER = "drop:unknown_peer"
+DROP_FOREIGN_DEST = "drop:foreign_dest"
+
+# Route/peer commands (Proxy.apply); the wire struct exists only in _fastpath.pxd.
+CMD_SET_ROUTE = 1  # (index, next_hop)
+CMD_DEL_ROUTE = 2  # (index, 0)
+CMD_PEER_ADD = 3  # (0, peer ip)
+CMD_PEER_DEL = 4  # (0, peer ip)
+
+# Loop roles (Proxy.run)
+ROLE_BOTH = 0
+ROLE_TX = 1
+ROLE_RX = 2
+ROLE_NAMES = {ROLE_BOTH: "tx+rx", ROLE_TX: "tx", ROLE_RX: "rx"}
+
+IPV4_HDR_MIN = 20  # bytes, IHL 5
+IPV4_HDR_ICMP_LIMIT = 60  # flannel: no ICMP about offenders whose header is >= 20 + MAX_IPOPTLEN (40) bytes
+IPV4_MAX = 65535  # largest IPv4 total length
+IPPROTO_ICMP = 1
+ICMP_DEST_UNREACH = 3  # RFC 792
+ICMP_NET_UNREACH = 0
+ICMP_TTL = 8  # flannel send_net_unreachable
+FRAG_OFFSET_MASK = 0x1FFF
+
+# errnos after which a loop cannot go on: its fds are gone or wrong
+FATAL_ERRNOS = frozenset({errno.EBADF, errno.EBADFD, errno.ENOTSOCK, errno.EFAULT, errno.EINVAL, errno.ENOMEM,
+                          errno.EPIPE, errno.ENODEV, errno.EISDIR})
+
+
+class FastPathError(OSError):
+    """Report that a fast-path loop stopped on an error (errno set), or that the fast path cannot be steered."""
+
+
+_ERROR_CLASSES: Dict[Type[OSError], Type[FastPathError]] = {}
+
+
+def fastpath_error(err: int, what: str) -> FastPathError:
+    """Return a FastPathError for ``err`` that is also the builtin OSError subclass for it (e.g. PermissionError)."""
+    base = type(OSError(err, ""))
+    cls: Type[FastPathError] = FastPathError
+    if base is not OSError:
+        cls = _ERROR_CLASSES.get(base) or _ERROR_CLASSES.setdefault(
+            base, type(f"FastPath{base.__name__}", (FastPathError, base), {"__module__": __name__}))
+    return cls(err, f"{what}: {os.strerror(err)}")
+
+
+def ip_checksum(data: bytes) -> int:
+    """Return the Internet checksum (RFC 1071) of ``data`` (zero-padded to an even length)."""
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
+    s = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def ttl_decrement(pkt: bytearray) -> None:
+    """Decrement the TTL of the IPv4 header in ``pkt`` and patch its checksum (RFC 1624 eqn. 3, HC' = ~(~HC + ~m + m'))."""
+    old = (pkt[8] << 8) | pkt[9]  # the 16-bit word holding TTL and protocol
+    new = old - 0x100
+    s = (~((pkt[10] << 8) | pkt[11]) & 0xFFFF) + (~old & 0xFFFF) + new
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    hc = ~s & 0xFFFF
+    pkt[8] -= 1
+    pkt[10] = hc >> 8
+    pkt[11] = hc & 0xFF
+
+
+def icmp_allowed(pkt: bytes) -> bool:
+    """Tell whether flannel would answer this (well-formed) offender with an ICMP error."""
+    ihl = (pkt[0] & 0x0F) * 4
+    frag = ((pkt[6] << 8) | pkt[7]) & FRAG_OFFSET_MASK
+    return pkt[9] != IPPROTO_ICMP and frag == 0 and ihl < IPV4_HDR_ICMP_LIMIT
+
+
+def icmp_net_unreachable(offender: bytes, tun_ip: int) -> bytes:
+    """Build flannel's ICMP net-unreachable for ``offender``: IP header + 8 payload bytes, zero-padded."""
+    ihl = (offender[0] & 0x0F) * 4
+    quote = bytes(offender[:ihl + 8]).ljust(ihl + 8, b"\0")
+    icmp = bytearray(8) + quote
+    icmp[0] = ICMP_DEST_UNREACH
+    icmp[1] = ICMP_NET_UNREACH
+    ck = ip_checksum(icmp)
+    icmp[2:4] = ck.to_bytes(2, "big")
+    total = IPV4_HDR_MIN + len(icmp)
+    iph = bytearray(IPV4_HDR_MIN)
+    iph[0] = 0x45
+    iph[2:4] = total.to_bytes(2, "big")
+    iph[8] = ICMP_TTL
+    iph[9] = IPPROTO_ICMP
+    iph[12:16] = tun_ip.to_bytes(4, "big")
+    iph[16:20] = offender[12:16]
+    iph[10:12] = ip_checksum(iph).to_bytes(2, "big")
+    return bytes(iph + icmp)
+
+
+def malformed(pkt: bytes) -> bool:
+    """Tell whether ``pkt`` is not one complete IPv4 packet (short, truncated, padded, wrong version or IHL)."""
+    n = len(pkt)
+    if n < IPV4_HDR_MIN or n > IPV4_MAX or pkt[0] >> 4 != 4:
+        return True
+    ihl = (pkt[0] & 0x0F) * 4
+    if ihl < IPV4_HDR_MIN or ihl > n:
+        return True
+    return ((pkt[2] << 8) | pkt[3]) != n
+
+
+def _mask(plen: int) -> int:
+    return (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF if plen else 0
+
+
+class Proxy:
+    """Own the state of one fast path: route table, peer set, counters, stop signal; run the loop(s).
+
+    Addresses are host-order ``int`` here; the facade (fastpath.py) converts. The caller keeps ``tun_fd``; the
+    Proxy dups ``udp_fd`` into a socket object of its own, closed by ``close()``.
+    """
+
+    def __init__(self, tun_fd: int, udp_fd: int, net: int, net_plen: int, subnet_len: int, own_net: int,
+                 own_plen: int, tun_ip: int, mtu: int, port: int, check_peer_source: bool,
+                 check_inner_dest: bool, batch: int) -> None:
+        self._tun_fd = tun_fd
+        self._udp_fd = udp_fd
+        self._net = net
+        self._net_mask = _mask(net_plen)
+        self._shift = 32 - subnet_len
+        self._own_net = own_net
+        self._own_mask = _mask(own_plen)
+        self._tun_ip = tun_ip
+        self._mtu = mtu
+        self._port = port
+        self._check_peer = check_peer_source
+        self._check_dest = check_inner_dest
+        self._batch = batch
+        self._table = array("I", bytes(4 << (subnet_len - net_plen)))
+        self._peers: set = set()
+        self._c = [0] * len(COUNTER_NAMES)
+        self._stop_r, self._stop_w = os.pipe()
+        self._sock: Optional[socket.socket] = None
+        self._running: set = set()
+        self._closed = False
+
+    # --- control (called by the facade, serialised by its lock) ---
+
+    def apply(self, cmds: Iterable[Tuple[int, int, int]]) -> None:
+        """Apply route/peer commands; effective for the next packet. Python threads share the GIL: no channel."""
+        if self._closed:
+            raise ValueError("FastPath is closed")
+        for cmd, arg, value in cmds:
+            if cmd == CMD_SET_ROUTE:
+                self._table[arg] = value
+            elif cmd == CMD_DEL_ROUTE:
+                self._table[arg] = 0
+            elif cmd == CMD_PEER_ADD:
+                self._peers.add(value)
+            elif cmd == CMD_PEER_DEL:
+                self._peers.discard(value)
+            else:
+                raise ValueError(f"unknown command {cmd}")
+            if self._running:
+                self._c[_CTL_COMMANDS] += 1
+
+    def mark_running(self, role: int) -> None:
+        """Record that a loop thread for ``role`` is about to run (before the thread starts)."""
+        if self._closed:
+            raise ValueError("FastPath is closed")
+        if self._sock is None:
+            self._sock = socket.socket(fileno=os.dup(self._udp_fd))
+            self._sock.setblocking(False)
+        self._running.add(role)
+
+    def running(self) -> bool:
+        """Tell whether any loop thread is still inside run()."""
+        return bool(self._running)
+
+    def stop(self) -> None:
+        """Ask every loop thread to return (idempotent, non-blocking)."""
+        if not self._closed:
+            try:
+                os.write(self._stop_w, b"x")
+            except BlockingIOError:  # pipe full: a stop is already pending
+                pass
+
+    def close(self) -> None:
+        """Free everything the Proxy opened; the loops must have returned (the facade joins them first)."""
+        if self._closed:
+            return
+        if self._running:
+            raise RuntimeError("close() while a loop thread is running; stop() and join it first")
+        self._closed = True
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def stats(self) -> Dict[str, int]:
+        """Return a snapshot of the counters."""
+        return dict(zip(COUNTER_NAMES, self._c))
+
+    # --- per-packet rules ---
+
+    def _out(self, pkt: bytearray) -> Tuple[str, Optional[bytes], int]:
+        c = self._c
+        if malformed(pkt):
+            c[_TX_DROP_MALFORMED] += 1
+            return DROP_MALFORMED, None, 0
+        dst = int.from_bytes(pkt[16:20], "big")
+        nh = self._table[(dst - self._net) >> self._shift] if (dst & self._net_mask) == self._net else 0
+        if not nh:
+            c[_TX_DROP_NO_ROUTE] += 1
+            if icmp_allowed(pkt):
+                c[_TX_ICMP_UNREACH] += 1
+                return ICMP, icmp_net_unreachable(pkt, self._tun_ip), 0
+            return DROP_NO_ROUTE, None, 0
+        if pkt[8] <= 1:
+            c[_TX_DROP_TTL] += 1
+            return DROP_TTL, None, 0
+        ttl_decrement(pkt)
+        return SEND, None, nh
+
+    def _in(self, src: int, pkt: bytearray) -> str:
+        c = self._c
+        if self._check_peer and src not in self._peers:
+            c[_RX_DROP_UNKNOWN_PEER] += 1
+            return DROP_UNKNOWN_PEER
+        if malformed(pkt):
+            c[_RX_DROP_MALFORMED] += 1
+            return DROP_MALFORMED
+        if self._check_dest and (int.from_bytes(pkt[16:20], "big") & self._own_mask) != self._own_net:
+            c[_RX_DROP_FOREIGN_DEST] += 1
+            return DROP_FOREIGN_DEST
+        if pkt[8] <= 1:
+            c[_RX_DROP_TTL] += 1
+            return DROP_TTL
+        ttl_decrement(pkt)
+        return WRITE
+
+    def _check_idle(self) -> None:
+        if self._running:
+            raise RuntimeError("process_* entry points are for a FastPath whose loop is not running")
+        if self._closed:
+            raise ValueError("FastPath is closed")
+
+    def process_outbound(self, packet: bytes) -> Tuple[str, Optional[bytes], Optional[int]]:
+        """Apply the TUN -> UDP rules to one packet; return (verdict, bytes to send or to write back, next hop)."""
+        self._check_idle()
+        pkt = bytearray(packet)
+        verdict, icmp, nh = self._out(pkt)
+        if verdict == SEND:
+            self._c[_TX_PACKETS] += 1
+            self._c[_TX_BYTES] += len(pkt)
+            return verdict, bytes(pkt), nh
+        return verdict, icmp, None
+
+    def process_inbound(self, src: int, datagram: bytes) -> Tuple[str, Optional[bytes]]:
+        """Apply the UDP -> TUN rules to one datagram from ``src``; return (verdict, bytes to write to the TUN)."""
+        self._check_idle()
+        pkt = bytearray(datagram)
+        verdict = self._in(src, pkt)
+        if verdict == WRITE:
+            self._c[_RX_PACKETS] += 1
+            self._c[_RX_BYTES] += len(pkt)
+            return verdict, bytes(pkt)
+        return verdict, None
+
+    def process_outbound_batch(self, packets: Sequence[bytes]) -> int:
+        """Run the TX stage over ``packets`` as one batch, without I/O; return how many would be sent."""
+        self._check_idle()
+        c = self._c
+        sent = 0
+        for p in packets:
+            pkt = bytearray(p)
+            if self._out(pkt)[0] == SEND:
+                sent += 1
+                c[_TX_PACKETS] += 1
+                c[_TX_BYTES] += len(pkt)
+        c[_TX_BATCHES] += 1
+        return sent
+
+    def process_inbound_batch(self, src: int, datagrams: Sequence[bytes]) -> int:
+        """Run the RX stage over ``datagrams`` from ``src`` as one batch, without I/O; return how many pass."""
+        self._check_idle()
+        c = self._c
+        passed = 0
+        for d in datagrams:
+            pkt = bytearray(d)
+            if self._in(src, pkt) == WRITE:
+                passed += 1
+                c[_RX_PACKETS] += 1
+                c[_RX_BYTES] += len(pkt)
+        c[_RX_BATCHES] += 1
+        return passed
+
+    # --- the loop ---
+
+    def run(self, role: int) -> None:
+        """Forward until stop(); raise FastPathError if a fd fails. Called once per role in its own thread."""
+        try:
+            self._run(role)
+        finally:
+            self._running.discard(role)
+
+    def _run(self, role: int) -> None:
+        poller = select.poll()
+        poller.register(self._stop_r, select.POLLIN)
+        if role != ROLE_RX:
+            poller.register(self._tun_fd, select.POLLIN)
+        if role != ROLE_TX:
+            poller.register(self._udp_fd, select.POLLIN)
+        c = self._c
+        while True:
+            try:
+                events = poller.poll()
+            except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+                continue
+            c[_POLLS] += 1
+            for fd, ev in events:
+                if ev & select.POLLNVAL:
+                    raise fastpath_error(errno.EBADF, f"{ROLE_NAMES[role]} loop: poll on fd {fd}")
+                if fd == self._stop_r:
+                    return
+            for fd, ev in events:
+                if fd == self._tun_fd and role != ROLE_RX:
+                    if ev & select.POLLIN:
+                        self._tx_burst()
+                    elif ev & (select.POLLERR | select.POLLHUP):
+                        raise fastpath_error(errno.EPIPE, f"tx loop: tun fd {fd} hung up")
+                if fd == self._udp_fd and role != ROLE_TX:
+                    self._rx_burst()
+
+    def _wait_writable(self, fd: int) -> bool:
+        p = select.poll()
+        p.register(fd, select.POLLOUT)
+        p.register(self._stop_r, select.POLLIN)
+        return all(f != self._stop_r for f, _ in p.poll())
+
+    def _tx_burst(self) -> None:
+        c = self._c
+        tun = self._tun_fd
+        pkts: List[bytearray] = []
+        while len(pkts) < self._batch:
+            c[_TX_SYSCALLS] += 1
+            try:
+                pkts.append(bytearray(os.read(tun, IPV4_MAX + 1)))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                if e.errno in FATAL_ERRNOS:
+                    raise fastpath_error(e.errno, f"tx loop: read from tun fd {tun}") from None
+                c[_TX_READ_ERRORS] += 1
+                break
+        if not pkts:
+            return
+        c[_TX_BATCHES] += 1
+        sock = self._sock
+        assert sock is not None
+        for pkt in pkts:
+            verdict, icmp, nh = self._out(pkt)
+            if verdict == SEND:
+                addr = (str(socket.inet_ntoa(nh.to_bytes(4, "big"))), self._port)
+                while True:
+                    c[_TX_SYSCALLS] += 1
+                    try:
+                        sock.sendto(pkt, addr)
+                    except BlockingIOError:
+                        c[_TX_SEND_WAITS] += 1
+                        c[_TX_SYSCALLS] += 1
+                        if not self._wait_writable(self._udp_fd):
+                            return
+                        continue
+                    except OSError as e:
+                        if e.errno in FATAL_ERRNOS:
+                            raise fastpath_error(e.errno, f"tx loop: send on udp fd {self._udp_fd}") from None
+                        c[_TX_DROP_SEND] += 1
+                    else:
+                        c[_TX_PACKETS] += 1
+                        c[_TX_BYTES] += len(pkt)
+                    break
+            elif verdict == ICMP:
+                c[_TX_SYSCALLS] += 1
+                try:
+                    os.write(tun, icmp)  # type: ignore[arg-type]
+                except OSError:
+                    c[_TX_DROP_ICMP_WRITE] += 1
+
+    def _rx_burst(self) -> None:
+        c = self._c
+        sock = self._sock
+        assert sock is not None
+        got: List[Tuple[int, bytearray]] = []
+        while len(got) < self._batch:
+            c[_RX_SYSCALLS] += 1
+            try:
+                data, (host, _port) = sock.recvfrom(IPV4_MAX + 1)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                if e.errno in FATAL_ERRNOS:
+                    raise fastpath_error(e.errno, f"rx loop: recv on udp fd {self._udp_fd}") from None
+                c[_RX_RECV_ERRORS] += 1
+                break
+            got.append((int.from_bytes(socket.inet_aton(host), "big"), bytearray(data)))
+        if not got:
+            return
+        c[_RX_BATCHES] += 1
+        tun = self._tun_fd
+        for src, pkt in got:
+            if self._in(src, pkt) != WRITE:
+                continue
+            while True:
+                c[_RX_SYSCALLS] += 1
+                try:
+                    os.write(tun, pkt)
+                except BlockingIOError:
+                    c[_RX_TUN_WRITE_WAITS] += 1
+                    c[_RX_SYSCALLS] += 1
+                    if not self._wait_writable(tun):
+                        return
+                    continue
+                except OSError as e:
+                    if e.errno in FATAL_ERRNOS:
+                        raise fastpath_error(e.errno, f"rx loop: write to tun fd {tun}") from None
+                    c[_RX_DROP_TUN_WRITE] += 1
+                else:
+                    c[_RX_PACKETS] += 1
+                    c[_RX_BYTES] += len(pkt)
+                break
+
+
+IMPLEMENTATION = "python"
+
+__all__ = ["Proxy", "FastPathError", "fastpath_error", "COUNTER_NAMES", "IMPLEMENTATION"]

@@ -1,0 +1,347 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Forward the udp backend's traffic between a TUN device and a UDP socket (the facade over two implementations).
+
+This is the only module that imports ``fastflannel._fastpath`` (the Cython nogil loop). It falls back to the
+pure-Python twin ``fastflannel._fastpath_py`` when ``FASTFLANNEL_NO_EXTENSIONS=1`` is set or the extension is
+not built; ``IMPLEMENTATION`` says which one is in use. Both have the same surface, rules and counters; the
+design (threads, table layout, control channel, counters, drop reasons and their switches) is in
+``docs/fastpath.md``.
+
+Ownership: a FastPath owns nothing it did not open. The caller keeps ``tun_fd`` and ``udp_fd`` and closes them
+after ``close()``. ``start()`` puts both fds in non-blocking mode (the loop drains them until EAGAIN).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import threading
+import warnings
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from fastflannel import _fastpath_py
+from fastflannel._fastpath_py import (
+    CMD_DEL_ROUTE,
+    CMD_PEER_ADD,
+    CMD_PEER_DEL,
+    CMD_SET_ROUTE,
+    COUNTER_NAMES,
+    ROLE_BOTH,
+    ROLE_NAMES,
+    ROLE_RX,
+    ROLE_TX,
+    FastPathError,
+    fastpath_error,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_TABLE_ENTRIES = 1 << 22  # 16 MiB of uint32 next hops: a /8 network cut into /30 subnets
+MAX_BATCH = 1024  # recvmmsg/sendmmsg vlen limit (UIO_MAXIOV)
+SOCKET_BUFFER_BYTES = 4 << 20  # fastpath.md section 2: 4-8 MiB socket buffers absorb bursts
+JOIN_TIMEOUT_S = 10.0  # a loop answers stop within one batch; this only guards against a wedged kernel call
+UDP_ENCAP_OVERHEAD = 28  # 20 IPv4 + 8 UDP: TUN MTU = external MTU - 28 (flannel encapOverhead)
+
+_impl: Any = _fastpath_py
+_ext_error: Optional[BaseException] = None
+if os.environ.get("FASTFLANNEL_NO_EXTENSIONS", "") in ("", "0"):
+    try:
+        from fastflannel import _fastpath as _ext
+
+        if getattr(_ext, "IMPLEMENTATION", None) == "cython":
+            _impl = _ext
+    except ImportError as e:  # not built: the twin serves
+        _ext_error = e
+
+IMPLEMENTATION: str = _impl.IMPLEMENTATION
+
+
+def implementation_module(name: Optional[str] = None) -> Any:
+    """Return the module of implementation ``name`` ("cython"/"python"; default: the selected one).
+
+    For tests and benchmarks that run both; raises ImportError if "cython" is asked for but not built.
+    """
+    if name is None:
+        return _impl
+    if name == "python":
+        return _fastpath_py
+    if name == "cython":
+        from fastflannel import _fastpath as ext
+
+        if getattr(ext, "IMPLEMENTATION", None) != "cython":
+            raise ImportError("fastflannel._fastpath is a placeholder, not the Cython fast path; rebuild it")
+        return ext
+    raise ValueError(f"unknown fast path implementation {name!r}")
+
+
+@dataclass(frozen=True)
+class FastPathOptions:
+    """Switches of the fast path. The checks are fastflannel's additions to Flannel, each on by default."""
+
+    check_peer_source: bool = True  # drop datagrams whose outer source is not the PublicIP of a current route/lease
+    check_inner_dest: bool = True  # drop inner packets whose destination is not in own_subnet (no open relay)
+    batch: int = 64  # max packets per recvmmsg/sendmmsg/TUN-drain burst
+    threads: int = 2  # 2: one loop thread per direction; 1: one thread for both (docs/fastpath.md: measured)
+    implementation: Optional[str] = None  # "cython"/"python"; None: IMPLEMENTATION (env/extension decide)
+
+
+def tune_socket(sock: socket.socket, size: int = SOCKET_BUFFER_BYTES) -> Tuple[int, int]:
+    """Raise SO_SNDBUF/SO_RCVBUF of ``sock`` to ``size`` (FORCE variants first, needing CAP_NET_ADMIN).
+
+    Returns the (sndbuf, rcvbuf) the kernel granted (it reports twice the requested value). Never raises for a
+    refused size: the plain options are capped by net.core.[rw]mem_max instead.
+    """
+    for force, plain in ((getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF),
+                         (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, plain, size)
+            except OSError as e:
+                log.warning("cannot set socket buffer option %d to %d bytes: %s", plain, size, e)
+    return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+
+
+class FastPath:
+    """Forward packets TUN -> UDP (tx) and UDP -> TUN (rx) in loop thread(s) steered by route updates.
+
+    Owns nothing it did not open: the caller keeps ownership of tun_fd and udp_fd and closes them AFTER close().
+    Thread-safety: the control methods (set_route, del_route, start, close) may be called from any thread; they
+    are serialised by a lock that the loops never take. stats() and check() are lock-free.
+    """
+
+    def __init__(self, tun_fd: int, udp_fd: int, *, network: IPv4Network, subnet_len: int,
+                 own_subnet: IPv4Network, tun_ip: IPv4Address, mtu: int, port: int = 8285,
+                 options: FastPathOptions = FastPathOptions()) -> None:
+        network = IPv4Network(network)
+        own_subnet = IPv4Network(own_subnet)
+        if not network.prefixlen < subnet_len <= 32:
+            raise ValueError(f"subnet_len {subnet_len} must be longer than the network prefix /{network.prefixlen}"
+                             f" and at most 32 (network {network})")
+        entries = 1 << (subnet_len - network.prefixlen)
+        if entries > MAX_TABLE_ENTRIES:
+            raise ValueError(f"network {network} with subnet_len {subnet_len} needs {entries} route table entries;"
+                             f" the fast path supports at most {MAX_TABLE_ENTRIES} (subnet_len <= "
+                             f"{network.prefixlen + 22})")
+        if own_subnet.prefixlen != subnet_len or not own_subnet.subnet_of(network):
+            raise ValueError(f"own_subnet {own_subnet} must be a /{subnet_len} inside {network}")
+        if not 68 <= mtu <= 65535:
+            raise ValueError(f"mtu {mtu} out of range 68..65535")
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} out of range 1..65535")
+        if not 1 <= options.batch <= MAX_BATCH:
+            raise ValueError(f"batch {options.batch} out of range 1..{MAX_BATCH}")
+        if options.threads not in (1, 2):
+            raise ValueError(f"threads must be 1 or 2, not {options.threads}")
+        for name, fd in (("tun_fd", tun_fd), ("udp_fd", udp_fd)):
+            if not isinstance(fd, int) or fd < 0:
+                raise ValueError(f"{name} must be a file descriptor number, not {fd!r}")
+        self.network = network
+        self.subnet_len = subnet_len
+        self.own_subnet = own_subnet
+        self.tun_ip = IPv4Address(tun_ip)
+        self.mtu = mtu
+        self.port = port
+        self.options = options
+        self.tun_fd = tun_fd
+        self.udp_fd = udp_fd
+        impl = implementation_module(options.implementation)
+        self.implementation: str = impl.IMPLEMENTATION
+        self._lock = threading.Lock()
+        self._routes: Dict[IPv4Network, IPv4Address] = {}
+        self._peer_refs: Dict[int, int] = {}
+        self._threads: List[threading.Thread] = []
+        self._errors: List[BaseException] = []
+        self._started = False
+        self._closed = False
+        self._proxy = impl.Proxy(
+            tun_fd, udp_fd, int(network.network_address), network.prefixlen, subnet_len,
+            int(own_subnet.network_address), own_subnet.prefixlen, int(self.tun_ip), mtu, port,
+            bool(options.check_peer_source), bool(options.check_inner_dest), options.batch)
+
+    # --- lifecycle ---
+
+    def start(self) -> None:
+        """Spawn the loop thread(s) (one per direction, or one for both: options.threads)."""
+        with self._lock:
+            if self._closed:
+                raise ValueError("FastPath is closed")
+            if self._started:
+                raise RuntimeError("FastPath already started")
+            os.set_blocking(self.tun_fd, False)
+            os.set_blocking(self.udp_fd, False)
+            roles = [ROLE_BOTH] if self.options.threads == 1 else [ROLE_TX, ROLE_RX]
+            for role in roles:
+                self._proxy.mark_running(role)
+            self._started = True
+            for role in roles:
+                t = threading.Thread(target=self._run, args=(role,), daemon=True,
+                                     name=f"fastpath-{ROLE_NAMES[role]}")
+                self._threads.append(t)
+                t.start()
+
+    def _run(self, role: int) -> None:
+        try:
+            self._proxy.run(role)
+        except BaseException as e:  # stored for check(); the process goes on
+            log.error("fast path %s loop stopped: %s", ROLE_NAMES[role], e)
+            self._errors.append(e)
+
+    def check(self) -> None:
+        """Raise the first error a loop thread died with (a FastPathError, also the right OSError subclass)."""
+        if self._errors:
+            raise self._errors[0]
+
+    def close(self) -> None:
+        """Stop the loop(s) (eventfd/pipe in their poll sets), join them and free C memory; idempotent.
+
+        Never closes tun_fd/udp_fd. Raises FastPathError(ETIMEDOUT) if a loop does not return in JOIN_TIMEOUT_S,
+        in which case its memory is kept (leaked) rather than freed under it.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._proxy.stop()
+            for t in self._threads:
+                t.join(JOIN_TIMEOUT_S)
+                if t.is_alive():
+                    raise fastpath_error(errno.ETIMEDOUT, f"fast path thread {t.name} did not stop")
+            self._closed = True
+            self._proxy.close()
+
+    def __enter__(self) -> "FastPath":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True) and hasattr(self, "_proxy"):
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001 - nothing to report to in a finaliser
+                pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("running" if self._started else "idle")
+        return (f"<FastPath {self.implementation} {state} {self.own_subnet} in {self.network}"
+                f" tun_fd={self.tun_fd} udp_fd={self.udp_fd}>")
+
+    # --- routes ---
+
+    def _index(self, subnet: IPv4Network) -> int:
+        subnet = IPv4Network(subnet)
+        if subnet.prefixlen != self.subnet_len or not subnet.subnet_of(self.network):
+            raise ValueError(f"route subnet {subnet} is not a /{self.subnet_len} inside {self.network}")
+        return (int(subnet.network_address) - int(self.network.network_address)) >> (32 - self.subnet_len)
+
+    def _apply(self, cmds: Sequence[Tuple[int, int, int]]) -> None:
+        self.check()
+        try:
+            self._proxy.apply(cmds)
+        except FastPathError:
+            self.check()  # a loop that died explains the failure better
+            raise
+
+    def set_route(self, subnet: IPv4Network, next_hop: IPv4Address) -> None:
+        """Route ``subnet`` (a /subnet_len of the network) to the peer ``next_hop`` (its PublicIP), port ``port``.
+
+        Works before or after start(); idempotent. When it returns, the loop uses the route (and accepts
+        datagrams from ``next_hop``). Raises ValueError for a subnet outside the network or an unusable next hop,
+        FastPathError if the loop is dead.
+        """
+        subnet = IPv4Network(subnet)
+        nh = IPv4Address(next_hop)
+        if nh.is_unspecified or int(nh) == 0xFFFFFFFF:
+            raise ValueError(f"next hop {nh} for {subnet} is not a peer address")
+        idx = self._index(subnet)
+        with self._lock:
+            if self._closed:
+                raise ValueError("FastPath is closed")
+            old = self._routes.get(subnet)
+            if old == nh:
+                return
+            cmds: List[Tuple[int, int, int]] = []
+            if self._peer_refs.get(int(nh), 0) == 0:
+                cmds.append((CMD_PEER_ADD, 0, int(nh)))  # accept the peer before routing to it
+            cmds.append((CMD_SET_ROUTE, idx, int(nh)))
+            if old is not None and self._peer_refs[int(old)] == 1:
+                cmds.append((CMD_PEER_DEL, 0, int(old)))
+            self._apply(cmds)
+            self._routes[subnet] = nh
+            self._peer_refs[int(nh)] = self._peer_refs.get(int(nh), 0) + 1
+            if old is not None:
+                self._unref(int(old))
+
+    def _unref(self, ip: int) -> None:
+        n = self._peer_refs[ip] - 1
+        if n:
+            self._peer_refs[ip] = n
+        else:
+            del self._peer_refs[ip]
+
+    def del_route(self, subnet: IPv4Network) -> None:
+        """Remove the route for ``subnet``; idempotent. Its traffic then gets ICMP net-unreachable."""
+        subnet = IPv4Network(subnet)
+        idx = self._index(subnet)
+        with self._lock:
+            if self._closed:
+                raise ValueError("FastPath is closed")
+            old = self._routes.get(subnet)
+            if old is None:
+                return
+            cmds = [(CMD_DEL_ROUTE, idx, 0)]
+            if self._peer_refs[int(old)] == 1:
+                cmds.append((CMD_PEER_DEL, 0, int(old)))
+            self._apply(cmds)
+            del self._routes[subnet]
+            self._unref(int(old))
+
+    def routes(self) -> Dict[IPv4Network, IPv4Address]:
+        """Return a copy of the Python-side mirror of the route table."""
+        with self._lock:
+            return dict(self._routes)
+
+    def peers(self) -> Dict[IPv4Address, int]:
+        """Return the accepted peer addresses with the number of routes using each."""
+        with self._lock:
+            return {IPv4Address(ip): n for ip, n in self._peer_refs.items()}
+
+    # --- observation ---
+
+    def stats(self) -> Dict[str, int]:
+        """Return the counters (names in _fastpath_py.COUNTER_NAMES); safe while running, no lock."""
+        return self._proxy.stats()
+
+    # --- pure per-packet entry points (loop not running) ---
+
+    def process_outbound(self, packet: bytes) -> Tuple[str, Optional[bytes], Optional[IPv4Address]]:
+        """Apply the TUN -> UDP rules to one packet, with no I/O, updating the counters as the loop would.
+
+        Returns (verdict, bytes, next_hop): ("send", packet with TTL-1, peer), ("icmp", ICMP for the TUN, None)
+        or ("drop:<reason>", None, None). Raises RuntimeError while the loop runs.
+        """
+        verdict, data, nh = self._proxy.process_outbound(bytes(packet))
+        return verdict, data, (IPv4Address(nh) if nh else None)
+
+    def process_inbound(self, src: IPv4Address, datagram: bytes) -> Tuple[str, Optional[bytes]]:
+        """Apply the UDP -> TUN rules to one datagram from ``src``: ("write", bytes) or ("drop:<reason>", None)."""
+        return self._proxy.process_inbound(int(IPv4Address(src)), bytes(datagram))
+
+    def process_outbound_batch(self, packets: Sequence[bytes]) -> int:
+        """Run the loop's TX stage over ``packets`` (one batch, no I/O); return how many would be sent."""
+        return self._proxy.process_outbound_batch(packets)
+
+    def process_inbound_batch(self, src: IPv4Address, datagrams: Sequence[bytes]) -> int:
+        """Run the loop's RX stage over ``datagrams`` from ``src`` (no I/O); return how many would be written."""
+        return self._proxy.process_inbound_batch(int(IPv4Address(src)), datagrams)
+
+
+__all__ = ["FastPath", "FastPathOptions", "FastPathError", "IMPLEMENTATION", "COUNTER_NAMES", "tune_socket",
+           "implementation_module", "UDP_ENCAP_OVERHEAD", "MAX_TABLE_ENTRIES"]

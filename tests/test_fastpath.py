@@ -1,0 +1,450 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Test the fast path (tier 1): both implementations, socketpairs standing in for the TUN, UDP on loopback.
+
+Every test runs over ["cython", "python"]; the cython cases skip with a reason if the extension is not built.
+The oracle tests feed hypothesis-made packets to both implementations and require identical output bytes and
+identical counters. Loop tests use 127.0.0.0/8 only: the peer socket sits on 127.0.0.2, a stranger on 127.0.0.3.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+from ipaddress import IPv4Address, IPv4Network
+from typing import Iterator, List, Tuple
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_packets import ipv4_packet
+
+from fastflannel import fastpath
+from fastflannel.fastpath import COUNTER_NAMES, FastPath, FastPathError, FastPathOptions
+
+NETWORK = IPv4Network("10.244.0.0/16")
+OWN = IPv4Network("10.244.1.0/24")
+REMOTE = IPv4Network("10.244.2.0/24")
+OTHER = IPv4Network("10.244.3.0/24")
+TUN_IP = IPv4Address("10.244.1.0")
+PEER = IPv4Address("127.0.0.2")
+STRANGER = IPv4Address("127.0.0.3")
+TIMEOUT = 2.0
+
+
+def _have_cython() -> Tuple[bool, str]:
+    try:
+        fastpath.implementation_module("cython")
+    except ImportError as e:
+        return False, f"Cython extension not built ({e}); run: .venv/bin/python setup.py build_ext --inplace"
+    return True, ""
+
+
+HAVE_CYTHON, NO_CYTHON_REASON = _have_cython()
+IMPLS = [pytest.param("cython", marks=pytest.mark.skipif(not HAVE_CYTHON, reason=NO_CYTHON_REASON or "-")),
+         "python"]
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def make(impl: str, tun_fd: int = 0, udp_fd: int = 0, port: int = 8285, **opts: object) -> FastPath:
+    return FastPath(tun_fd, udp_fd, network=NETWORK, subnet_len=24, own_subnet=OWN, tun_ip=TUN_IP, mtu=1472,
+                    port=port, options=FastPathOptions(implementation=impl, **opts))  # type: ignore[arg-type]
+
+
+class Rig:
+    """A running FastPath between a SEQPACKET socketpair (the TUN) and UDP on 127.0.0.1, with a peer on .2."""
+
+    def __init__(self, impl: str, **opts: object) -> None:
+        self.tun_loop, self.tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.tun.settimeout(TIMEOUT)
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.port = self.udp.getsockname()[1]
+        self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.peer.bind((str(PEER), self.port))
+        self.peer.settimeout(TIMEOUT)
+        self.fp = make(impl, self.tun_loop.fileno(), self.udp.fileno(), self.port, **opts)
+
+    def close(self) -> None:
+        self.fp.close()  # first: the loop must not see its fds closed
+        for s in (self.tun_loop, self.tun, self.udp, self.peer):
+            s.close()
+
+    def from_peer(self, data: bytes, sender: socket.socket | None = None) -> None:
+        (sender or self.peer).sendto(data, ("127.0.0.1", self.port))
+
+    def wait_for(self, cond, what: str) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + TIMEOUT
+        while not cond():
+            self.fp.check()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}: {self.fp.stats()}")
+            time.sleep(0.002)
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def rig(impl: str, request: pytest.FixtureRequest) -> Iterator[Rig]:
+    r = Rig(impl, threads=request.param)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+# --- configuration ---------------------------------------------------------------------------------------
+
+def test_implementation_selection() -> None:
+    assert fastpath.IMPLEMENTATION in ("cython", "python")
+    if os.environ.get("FASTFLANNEL_NO_EXTENSIONS", "") not in ("", "0"):
+        assert fastpath.IMPLEMENTATION == "python"
+    elif HAVE_CYTHON:
+        assert fastpath.IMPLEMENTATION == "cython"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(network=IPv4Network("10.0.0.0/8"), subnet_len=31, own_subnet=IPv4Network("10.0.0.0/31")), "2097152|entries"),
+    (dict(network=NETWORK, subnet_len=16, own_subnet=NETWORK), "longer"),
+    (dict(network=NETWORK, subnet_len=24, own_subnet=IPv4Network("10.9.1.0/24")), "inside"),
+    (dict(network=NETWORK, subnet_len=24, own_subnet=IPv4Network("10.244.1.0/25")), "inside"),
+])
+def test_config_rejected(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        FastPath(0, 0, tun_ip=TUN_IP, mtu=1472, **kwargs)
+
+
+def test_largest_table_accepted(impl: str) -> None:
+    with FastPath(0, 0, network=IPv4Network("10.0.0.0/8"), subnet_len=30, own_subnet=IPv4Network("10.0.0.4/30"),
+                  tun_ip=IPv4Address("10.0.0.4"), mtu=1472, options=FastPathOptions(implementation=impl)) as fp:
+        fp.set_route(IPv4Network("10.255.255.252/30"), PEER)
+        pkt = ipv4_packet("10.0.0.5", "10.255.255.253")
+        assert fp.process_outbound(pkt)[0] == "send"
+
+
+def test_route_validation_and_mirror(impl: str) -> None:
+    with make(impl) as fp:
+        with pytest.raises(ValueError, match="not a /24"):
+            fp.set_route(IPv4Network("10.245.0.0/24"), PEER)
+        with pytest.raises(ValueError, match="not a /24"):
+            fp.set_route(IPv4Network("10.244.2.0/25"), PEER)
+        with pytest.raises(ValueError, match="peer"):
+            fp.set_route(REMOTE, IPv4Address("0.0.0.0"))
+        fp.set_route(REMOTE, PEER)
+        fp.set_route(REMOTE, PEER)  # idempotent
+        fp.set_route(OTHER, PEER)
+        assert fp.routes() == {REMOTE: PEER, OTHER: PEER}
+        assert fp.peers() == {PEER: 2}
+        fp.set_route(OTHER, STRANGER)
+        assert fp.peers() == {PEER: 1, STRANGER: 1}
+        fp.del_route(REMOTE)
+        fp.del_route(REMOTE)  # idempotent
+        assert fp.routes() == {OTHER: STRANGER} and fp.peers() == {STRANGER: 1}
+        # the peer refcount drives the source check
+        assert fp.process_inbound(PEER, ipv4_packet("10.244.3.1", "10.244.1.1"))[0] == "drop:unknown_peer"
+        assert fp.process_inbound(STRANGER, ipv4_packet("10.244.3.1", "10.244.1.1"))[0] == "write"
+    fp.close()  # idempotent
+    with pytest.raises(ValueError, match="closed"):
+        fp.set_route(REMOTE, PEER)
+
+
+# --- per-packet rules, one implementation at a time --------------------------------------------------------
+
+def test_outbound_rules(impl: str) -> None:
+    with make(impl) as fp:
+        fp.set_route(REMOTE, PEER)
+        pkt = ipv4_packet("10.244.1.5", "10.244.2.7", ttl=64)
+        verdict, out, nh = fp.process_outbound(pkt)
+        assert verdict == "send" and nh == PEER and out is not None
+        assert out[8] == 63 and out[:8] == pkt[:8] and out[12:] == pkt[12:]
+        assert fp.process_outbound(ipv4_packet("10.244.1.5", "10.244.2.7", ttl=1)) == ("drop:ttl", None, None)
+        v, icmp, nh = fp.process_outbound(ipv4_packet("10.244.1.5", "10.244.3.7"))
+        assert v == "icmp" and nh is None and icmp is not None and icmp[16:20] == IPv4Address("10.244.1.5").packed
+        assert icmp[12:16] == TUN_IP.packed
+        assert fp.process_outbound(ipv4_packet("10.244.1.5", "192.0.2.1"))[0] == "icmp"  # outside the network
+        assert fp.process_outbound(ipv4_packet("10.244.1.5", "10.244.3.7", proto=1)) == ("drop:no_route", None, None)
+        assert fp.process_outbound(pkt[:-1]) == ("drop:malformed", None, None)
+        s = fp.stats()
+        assert (s["tx_packets"], s["tx_bytes"], s["tx_drop_ttl"], s["tx_drop_no_route"], s["tx_icmp_unreach"],
+                s["tx_drop_malformed"]) == (1, len(pkt), 1, 3, 2, 1)
+
+
+def test_inbound_rules(impl: str) -> None:
+    with make(impl) as fp:
+        fp.set_route(REMOTE, PEER)
+        pkt = ipv4_packet("10.244.2.7", "10.244.1.5", ttl=2)
+        verdict, out = fp.process_inbound(PEER, pkt)
+        assert verdict == "write" and out is not None and out[8] == 1
+        assert fp.process_inbound(STRANGER, pkt) == ("drop:unknown_peer", None)
+        assert fp.process_inbound(PEER, ipv4_packet("10.244.2.7", "10.244.3.5")) == ("drop:foreign_dest", None)
+        assert fp.process_inbound(PEER, ipv4_packet("10.244.2.7", "8.8.8.8")) == ("drop:foreign_dest", None)
+        assert fp.process_inbound(PEER, ipv4_packet("10.244.2.7", "10.244.1.5", ttl=1)) == ("drop:ttl", None)
+        assert fp.process_inbound(PEER, b"\x60" + pkt[1:]) == ("drop:malformed", None)
+        assert fp.process_inbound(PEER, b"") == ("drop:malformed", None)
+        s = fp.stats()
+        assert (s["rx_packets"], s["rx_bytes"], s["rx_drop_unknown_peer"], s["rx_drop_foreign_dest"],
+                s["rx_drop_ttl"], s["rx_drop_malformed"]) == (1, len(pkt), 1, 2, 1, 2)
+
+
+def test_inbound_checks_can_be_switched_off(impl: str) -> None:
+    with make(impl, check_peer_source=False, check_inner_dest=False) as fp:
+        assert fp.process_inbound(STRANGER, ipv4_packet("10.244.2.7", "8.8.8.8"))[0] == "write"
+        assert fp.process_inbound(STRANGER, b"\x45")[0] == "drop:malformed"  # validation has no switch
+
+
+def test_batch_entry_points(impl: str) -> None:
+    with make(impl) as fp:
+        fp.set_route(REMOTE, PEER)
+        good = ipv4_packet("10.244.1.5", "10.244.2.7")
+        assert fp.process_outbound_batch([good, good[:10], good]) == 2
+        assert fp.process_inbound_batch(PEER, [ipv4_packet("10.244.2.7", "10.244.1.5")] * 3) == 3
+        s = fp.stats()
+        assert s["tx_packets"] == 2 and s["tx_drop_malformed"] == 1 and s["tx_batches"] == 1
+        assert s["rx_packets"] == 3 and s["rx_batches"] == 1
+
+
+def test_stats_keys(impl: str) -> None:
+    with make(impl) as fp:
+        s = fp.stats()
+    assert list(s) == list(COUNTER_NAMES) and all(v == 0 for v in s.values())
+    for key in ("tx_packets", "tx_bytes", "tx_syscalls", "tx_batches", "tx_drop_no_route", "tx_drop_ttl",
+                "tx_drop_malformed", "tx_icmp_unreach", "rx_packets", "rx_bytes", "rx_syscalls", "rx_batches",
+                "rx_drop_unknown_peer", "rx_drop_foreign_dest", "rx_drop_malformed", "rx_drop_ttl",
+                "rx_drop_tun_write"):
+        assert key in s
+
+
+# --- the oracle: cython and python agree on bytes and counters ----------------------------------------------
+
+ADDRS = st.one_of(
+    st.sampled_from(["10.244.1.5", "10.244.2.7", "10.244.3.9", "10.244.255.255", "10.244.0.0", "10.245.0.1",
+                     "192.0.2.1", "0.0.0.0", "255.255.255.255"]),
+    st.integers(0, 2**32 - 1).map(lambda i: str(IPv4Address(i))),
+)
+WELL_FORMED = st.builds(
+    lambda src, dst, proto, ttl, frag, opts, payload: ipv4_packet(src, dst, proto=proto, ttl=ttl, frag=frag,
+                                                                  options=opts, payload=payload),
+    ADDRS, ADDRS, st.sampled_from([1, 6, 17, 47, 255]), st.integers(0, 255),
+    st.sampled_from([0, 0x2000, 0x4000, 0x0001, 0x1FFF, 0x3FFF]), st.binary(max_size=40),
+    st.binary(max_size=64))
+
+
+@st.composite
+def packets(draw) -> bytes:  # type: ignore[no-untyped-def]
+    """Draw well-formed packets, and damaged ones: truncated, padded, random bytes, wrong version/IHL."""
+    pkt = draw(WELL_FORMED)
+    damage = draw(st.sampled_from(["none", "none", "none", "truncate", "pad", "random", "byte0", "length"]))
+    if damage == "truncate":
+        pkt = pkt[:draw(st.integers(0, len(pkt)))]
+    elif damage == "pad":
+        pkt += draw(st.binary(min_size=1, max_size=8))
+    elif damage == "random":
+        pkt = draw(st.binary(max_size=80))
+    elif damage == "byte0":
+        pkt = bytes([draw(st.integers(0, 255))]) + pkt[1:]
+    elif damage == "length":
+        pkt = pkt[:2] + draw(st.integers(0, 0xFFFF)).to_bytes(2, "big") + pkt[4:]
+    return pkt
+
+
+def _pair(**opts: object) -> Tuple[FastPath, FastPath]:
+    pair = (make("cython", **opts), make("python", **opts))
+    for fp in pair:
+        fp.set_route(REMOTE, PEER)
+        fp.set_route(IPv4Network("10.244.255.0/24"), STRANGER)
+    return pair
+
+
+needs_cython = pytest.mark.skipif(not HAVE_CYTHON, reason=NO_CYTHON_REASON or "-")
+oracle_settings = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@needs_cython
+@oracle_settings
+@given(st.lists(packets(), min_size=1, max_size=8))
+def test_oracle_outbound(pkts: List[bytes]) -> None:
+    c, p = _pair()
+    with c, p:
+        for pkt in pkts:
+            assert c.process_outbound(pkt) == p.process_outbound(pkt), pkt.hex()
+        assert c.stats() == p.stats()
+        assert c.process_outbound_batch(pkts) == p.process_outbound_batch(pkts)
+        assert c.stats() == p.stats()
+
+
+@needs_cython
+@oracle_settings
+@given(st.lists(st.tuples(st.sampled_from([PEER, STRANGER, IPv4Address("127.0.0.9")]), packets()),
+                min_size=1, max_size=8), st.booleans(), st.booleans())
+def test_oracle_inbound(items: List[Tuple[IPv4Address, bytes]], check_peer: bool, check_dest: bool) -> None:
+    c, p = _pair(check_peer_source=check_peer, check_inner_dest=check_dest)
+    with c, p:
+        for src, pkt in items:
+            assert c.process_inbound(src, pkt) == p.process_inbound(src, pkt), pkt.hex()
+        assert c.stats() == p.stats()
+        src = items[0][0]
+        assert c.process_inbound_batch(src, [x for _, x in items]) == p.process_inbound_batch(src, [x for _, x in items])
+        assert c.stats() == p.stats()
+
+
+# --- the running loop ---------------------------------------------------------------------------------------
+
+def test_forward_both_ways(rig: Rig) -> None:
+    rig.fp.set_route(REMOTE, PEER)
+    rig.fp.start()
+    out = [ipv4_packet("10.244.1.5", "10.244.2.7", payload=bytes([i]) * (i * 20)) for i in range(50)]
+    for pkt in out:
+        rig.tun.send(pkt)
+    for pkt in out:
+        data, addr = rig.peer.recvfrom(70000)
+        assert addr == ("127.0.0.1", rig.port)
+        assert data[8] == 63 and data[12:] == pkt[12:]
+    back = [ipv4_packet("10.244.2.7", "10.244.1.5", payload=bytes([i]) * i) for i in range(50)]
+    for pkt in back:
+        rig.from_peer(pkt)
+    for pkt in back:
+        data = rig.tun.recv(70000)
+        assert data[8] == 63 and data[12:] == pkt[12:]
+    rig.wait_for(lambda: rig.fp.stats()["tx_packets"] == 50 and rig.fp.stats()["rx_packets"] == 50, "counters")
+    s = rig.fp.stats()
+    assert s["tx_bytes"] == sum(map(len, out)) and s["rx_bytes"] == sum(map(len, back))
+    assert s["tx_batches"] >= 1 and s["rx_batches"] >= 1 and s["tx_syscalls"] >= 2 and s["polls"] >= 2
+    rig.fp.check()
+
+
+def test_inbound_drops_in_loop(rig: Rig) -> None:
+    rig.fp.set_route(REMOTE, PEER)
+    rig.fp.start()
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        stranger.bind((str(STRANGER), 0))
+        rig.from_peer(ipv4_packet("10.244.2.7", "10.244.1.5"), sender=stranger)
+        rig.from_peer(ipv4_packet("10.244.2.7", "10.244.7.5"))  # no open relay
+        rig.from_peer(b"\x45\x00")
+        rig.wait_for(lambda: rig.fp.stats()["rx_drop_malformed"] == 1 and rig.fp.stats()["rx_drop_unknown_peer"] == 1
+                     and rig.fp.stats()["rx_drop_foreign_dest"] == 1, "drops")
+        rig.from_peer(ipv4_packet("10.244.2.7", "10.244.1.5"))
+        assert rig.tun.recv(70000)[16:20] == IPv4Address("10.244.1.5").packed
+        assert rig.fp.stats()["rx_packets"] == 1
+    finally:
+        stranger.close()
+
+
+def test_route_update_while_running(rig: Rig) -> None:
+    """No route -> ICMP net-unreachable; set_route -> forwarded; del_route -> ICMP again; all without a stop."""
+    rig.fp.start()
+    pkt = ipv4_packet("10.244.1.5", "10.244.2.7", proto=6, payload=b"0123456789")
+    rig.tun.send(pkt)
+    icmp = rig.tun.recv(200)
+    assert icmp[9] == 1 and icmp[20:22] == b"\x03\x00" and icmp[28:] == pkt[:28]
+    assert icmp[12:16] == TUN_IP.packed and icmp[16:20] == pkt[12:16]
+    rig.fp.set_route(REMOTE, PEER)
+    rig.tun.send(pkt)
+    data, _ = rig.peer.recvfrom(70000)
+    assert data[16:20] == pkt[16:20]
+    rig.from_peer(ipv4_packet("10.244.2.7", "10.244.1.5"))  # the peer is now accepted
+    assert rig.tun.recv(200)[12:16] == IPv4Address("10.244.2.7").packed
+    rig.fp.del_route(REMOTE)
+    rig.tun.send(pkt)
+    assert rig.tun.recv(200)[20:22] == b"\x03\x00"
+    rig.from_peer(ipv4_packet("10.244.2.7", "10.244.1.5"))  # and no longer
+    rig.wait_for(lambda: rig.fp.stats()["rx_drop_unknown_peer"] == 1, "unknown peer drop")
+    s = rig.fp.stats()
+    assert s["tx_icmp_unreach"] == 2 and s["tx_packets"] == 1 and s["ctl_commands"] >= 4
+    assert rig.fp.routes() == {}
+
+
+def test_no_icmp_about_icmp_in_loop(rig: Rig) -> None:
+    rig.fp.start()
+    rig.tun.send(ipv4_packet("10.244.1.5", "10.244.9.7", proto=1))
+    rig.tun.send(ipv4_packet("10.244.1.5", "10.244.9.7", frag=5))
+    rig.wait_for(lambda: rig.fp.stats()["tx_drop_no_route"] == 2, "no-route drops")
+    rig.tun.settimeout(0.05)
+    with pytest.raises(TimeoutError):
+        rig.tun.recv(200)
+    assert rig.fp.stats()["tx_icmp_unreach"] == 0
+
+
+def test_stop_is_prompt(rig: Rig) -> None:
+    rig.fp.start()
+    time.sleep(0.05)  # the loop sits in poll()
+    t0 = time.perf_counter()
+    rig.fp.close()
+    assert time.perf_counter() - t0 < 0.5
+    rig.fp.close()
+    rig.fp.check()
+
+
+def test_stop_under_load(impl: str) -> None:
+    """close() returns promptly while the TUN keeps the loop busy (bursts are bounded; stop is in the poll set)."""
+    r = Rig(impl)
+    try:
+        r.fp.set_route(REMOTE, PEER)
+        r.fp.start()
+        pkt = ipv4_packet("10.244.1.5", "10.244.2.7", payload=bytes(1000))
+        r.tun.setblocking(False)
+        for _ in range(2000):
+            try:
+                r.tun.send(pkt)
+            except BlockingIOError:
+                break
+        t0 = time.perf_counter()
+        r.fp.close()
+        assert time.perf_counter() - t0 < 1.0
+    finally:
+        r.close()
+
+
+def test_error_is_a_value(impl: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A loop that meets a fd it cannot use stops with a typed error; the process lives on.
+
+    The "TUN" is a directory: poll() calls it readable, read() fails with EISDIR, which no loop can get past.
+    """
+    tun = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    fp = make(impl, tun, udp.fileno())
+    try:
+        fp.start()
+        deadline = time.monotonic() + TIMEOUT
+        while fp.stats()["tx_syscalls"] == 0 or not _dead(fp):
+            assert time.monotonic() < deadline, "the loop did not fail"
+            time.sleep(0.005)
+        with pytest.raises(FastPathError) as ei:
+            fp.check()
+        assert ei.value.errno == errno.EISDIR
+        assert isinstance(ei.value, IsADirectoryError)  # the builtin subclass for the errno, too
+        assert f"tun fd {tun}" in str(ei.value)
+        with pytest.raises(FastPathError):
+            fp.set_route(REMOTE, PEER)  # steering a dead loop reports its error
+    finally:
+        fp.close()
+        udp.close()
+        os.close(tun)
+
+
+def _dead(fp: FastPath) -> bool:
+    try:
+        fp.check()
+    except FastPathError:
+        return True
+    return False
+
+
+def test_stats_while_running(rig: Rig) -> None:
+    rig.fp.set_route(REMOTE, PEER)
+    rig.fp.start()
+    seen = []
+    for i in range(20):
+        rig.tun.send(ipv4_packet("10.244.1.5", "10.244.2.7"))
+        rig.peer.recvfrom(100)
+        seen.append(rig.fp.stats()["tx_packets"])
+    assert seen == sorted(seen) and seen[-1] >= 19
+
+
+def test_process_refused_while_running(rig: Rig) -> None:
+    rig.fp.start()
+    with pytest.raises(RuntimeError):
+        rig.fp.process_outbound(ipv4_packet("10.244.1.5", "10.244.2.7"))
