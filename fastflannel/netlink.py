@@ -21,16 +21,24 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_network
 from typing import Any, Callable, Iterator, List, Optional, Union
 
 from pyroute2 import IPRoute
+from pyroute2 import config as _pyroute2_config
 from pyroute2.netlink.exceptions import NetlinkError
 
 from fastflannel.backend import BackendError
 
 log = logging.getLogger("fastflannel.netlink")
 
+# For ``netns=...`` pyroute2 forks a child that enters the namespace, sends back the socket fd, and is then
+# stopped with SIGTERM. A forked child inherits the parent's Python SIGTERM handler; if that handler raises
+# (the daemon's and pytest's turn SIGTERM into an exception), the child would unwind the *parent's* stack copy
+# and run its cleanup (deleting namespaces, closing files). Make the child reset SIGTERM/SIGINT first.
+_pyroute2_config.disable_mp_signal = True
+
 AF_INET = 2
 AF_BRIDGE = 7
 RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
+RTPROT_BOOT = 3  # linux/rtnetlink.h: what `ip route` and Flannel's netlink library use (printed as no proto)
 RTNH_F_ONLINK = 4  # linux/rtnetlink.h: gateway is on-link even without a covering prefix route
 RTM_NEWLINK = "RTM_NEWLINK"
 RTM_DELLINK = "RTM_DELLINK"
@@ -335,7 +343,7 @@ class Netlink:
     ) -> None:
         """``ip route replace dst [via gateway] [dev oif] [onlink]`` in ``table``."""
         net = ip_network(dst)
-        spec: dict = {"dst": str(net), "table": table}
+        spec: dict = {"dst": str(net), "table": table, "proto": RTPROT_BOOT}
         if gateway is not None:
             spec["gateway"] = str(gateway)
         if oif is not None:

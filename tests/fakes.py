@@ -273,10 +273,10 @@ def netns_list() -> List[str]:
 
 @pytest.fixture
 def rig():
-    before = netns_list()
     r = Rig()
     try:
         yield r
     finally:
         r.close()
-        assert netns_list() == before, "namespaces leaked"
+        left = [ns for ns in netns_list() if ns.startswith(r.prefix)]
+        assert not left, f"namespaces leaked: {left}"
