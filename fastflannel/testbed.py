@@ -42,7 +42,6 @@ three-member cluster cannot become healthy before it has quorum.
 from __future__ import annotations
 
 import atexit
-import ipaddress
 import json
 import logging
 import os
@@ -96,9 +95,9 @@ LogFn = Union[Callable[[str], Any], logging.Logger, None]
 
 PING_INTERVAL_S = 0.2  # between echo requests (ping -i 0.2)
 
-# A self-contained ICMP echo client (RFC 792), written to the workdir and run with ``python -I`` inside a namespace so the testbed does not
-# depend on iputils. argv: dst count timeout interval payload_size df(0/1). Exit 0 when ``count`` replies arrived
-# before the deadline, 1 otherwise (``ping -c N -w T`` semantics).
+# A self-contained ICMP echo client (RFC 792), written to the workdir and run with ``python -I`` inside a namespace,
+# so the testbed does not depend on iputils. argv: dst count timeout interval payload_size df(0/1). Exit 0 when
+# ``count`` replies arrived before the deadline, 1 otherwise (``ping -c N -w T`` semantics).
 _PING_SCRIPT = r"""
 import os, select, socket, struct, sys, time
 dst, count, timeout, interval, size, df = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), \
@@ -594,6 +593,7 @@ class Host(_Node):
         self.tmpdir = tb.workdir / name
         self.tmpdir.mkdir(parents=True, exist_ok=True)
         self.subnet_file = self.tmpdir / "subnet.env"
+        self.subnet_file.unlink(missing_ok=True)  # a reused workdir must not hand out a previous run's lease
         self.daemon: subprocess.Popen[bytes] | None = None
         self.daemon_log: Path | None = None
         self.containers: list[Container] = []
@@ -788,7 +788,8 @@ class Testbed:
     def __init__(self, n_hosts: int = 3, *, underlay: str = "10.168.0.0/24", first_host: int = 2,
                  etcd_ip: str = "10.168.0.250", etcd_members: int = 1, mtu: int = 1500, prefix: str | None = None,
                  workdir: str | Path | None = None, log: LogFn = None, prefix_key: str = DEFAULT_PREFIX_KEY,
-                 keep_workdir: bool | None = None, etcd_timeout: float = 20.0) -> None:
+                 keep_workdir: bool | None = None, etcd_timeout: float = 20.0,
+                 teardown_grace: float = TEARDOWN_GRACE_S) -> None:
         if prefix is not None and not _PREFIX_RE.match(prefix):
             raise ValueError(f"prefix {prefix!r} must be 'ff' + 5 base36 characters")
         if etcd_members < 1:
@@ -801,6 +802,7 @@ class Testbed:
         self.mtu = mtu
         self.prefix_key = prefix_key.rstrip("/")
         self.etcd_timeout = etcd_timeout
+        self.teardown_grace = teardown_grace
         self._log = _as_logfn(log)
         self._user_workdir = Path(workdir) if workdir is not None else None
         if keep_workdir is None:
@@ -816,7 +818,8 @@ class Testbed:
         self._procs: list[subprocess.Popen[Any]] = []
         self._used_ips: set[IPv4Address] = set()
         self._marker: Path | None = None
-        self._state = "new"  # new -> started -> closed
+        self._state = "new"  # new -> started -> closing -> closed
+        self._owner_pid = os.getpid()
         self._lock = threading.Lock()
         for ip in self.etcd_ips:  # reserve the etcd addresses up front so hosts never take them
             self._check_ip(ip)
@@ -854,6 +857,7 @@ class Testbed:
         if self._state != "new":
             raise TestbedError(f"testbed {self.prefix} already {self._state}")
         self._state = "started"
+        self._owner_pid = os.getpid()
         _OWNED_PREFIXES.add(self.prefix)
         atexit.register(self.close)
         try:
@@ -900,6 +904,8 @@ class Testbed:
         Errors in one step are logged and the remaining steps still run. Raise TestbedError afterwards if a
         namespace could not be removed and ``raise_on_leak``.
         """
+        if os.getpid() != self._owner_pid:
+            return  # a forked child inherited us (and our atexit hook): the world belongs to the parent
         with _BlockedSignals():
             with self._lock:
                 if self._state != "started":
@@ -928,7 +934,7 @@ class Testbed:
                 self._log(f"testbed: {self.prefix}: teardown step {what!r} failed: {e}")
 
         self._log(f"testbed: {self.prefix}: tearing down")
-        step("stop processes", lambda: _terminate(self._procs, TEARDOWN_GRACE_S))
+        step("stop processes", lambda: _terminate(self._procs, self.teardown_grace))
         for member in self.etcd:
             step(f"stop {member.name}", member.stop)
         for netns in reversed(self._netns):

@@ -99,6 +99,17 @@ def test_hosts_ping_each_other_and_etcd_on_underlay(tb: Testbed) -> None:
 
 @pytest.mark.netns
 @pytest.mark.etcd
+def test_outside_host_joins_underlay_without_daemon(tb: Testbed) -> None:
+    o1 = tb.add_outside_host()
+    assert (o1.name, o1.netns, o1.ip) == ("o1", f"{tb.prefix}-o1", IPv4Address("10.168.0.5"))
+    assert o1 in tb.outside_hosts and o1 not in tb.hosts and o1.daemon is None
+    assert o1.ping(tb.hosts[0].ip, count=1)
+    with pytest.raises(TestbedError):
+        tb.add_outside_host("o2", ip="10.168.0.2")  # taken by h1
+
+
+@pytest.mark.netns
+@pytest.mark.etcd
 def test_etcdctl_from_host_namespace(tb: Testbed) -> None:
     h1, h2, _ = tb.hosts
     h1.etcdctl("put", "/testbed/k", "v1")
@@ -161,7 +172,7 @@ def test_add_container_waits_for_subnet_env(tb: Testbed) -> None:
 @pytest.mark.netns
 @pytest.mark.etcd
 def test_close_removes_everything(make_testbed) -> None:
-    tb = make_testbed(2)
+    tb = make_testbed(2, teardown_grace=1.0)
     h1 = tb.hosts[0]
     h1.subnet_file.write_text(FAKE_SUBNET_ENV)
     c = h1.add_container()
@@ -172,6 +183,14 @@ def test_close_removes_everything(make_testbed) -> None:
     assert etcd_pid is not None
     workdir = tb.workdir
     assert (tbmod.MARKER_DIR / f"{tb.prefix}.pid").exists()
+    child = os.fork()
+    if child == 0:  # a forked child inherits the testbed (and its atexit hook) but must not tear it down
+        try:
+            tb.close()
+        finally:
+            os._exit(0)
+    os.waitpid(child, 0)
+    assert set(tb.namespaces) <= set(list_netns()) and tb.etcd[0].running
     tb.close()
     untracked.wait(timeout=5)  # killed by the per-namespace sweep; reap it here
     _assert_torn_down(tb.prefix, [etcd_pid, sleeper.pid, orphan.pid, untracked.pid], workdir)
