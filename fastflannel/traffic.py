@@ -1,0 +1,244 @@
+# SPDX-License-Identifier: Apache-2.0
+"""iptables masquerade (``--ip-masq``) and forward rules (flannel ``pkg/trafficmngr/iptables``; flannel-compat.md 8).
+
+Design notes
+------------
+Rules, in order, every one tagged with a comment so they are recognisable as ours:
+
+    nat    POSTROUTING      -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG            (appended)
+    nat    FLANNEL-POSTRTG  -m mark --mark 0x4000/0x4000 ... -j RETURN                         (kube-proxy mark)
+                            -s <pod> -d <cluster> ... -j RETURN
+                            -s <cluster> -d <pod> ... -j RETURN
+                            ! -s <cluster> -d <pod> ... -j RETURN
+                            -s <cluster> ! -d 224.0.0.0/4 ... -j MASQUERADE [--random-fully]
+                            ! -s <cluster> -d <cluster> ... -j MASQUERADE [--random-fully]
+    filter FORWARD          -m comment --comment "flanneld forward" -j FLANNEL-FWD            (appended)
+    filter FLANNEL-FWD      -s <cluster> ... -j ACCEPT ; -d <cluster> ... -j ACCEPT
+
+``<cluster>`` is the config Network, ``<pod>`` our lease subnet. Everything is applied atomically with one
+``iptables-restore --noflush`` payload: declaring ``:FLANNEL-POSTRTG`` flushes our chain, existing copies of the
+jump rules are deleted (``-D``, as many as exist) and appended again, so the order is exact and a restart never
+duplicates a rule. Rules built from a previous FLANNEL_NETWORK/FLANNEL_SUBNET (subnet.env) that differ from the
+current ones are deleted in the same payload. ``check()`` parses ``iptables-save`` (one exec per table rather
+than one ``iptables -C`` per rule); ``run()`` re-applies the whole set when anything is missing, every
+``resync_s`` seconds. Rules are never removed at shutdown (Flannel's behaviour).
+
+iptables has no netlink API, so this module shells out to ``iptables-save``/``iptables-restore``; ``netns`` (tests
+only) runs them under ``ip netns exec``.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import threading
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+from typing import Dict, List, Optional, Sequence, Tuple
+
+log = logging.getLogger("fastflannel.traffic")
+
+MASQ_CHAIN = "FLANNEL-POSTRTG"
+FWD_CHAIN = "FLANNEL-FWD"
+MASQ_COMMENT = "flanneld masq"
+FWD_COMMENT = "flanneld forward"
+KUBE_PROXY_MARK = "0x4000/0x4000"  # kube-proxy's masquerade mark: never NAT twice (flannel)
+MULTICAST_V4 = "224.0.0.0/4"
+RESYNC_S = 5.0  # seconds between checks (flanneld --iptables-resync default)
+FEATURE_VERSION = (1, 6, 2)  # first iptables with both --random-fully and iptables-restore --wait
+CMD_TIMEOUT_S = 30.0
+
+
+class TrafficError(Exception):
+    """iptables could not be read or programmed; the message carries iptables' own error."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    table: str
+    chain: str
+    spec: Tuple[str, ...]
+
+    def text(self) -> str:
+        """Return the rule as ``iptables-save`` prints it (without the ``-A``/``-D`` verb)."""
+        return self.chain + " " + " ".join(f'"{a}"' if " " in a else a for a in self.spec)
+
+
+def masq_rules(cluster: IPv4Network, pod: IPv4Network, random_fully: bool) -> List[Rule]:
+    """Return Flannel's masquerade rules, jump first, in order."""
+    c, p = str(cluster), str(pod)
+    cm = ("-m", "comment", "--comment", MASQ_COMMENT)
+    masq = ("-j", "MASQUERADE") + (("--random-fully",) if random_fully else ())
+    return [
+        Rule("nat", "POSTROUTING", cm + ("-j", MASQ_CHAIN)),
+        Rule("nat", MASQ_CHAIN, ("-m", "mark", "--mark", KUBE_PROXY_MARK) + cm + ("-j", "RETURN")),
+        Rule("nat", MASQ_CHAIN, ("-s", p, "-d", c) + cm + ("-j", "RETURN")),
+        Rule("nat", MASQ_CHAIN, ("-s", c, "-d", p) + cm + ("-j", "RETURN")),
+        Rule("nat", MASQ_CHAIN, ("!", "-s", c, "-d", p) + cm + ("-j", "RETURN")),
+        Rule("nat", MASQ_CHAIN, ("-s", c, "!", "-d", MULTICAST_V4) + cm + masq),
+        Rule("nat", MASQ_CHAIN, ("!", "-s", c, "-d", c) + cm + masq),
+    ]
+
+
+def forward_rules(cluster: IPv4Network) -> List[Rule]:
+    """Return Flannel's forward rules, jump first, in order."""
+    cm = ("-m", "comment", "--comment", FWD_COMMENT)
+    return [
+        Rule("filter", "FORWARD", cm + ("-j", FWD_CHAIN)),
+        Rule("filter", FWD_CHAIN, ("-s", str(cluster)) + cm + ("-j", "ACCEPT")),
+        Rule("filter", FWD_CHAIN, ("-d", str(cluster)) + cm + ("-j", "ACCEPT")),
+    ]
+
+
+def parse_save(text: str) -> Dict[str, Dict[str, List[str]]]:
+    """Parse ``iptables-save`` output into ``{table: {chain: [rule text without -A, ...]}}``."""
+    tables: Dict[str, Dict[str, List[str]]] = {}
+    cur: Optional[Dict[str, List[str]]] = None
+    for line in text.splitlines():
+        if line.startswith("*"):
+            cur = tables.setdefault(line[1:].strip(), {})
+        elif cur is None:
+            continue
+        elif line.startswith(":"):
+            cur.setdefault(line[1:].split()[0], [])
+        elif line.startswith("-A "):
+            rest = line[3:].rstrip()
+            cur.setdefault(rest.split()[0], []).append(rest)
+    return tables
+
+
+class TrafficManager:
+    """Owns flanneld's masquerade and forward rules for one (Network, subnet)."""
+
+    def __init__(
+        self,
+        network: IPv4Network,
+        subnet: IPv4Network,
+        masq: bool,
+        forward: bool,
+        prev_network: Optional[IPv4Network] = None,
+        prev_subnet: Optional[IPv4Network] = None,
+        resync_s: float = RESYNC_S,
+        random_fully: Optional[bool] = None,
+        netns: Optional[str] = None,
+    ) -> None:
+        self.network = IPv4Network(network)
+        self.subnet = IPv4Network(subnet)
+        self.masq = masq
+        self.forward = forward
+        self.prev_network = IPv4Network(prev_network) if prev_network else None
+        self.prev_subnet = IPv4Network(prev_subnet) if prev_subnet else None
+        self.resync_s = resync_s
+        self.netns = netns
+        self._version: Optional[Tuple[int, ...]] = None
+        self.random_fully = self._supports_features() if random_fully is None else random_fully
+
+    # -- commands ----------------------------------------------------------------------------------
+    def _cmd(self, argv: Sequence[str], input: Optional[str] = None) -> str:
+        full = (["ip", "netns", "exec", self.netns] if self.netns else []) + list(argv)
+        try:
+            p = subprocess.run(full, input=input, capture_output=True, text=True, timeout=CMD_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise TrafficError(f"{argv[0]}: {e}") from e
+        if p.returncode != 0:
+            raise TrafficError(f"{' '.join(argv)} failed (exit {p.returncode}): {p.stderr.strip()}")
+        return p.stdout
+
+    def _supports_features(self) -> bool:
+        if self._version is None:
+            try:
+                out = self._cmd(["iptables", "--version"])
+            except TrafficError:
+                out = ""
+            m = re.search(r"v(\d+)\.(\d+)\.(\d+)", out)
+            self._version = tuple(int(x) for x in m.groups()) if m else (0, 0, 0)
+        return self._version >= FEATURE_VERSION
+
+    # -- rule sets ---------------------------------------------------------------------------------
+    def rules(self) -> List[Rule]:
+        """Return the wanted rules (masq then forward), in order."""
+        out: List[Rule] = []
+        if self.masq:
+            out += masq_rules(self.network, self.subnet, self.random_fully)
+        if self.forward:
+            out += forward_rules(self.network)
+        return out
+
+    def previous_rules(self) -> List[Rule]:
+        """Return the rules built from the previous Network/subnet, if those differ from the current ones."""
+        if self.prev_network is None or self.prev_subnet is None:
+            return []
+        if (self.prev_network, self.prev_subnet) == (self.network, self.subnet):
+            return []
+        prev = masq_rules(self.prev_network, self.prev_subnet, self.random_fully)
+        prev += masq_rules(self.prev_network, self.prev_subnet, not self.random_fully)
+        prev += forward_rules(self.prev_network)
+        return prev
+
+    def _save(self, tables: Sequence[str]) -> Dict[str, Dict[str, List[str]]]:
+        out: Dict[str, Dict[str, List[str]]] = {}
+        for t in tables:
+            out.update(parse_save(self._cmd(["iptables-save", "-t", t])))
+        return out
+
+    def payload(self) -> str:
+        """Return the ``iptables-restore --noflush`` input that makes the rules exact (reads current state)."""
+        wanted = self.rules()
+        prev = [r for r in self.previous_rules() if r not in wanted]
+        tables = sorted({r.table for r in wanted + prev})
+        current = self._save(tables)
+        lines: List[str] = []
+        for table in tables:
+            have = current.get(table, {})
+            own_chains = [c for c in (MASQ_CHAIN, FWD_CHAIN) if any(r.table == table and r.chain == c for r in wanted)]
+            lines.append(f"*{table}")
+            lines += [f":{c} - [0:0]" for c in own_chains]  # declares and, with --noflush, flushes
+            deleted: set = set()
+            for r in prev + [r for r in wanted if r.chain not in own_chains]:
+                if r.table != table or r.chain in own_chains or r.text() in deleted:
+                    continue
+                deleted.add(r.text())
+                lines += [f"-D {r.text()}"] * have.get(r.chain, []).count(r.text())
+            lines += [f"-A {r.text()}" for r in wanted if r.table == table]
+            lines.append("COMMIT")
+        return "\n".join(lines) + "\n" if tables else ""
+
+    # -- operations --------------------------------------------------------------------------------
+    def apply(self) -> None:
+        """Install the rules atomically (one ``iptables-restore --noflush``). Raises TrafficError."""
+        payload = self.payload()
+        if not payload:
+            return
+        argv = ["iptables-restore", "--noflush"] + (["--wait"] if self._supports_features() else [])
+        self._cmd(argv, input=payload)
+        log.info("event=iptables_applied masq=%s forward=%s network=%s subnet=%s random_fully=%s",
+                 self.masq, self.forward, self.network, self.subnet, self.random_fully)
+
+    def check(self) -> bool:
+        """Return True if our chains exist with exactly the wanted rules in order and every jump rule exists."""
+        wanted = self.rules()
+        if not wanted:
+            return True
+        current = self._save(sorted({r.table for r in wanted}))
+        for r in wanted:
+            chain = current.get(r.table, {}).get(r.chain)
+            if chain is None or r.text() not in chain:
+                return False
+        for c in (MASQ_CHAIN, FWD_CHAIN):
+            want = [r.text() for r in wanted if r.chain == c]
+            if want:
+                table = next(r.table for r in wanted if r.chain == c)
+                if current.get(table, {}).get(c) != want:
+                    return False
+        return True
+
+    def run(self, stop: threading.Event) -> None:
+        """Every ``resync_s`` seconds check the rules and re-apply them all if anything is missing, until
+        ``stop`` is set. Never raises: iptables failures are logged and retried at the next period."""
+        while not stop.wait(self.resync_s):
+            try:
+                if not self.check():
+                    log.warning("event=iptables_drift action=reapply")
+                    self.apply()
+            except TrafficError as e:
+                log.error("event=iptables_resync_failed error=%s", e)
