@@ -14,6 +14,7 @@ losing our own lease re-acquires the same subnet instead of shutting down (see s
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -206,6 +207,10 @@ class Daemon:
         write_subnet_file(opts.subnet_file, config, lease, network.mtu, opts.ip_masq)
         log.info("event=subnet_file_written path=%s", opts.subnet_file)
         if self.health is not None:
+            stats = getattr(network, "stats", None)
+            if stats is not None:
+                self.health.routes["/debug/fastpath"] = lambda: (
+                    200, "application/json", json.dumps(stats(), sort_keys=True).encode())
             self.health.ready.set()
 
         self._spawn("network", lambda: run_network(network, manager, self.stop))
