@@ -2,8 +2,10 @@
 """The external interface: which host interface and address carry the overlay (flannel ``ExternalInterface``)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from typing import Any, List, Optional, Sequence, Tuple
 
 
 @dataclass(frozen=True)
@@ -16,3 +18,127 @@ class ExternalInterface:
     iface_addr: IPv4Address
     ext_addr: IPv4Address
     mtu: int
+
+
+# -- interface selection (flannel-compat.md section 9; flannel pkg/ipmatch/match.go) -----------------
+IFA_F_SECONDARY = 0x01  # also IFA_F_TEMPORARY
+IFA_F_DEPRECATED = 0x20
+IFA_F_PERMANENT = 0x80
+RT_SCOPE_LINK = 253
+
+
+class InterfaceError(ValueError):
+    """No usable external interface; the message is one line that says what to do."""
+
+
+def select_interface(
+    ifaces: "Sequence[str]",
+    iface_regexes: "Sequence[str]",
+    public_ip: "Optional[str | IPv4Address]",
+    netlink: Any,
+) -> ExternalInterface:
+    """Pick the external interface and address the way flanneld does.
+
+    ``--iface`` (name or IP, first match wins), else ``--iface-regex`` (each regex tried against every IPv4
+    address first, then against interface names), else with ``--public-ip`` the interface owning that IP,
+    else the interface of the first default route. ``ext_addr`` is ``public_ip`` or the interface address.
+    Raises ``InterfaceError``; blocks on netlink reads only."""
+    links = {li.index: li for li in netlink.links()}
+    addrs = netlink.addr_list()
+    pub = IPv4Address(public_ip) if public_ip else None
+    names = ", ".join(li.name for li in links.values())
+
+    def addrs_of(index: int) -> "List[Any]":
+        return [a for a in addrs if a.index == index]
+
+    def by_ip(ip: IPv4Address) -> "Optional[Tuple[Any, IPv4Address]]":
+        for a in addrs:
+            if a.address.ip == ip and a.index in links:
+                return links[a.index], ip
+        return None
+
+    def by_name(name: str) -> "Optional[Tuple[Any, IPv4Address]]":
+        for li in links.values():
+            if li.name == name:
+                ip = _preferred_addr(addrs_of(li.index))
+                if ip is None:
+                    raise InterfaceError(
+                        f"interface {name} has no usable IPv4 address (global unicast or link-local); "
+                        f"add one or pick another with --iface"
+                    )
+                return li, ip
+        return None
+
+    chosen: "Optional[Tuple[Any, IPv4Address]]" = None
+    if ifaces:
+        for spec in ifaces:
+            try:
+                chosen = by_ip(IPv4Address(spec))
+            except ValueError:
+                chosen = by_name(spec)
+            if chosen is not None:
+                break
+        if chosen is None:
+            flags = " ".join(f"--iface={s}" for s in ifaces)
+            raise InterfaceError(f"no interface matches {flags}; available: {names}")
+    elif iface_regexes:
+        for rx_text in iface_regexes:
+            try:
+                rx = re.compile(rx_text)
+            except re.error as e:
+                raise InterfaceError(f"--iface-regex={rx_text} is not a valid regular expression: {e}") from None
+            for a in addrs:
+                if a.index in links and _usable(a) and rx.search(str(a.address.ip)):
+                    chosen = links[a.index], a.address.ip
+                    break
+            if chosen is None:
+                for li in links.values():
+                    if rx.search(li.name):
+                        ip = _preferred_addr(addrs_of(li.index))
+                        if ip is not None:
+                            chosen = li, ip
+                            break
+            if chosen is not None:
+                break
+        if chosen is None:
+            flags = " ".join(f"--iface-regex={s}" for s in iface_regexes)
+            raise InterfaceError(f"no interface address or name matches {flags}; available: {names}")
+    elif pub is not None:
+        chosen = by_ip(pub)
+        if chosen is None:
+            raise InterfaceError(
+                f"no interface owns --public-ip={pub}; if it is a NAT address, also pass --iface=<name> "
+                f"(available: {names})"
+            )
+    else:
+        for r in netlink.routes():
+            if r.dst.prefixlen == 0 and r.oif is not None and r.oif in links:
+                chosen = by_name(links[r.oif].name)
+                break
+        if chosen is None:
+            raise InterfaceError(f"no default route to pick the interface from; pass --iface=<name> (available: {names})")
+
+    li, ip = chosen
+    if not li.mtu:
+        raise InterfaceError(f"interface {li.name} reports MTU 0; pick another with --iface")
+    return ExternalInterface(name=li.name, index=li.index, iface_addr=ip, ext_addr=pub or ip, mtu=li.mtu)
+
+
+def _usable(a: Any) -> bool:
+    ip = a.address.ip
+    ok = ip.is_link_local or not (ip.is_loopback or ip.is_multicast or ip.is_unspecified or ip == _BCAST)
+    return ok and not (a.flags & IFA_F_DEPRECATED)
+
+
+_BCAST = IPv4Address("255.255.255.255")
+
+
+def _preferred_addr(addrs: "List[Any]") -> Optional[IPv4Address]:
+    """Return the first usable address, preferring global > link-local, permanent > dynamic, primary > temporary."""
+    cands = [a for a in addrs if _usable(a)]
+    cands.sort(key=lambda a: (
+        a.address.ip.is_link_local,
+        not (a.flags & IFA_F_PERMANENT),
+        bool(a.flags & IFA_F_SECONDARY),
+    ))  # stable: kernel order breaks ties
+    return cands[0].address.ip if cands else None
