@@ -12,7 +12,12 @@ import pytest
 from fastflannel.config import parse_config
 from fastflannel.lease import Lease, LeaseAttrs
 from fastflannel.subnet import subnetfile
-from fastflannel.subnet.subnetfile import read_previous_subnet, read_previous_subnets, write_subnet_file
+from fastflannel.subnet.subnetfile import (
+    read_previous_network_and_subnet,
+    read_previous_subnet,
+    read_previous_subnets,
+    write_subnet_file,
+)
 
 ATTRS = LeaseAttrs(public_ip=IPv4Address("192.0.2.10"))
 
@@ -124,3 +129,10 @@ def test_round_trip(tmp_path):
     p = tmp_path / "subnet.env"
     write_subnet_file(str(p), config, Lease(IPv4Network("100.100.3.64/26"), ATTRS), 1450, True)
     assert read_previous_subnet(str(p)) == IPv4Network("100.100.3.64/26")
+
+
+def test_read_previous_network_and_subnet(tmp_path):
+    p = tmp_path / "subnet.env"
+    assert read_previous_network_and_subnet(str(p)) == (None, None)
+    p.write_text("FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.72.1/24\nFLANNEL_MTU=1450\n")
+    assert read_previous_network_and_subnet(str(p)) == (IPv4Network("10.5.0.0/16"), IPv4Network("10.5.72.0/24"))

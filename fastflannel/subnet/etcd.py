@@ -159,6 +159,20 @@ class EtcdRegistry:
             )
         self._authed = [False] * len(self._clients)
 
+    def close(self) -> None:
+        """Close the HTTP sessions (idempotent). Open watch iterators should be closed first by their owners."""
+        for c in self._clients:
+            try:
+                c.session.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+
+    def __enter__(self) -> "EtcdRegistry":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -- plumbing ----------------------------------------------------------------------------------------------
     def endpoints_text(self) -> str:
         return ",".join(str(e) for e in self.endpoints)

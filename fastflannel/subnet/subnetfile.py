@@ -89,27 +89,37 @@ def _parse_env(text: str) -> Dict[str, List[str]]:
     return out
 
 
-def read_previous_subnets(path: str) -> "tuple[Optional[IPv4Network], Optional[IPv6Network]]":
-    """Return (FLANNEL_SUBNET, FLANNEL_IPV6_SUBNET) as networks (host bits cleared); None when absent/bad."""
+def _read(path: str) -> Dict[str, List[str]]:
     try:
         with open(path, "r", encoding="utf-8", errors="replace") as f:
-            env = _parse_env(f.read())
+            return _parse_env(f.read())
     except OSError:
-        return None, None
+        return {}
 
-    def one(key: str, cls):  # type: ignore[no-untyped-def]
-        vals = env.get(key)
-        if not vals or len(vals) != 1:
-            if vals:
-                log.warning("event=subnet_file_ignored path=%s key=%s reason=multiple_values", path, key)
-            return None
-        try:
-            return cls(vals[0], strict=False)
-        except ValueError:
-            log.warning("event=subnet_file_ignored path=%s key=%s value=%r reason=not_a_cidr", path, key, vals[0])
-            return None
 
-    return one("FLANNEL_SUBNET", IPv4Network), one("FLANNEL_IPV6_SUBNET", IPv6Network)
+def _one(env: Dict[str, List[str]], path: str, key: str, cls):  # type: ignore[no-untyped-def]
+    vals = env.get(key)
+    if not vals or len(vals) != 1:
+        if vals:
+            log.warning("event=subnet_file_ignored path=%s key=%s reason=multiple_values", path, key)
+        return None
+    try:
+        return cls(vals[0], strict=False)
+    except ValueError:
+        log.warning("event=subnet_file_ignored path=%s key=%s value=%r reason=not_a_cidr", path, key, vals[0])
+        return None
+
+
+def read_previous_network_and_subnet(path: str) -> "tuple[Optional[IPv4Network], Optional[IPv4Network]]":
+    """Return (FLANNEL_NETWORK, FLANNEL_SUBNET) of an existing subnet file (for masq-rule recycling); None if bad."""
+    env = _read(path)
+    return _one(env, path, "FLANNEL_NETWORK", IPv4Network), _one(env, path, "FLANNEL_SUBNET", IPv4Network)
+
+
+def read_previous_subnets(path: str) -> "tuple[Optional[IPv4Network], Optional[IPv6Network]]":
+    """Return (FLANNEL_SUBNET, FLANNEL_IPV6_SUBNET) as networks (host bits cleared); None when absent/bad."""
+    env = _read(path)
+    return _one(env, path, "FLANNEL_SUBNET", IPv4Network), _one(env, path, "FLANNEL_IPV6_SUBNET", IPv6Network)
 
 
 def read_previous_subnet(path: str) -> Optional[IPv4Network]:
