@@ -31,6 +31,9 @@ def extensions():
         ["fastflannel/_fastpath.pyx"],
         extra_compile_args=CFLAGS + (["-g", "-O0"] if DEBUG else []),
         define_macros=macros,
+        include_dirs=["fastflannel/includes"],  # fastpath.h
+        depends=["fastflannel/_fastpath.pxd", "fastflannel/includes/system.pxd", "fastflannel/includes/fastpath.pxd",
+                 "fastflannel/includes/fastpath.h"],
     )
     return cythonize(
         [ext],

@@ -374,7 +374,7 @@ class Proxy:
                 sent += 1
                 c[_TX_PACKETS] += 1
                 c[_TX_BYTES] += len(pkt)
-        c[_TX_BATCHES] += 1
+        c[_TX_BATCHES] += max(1, -(-len(packets) // self._batch))  # one per loop-sized batch, as the loop
         return sent
 
     def process_inbound_batch(self, src: int, datagrams: Sequence[bytes]) -> int:
@@ -388,7 +388,7 @@ class Proxy:
                 passed += 1
                 c[_RX_PACKETS] += 1
                 c[_RX_BYTES] += len(pkt)
-        c[_RX_BATCHES] += 1
+        c[_RX_BATCHES] += max(1, -(-len(datagrams) // self._batch))
         return passed
 
     # --- the loop ---

@@ -203,6 +203,10 @@ def test_batch_entry_points(impl: str) -> None:
         s = fp.stats()
         assert s["tx_packets"] == 2 and s["tx_drop_malformed"] == 1 and s["tx_batches"] == 1
         assert s["rx_packets"] == 3 and s["rx_batches"] == 1
+    with make(impl, batch=2) as fp:
+        fp.set_route(REMOTE, PEER)
+        assert fp.process_outbound_batch([good] * 5) == 5
+        assert fp.stats()["tx_batches"] == 3
 
 
 def test_stats_keys(impl: str) -> None:

@@ -1,0 +1,135 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Lay out the fast path's C state: counters, the ctl wire struct, batch buffers, route table, peer set, Proxy.
+
+The ctl wire struct ``ff_command`` is defined here and nowhere else; it is packed only in _fastpath.pyx.
+"""
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from posix.uio cimport iovec
+
+from fastflannel.includes.system cimport mmsghdr, sockaddr_in
+
+
+cdef enum:
+    FF_SLOT = 65536  # bytes per packet buffer: any IPv4 packet (<= 65535) fits, so nothing is truncated
+    FF_ICMP_MAX = 96  # 20 IP + 8 ICMP + quoted header (< 60, flannel) + 8 payload bytes, rounded up
+    FF_CTL_BURST = 256  # commands applied per wake-up before the data fds get their turn
+    FF_PEERS_MIN = 16  # initial peer hash capacity (power of two)
+
+
+# Counter slots: the order of _fastpath_py.COUNTER_NAMES (checked at import).
+cdef enum:  # ff_counter
+    C_TX_PACKETS
+    C_TX_BYTES
+    C_TX_SYSCALLS
+    C_TX_BATCHES
+    C_TX_DROP_MALFORMED
+    C_TX_DROP_NO_ROUTE
+    C_TX_DROP_TTL
+    C_TX_DROP_SEND
+    C_TX_ICMP_UNREACH
+    C_TX_DROP_ICMP_WRITE
+    C_TX_SEND_WAITS
+    C_TX_READ_ERRORS
+    C_RX_PACKETS
+    C_RX_BYTES
+    C_RX_SYSCALLS
+    C_RX_BATCHES
+    C_RX_DROP_UNKNOWN_PEER
+    C_RX_DROP_FOREIGN_DEST
+    C_RX_DROP_MALFORMED
+    C_RX_DROP_TTL
+    C_RX_DROP_TUN_WRITE
+    C_RX_TUN_WRITE_WAITS
+    C_RX_RECV_ERRORS
+    C_POLLS
+    C_CTL_COMMANDS
+    FF_NCOUNTERS
+
+
+cdef enum ff_verdict:
+    V_SEND
+    V_ICMP
+    V_WRITE
+    V_DROP_MALFORMED
+    V_DROP_NO_ROUTE
+    V_DROP_TTL
+    V_DROP_UNKNOWN_PEER
+    V_DROP_FOREIGN_DEST
+
+
+# Where a loop failed (for the error message built at the GIL boundary)
+cdef enum ff_stage:
+    S_NONE
+    S_POLL
+    S_TUN_READ
+    S_UDP_SEND
+    S_UDP_RECV
+    S_TUN_WRITE
+    S_CTL
+    S_PEERS
+
+
+# The ctl wire struct: native endian, 16 bytes, one per SOCK_SEQPACKET message. cmd is CMD_* of _fastpath_py
+# (SET_ROUTE 1: arg = table index, value = next hop; DEL_ROUTE 2: arg = index; PEER_ADD 3 / PEER_DEL 4:
+# value = peer address) or CMD_SYNC, which the loop echoes back unchanged once every earlier command is applied.
+cdef struct ff_command:
+    uint32_t cmd
+    uint32_t arg
+    uint32_t value  # an IPv4 address in host order
+    uint32_t seq
+
+
+# One direction's batch: packet slots, their lengths and the mmsghdr/iovec/sockaddr arrays, set up once.
+cdef struct ff_io:
+    uint8_t *bufs  # batch * FF_SLOT
+    uint32_t *lens
+    uint32_t *srcs  # rx: outer source address per datagram (host order)
+    mmsghdr *msgs
+    iovec *iov
+    sockaddr_in *addrs
+    uint8_t *icmp  # tx: batch * FF_ICMP_MAX
+    uint32_t *icmp_lens
+
+
+# Open-addressing (linear probing, backward-shift delete) set of peer addresses; 0 is the empty key.
+cdef struct ff_peers:
+    uint32_t *keys
+    uint32_t cap
+    uint32_t count
+
+
+cdef struct ff_state:
+    int tun_fd
+    int udp_fd
+    int stop_fd  # eventfd: written once by stop(), never read, so it stays readable for every loop
+    uint32_t net
+    uint32_t net_mask
+    uint32_t own_net
+    uint32_t own_mask
+    uint32_t tun_ip
+    uint32_t shift  # 32 - subnet_len
+    uint32_t table_size
+    uint16_t port_be
+    int check_peer
+    int check_dest
+    unsigned int batch
+    uint32_t *table  # next hop (host order) per subnet index; 0 = no route
+    ff_peers peers
+    ff_io tx
+    ff_io rx
+    uint64_t c[<int>FF_NCOUNTERS]
+
+
+cdef class Proxy:
+    cdef ff_state *st
+    cdef list _ctl  # Python ends of the ctl socketpairs, by role (None until mark_running)
+    cdef int _ctl_fd[3]  # loop ends, by role; -1 when absent
+    cdef set _running
+    cdef bint _closed
+    cdef uint32_t _seq
+
+    cdef int _apply_direct(self, uint32_t cmd, uint32_t arg, uint32_t value) except -1
+    cdef _check_idle(self)
+    cdef _close_fds(self)
+    cdef unsigned int _tx_phase(self, unsigned int count)
+    cdef unsigned int _rx_phase(self, unsigned int count)
