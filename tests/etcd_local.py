@@ -47,6 +47,7 @@ class LocalEtcd:
         self.extra_args = list(extra_args or [])
         self.proc: Optional[subprocess.Popen] = None
         self.scheme = "http"
+        self.ctl_extra: List[str] = []  # e.g. --cacert/--cert/--key for a TLS server
         self.log_path = os.path.join(self.data_dir, "etcd.log")
         _live.append(self)
 
@@ -94,7 +95,8 @@ class LocalEtcd:
                 except OSError as e:
                     last = str(e)
             else:
-                rc = subprocess.run(self.ctl_args("endpoint", "health"), capture_output=True).returncode
+                rc = subprocess.run(self.ctl_args("endpoint", "health"), capture_output=True,
+                                    env=dict(os.environ, ETCDCTL_API="3"), timeout=10).returncode
                 if rc == 0:
                     return
             time.sleep(0.1)
@@ -128,7 +130,7 @@ class LocalEtcd:
         p.wait(10)
 
     def ctl_args(self, *args: str) -> List[str]:
-        return [ETCDCTL_BIN, f"--endpoints={self.endpoint}", *args]
+        return [ETCDCTL_BIN, f"--endpoints={self.endpoint}", *self.ctl_extra, *args]
 
     def ctl(self, *args: str, check: bool = True) -> bytes:
         env = dict(os.environ, ETCDCTL_API="3")
@@ -148,3 +150,39 @@ class LocalEtcd:
 def _cleanup() -> None:
     for e in list(_live):
         e.close()
+
+
+def make_tls_files(directory: str) -> dict:
+    """Create a CA, a server certificate for 127.0.0.1 and a client certificate with openssl; return their paths."""
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory, timeout=60)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=fastflannel-test-ca",
+        "-keyout", "ca.key", "-out", "ca.crt")
+    with open(os.path.join(directory, "san.ext"), "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+            "-out", f"{name}.csr")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "2", "-extfile", "san.ext", "-out", f"{name}.crt")
+    return {k: os.path.join(directory, v) for k, v in {
+        "ca": "ca.crt", "server_cert": "server.crt", "server_key": "server.key",
+        "client_cert": "client.crt", "client_key": "client.key"}.items()}
+
+
+def tls_etcd() -> "LocalEtcd":
+    """Return a started etcd that requires TLS client certificates on its https client URL."""
+    e = LocalEtcd()
+    files = make_tls_files(e.data_dir)
+    e.scheme = "https"
+    e.extra_args = ["--cert-file", files["server_cert"], "--key-file", files["server_key"],
+                    "--trusted-ca-file", files["ca"], "--client-cert-auth"]
+    e.ctl_extra = [f"--cacert={files['ca']}", f"--cert={files['client_cert']}", f"--key={files['client_key']}"]
+    e.tls_files = files  # type: ignore[attr-defined]
+    try:
+        e.start()
+    except BaseException:
+        e.close()
+        raise
+    return e

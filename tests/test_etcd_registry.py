@@ -15,7 +15,9 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from etcd_local import LocalEtcd, etcd_available, free_port
+import shutil
+
+from etcd_local import LocalEtcd, etcd_available, free_port, tls_etcd
 from fastflannel.lease import EventType, LeaseAttrs
 from fastflannel.subnet import OutOfSubnetsError, StoreUnavailableError
 from fastflannel.subnet.etcd import INSECURE_WARNING, EtcdConfigError, EtcdRegistry, EtcdRequestError, parse_endpoints
@@ -360,5 +362,39 @@ def test_etcd_killed_and_restarted_keep_and_watch_recover(etcd, caplog):
         assert sum("event=store_unavailable" in x and "op=keep_lease" in x for x in msgs) == 1
         assert sum("event=store_unavailable" in x and ("op=watch" in x or "op=list" in x) for x in msgs) == 1
         assert not any(r.exc_info for r in caplog.records)
+    finally:
+        e.close()
+
+
+@pytest.mark.etcd
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not found (needed to make test certificates)")
+def test_tls_client_certificates(etcd, caplog):
+    e = tls_etcd()
+    try:
+        f = e.tls_files
+        e.ctl("put", "/coreos.com/network/config", CONFIG)
+        caplog.clear()
+        reg = EtcdRegistry(e.endpoint, keyfile=f["client_key"], certfile=f["client_cert"], cafile=f["ca"], timeout=5)
+        assert INSECURE_WARNING not in caplog.text
+        assert reg.get_config() == CONFIG
+        lease = manager(reg).acquire_lease(vx("192.0.2.1"))
+        assert reg.refresh(lease.lease_id) > 0
+        stop = threading.Event()
+        w = reg.watch_subnets(1, stop)
+        try:
+            b = next(w)
+            while not b.items:
+                b = next(w)
+            assert b.items[0][1].subnet == lease.subnet
+        finally:
+            w.close()
+        # no client certificate: the server refuses the handshake -> unavailable, never a plain-http retry
+        with pytest.raises(StoreUnavailableError):
+            EtcdRegistry(e.endpoint, cafile=f["ca"], timeout=3).get_config()
+        # wrong CA: verification fails
+        with pytest.raises(StoreUnavailableError):
+            EtcdRegistry(e.endpoint, keyfile=f["client_key"], certfile=f["client_cert"], timeout=3).get_config()
+        with pytest.raises(EtcdConfigError):
+            EtcdRegistry(e.endpoint.replace("https", "http"), keyfile=f["client_key"], certfile=f["client_cert"])
     finally:
         e.close()

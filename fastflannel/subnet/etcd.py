@@ -16,6 +16,8 @@ etcd3gw notes (2.7.0, checked against Debian's etcd 3.4.23):
   and turn compaction into ``CompactedError`` and a broken stream into ``StoreUnavailableError``;
 - a keep-alive or TimeToLive on an unknown/expired lease answers TTL -1 (no HTTP error): ``refresh`` maps that to
   ``LeaseNotFoundError``;
+- requests sessions ignore the environment (``trust_env = False``): REQUESTS_CA_BUNDLE would otherwise replace
+  ``--etcd-cafile``, and proxy variables would reroute etcd traffic;
 - unary calls get a timeout (etcd3gw's default is none, so a hung member would block the caller forever).
 
 Creates are a single txn ``if create_revision(key) == 0 then put(key, value, lease) else range(key)``: the else
@@ -149,6 +151,9 @@ class EtcdRegistry:
         self._clients: List[etcd3gw.Etcd3Client] = []
         for ep in self.endpoints:
             session = requests.Session()
+            # REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE would silently override --etcd-cafile (requests #3829), and
+            # *_PROXY/netrc must not redirect or decorate etcd traffic: the flags alone decide.
+            session.trust_env = False
             if ep.scheme == "https":
                 session.verify = cafile or True
                 if tls:
