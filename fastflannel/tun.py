@@ -1,0 +1,65 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Open a TUN device the way flannel's udp backend does: IFF_TUN | IFF_NO_PI (raw IPv4, no packet-info header).
+
+The returned fd is non-blocking (the fast path drains it until EAGAIN) and close-on-exec; the caller owns it and
+closing it destroys the device with its addresses and routes. Constants from linux/if_tun.h.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+from typing import Tuple
+
+TUN_DEVICE = "/dev/net/tun"
+TUNSETIFF = 0x400454CA  # _IOW('T', 202, int)
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFNAMSIZ = 16  # including the trailing NUL
+_IFREQ = "16sH22x"  # struct ifreq: ifr_name[IFNAMSIZ], ifr_flags, padding to 40 bytes
+
+
+class TunError(OSError):
+    """Report that a TUN device could not be opened, naming the device and what to do about it."""
+
+
+def open_tun(name: str = "flannel0", *, flags: int = IFF_TUN | IFF_NO_PI) -> Tuple[int, str]:
+    """Create (or attach to) TUN device ``name`` and return ``(fd, ifname)``.
+
+    ``name`` may be a template such as ``flannel%d``; the kernel then picks the number and ``ifname`` is the
+    result. The fd is O_NONBLOCK | O_CLOEXEC and owned by the caller. Raises ValueError for a bad name and
+    TunError (errno kept) when /dev/net/tun is missing, access is denied or the ioctl fails; the fd is closed on
+    every error path.
+    """
+    raw = name.encode()
+    if not raw or len(raw) >= IFNAMSIZ or b"/" in raw or b"\0" in raw or any(c.isspace() for c in name):
+        raise ValueError(f"invalid TUN device name {name!r}: 1..{IFNAMSIZ - 1} bytes, no '/' or whitespace")
+    try:
+        fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError as e:
+        raise TunError(e.errno, f"cannot open TUN device {name!r}: {TUN_DEVICE} does not exist; load the tun "
+                       f"module ('modprobe tun') or, in a container, pass the device in (--device {TUN_DEVICE})"
+                       ) from e
+    except PermissionError as e:
+        raise TunError(e.errno, f"cannot open TUN device {name!r}: {TUN_DEVICE}: {e.strerror}; run as root or "
+                       f"grant CAP_NET_ADMIN") from e
+    except OSError as e:
+        raise TunError(e.errno, f"cannot open TUN device {name!r}: {TUN_DEVICE}: {e.strerror}") from e
+    try:
+        ifr = fcntl.ioctl(fd, TUNSETIFF, struct.pack(_IFREQ, raw, flags))
+    except OSError as e:
+        os.close(fd)
+        hint = {
+            errno.EPERM: "run as root or grant CAP_NET_ADMIN",
+            errno.EBUSY: "another process holds the device, or it exists with other flags (e.g. a TAP); "
+                         "stop that process or delete the link ('ip link del ...')",
+            errno.EINVAL: "the name or the flags are not accepted by this kernel",
+        }.get(e.errno or 0, "see the kernel log")
+        raise TunError(e.errno, f"TUNSETIFF on {TUN_DEVICE} for device {name!r} failed: {e.strerror}; {hint}"
+                       ) from e
+    except BaseException:
+        os.close(fd)
+        raise
+    ifname = struct.unpack(_IFREQ, ifr)[0].rstrip(b"\0").decode()
+    return fd, ifname
