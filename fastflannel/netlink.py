@@ -462,9 +462,12 @@ class Netlink:
         return out
 
     # -- events ------------------------------------------------------------------------------------
-    def link_events(self, stop: threading.Event, poll_s: float = 1.0) -> Iterator[tuple]:
+    def link_events(
+        self, stop: threading.Event, poll_s: float = 1.0, ready: Optional[threading.Event] = None
+    ) -> Iterator[tuple]:
         """Yield ``(event, name, index)`` for link add/delete events until ``stop`` is set; blocks the caller's
-        thread (meant for a watcher thread). Uses its own socket, closed on exit."""
+        thread (meant for a watcher thread). Uses its own socket, closed on exit; ``ready`` is set once
+        subscribed."""
         import select
 
         kw: dict = {"groups": RTMGRP_LINK}
@@ -474,6 +477,8 @@ class Netlink:
         try:
             ipr.bind()
             fd = ipr.fileno()
+            if ready is not None:
+                ready.set()
             while not stop.is_set():
                 r, _, _ = select.select([fd], [], [], poll_s)
                 if not r:

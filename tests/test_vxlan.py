@@ -169,7 +169,7 @@ def test_kernel_state_matches_flannel(rig):
     with Netlink(netns=ns) as nl:
         ext = _ext(nl)
         mgr = FakeManager()
-        net = VxlanBackend(mgr, ext, nl).register_network(CONFIG)
+        net = VxlanBackend(mgr, ext, nl, watch_links=False).register_network(CONFIG)
         mac = nl.link_info("flannel.1").mac
         assert mgr.acquired[0].backend_data["VtepMAC"] == mac
         assert nsexec(ns, "cat", "/proc/sys/net/ipv6/conf/flannel.1/accept_ra").strip() == "0"
@@ -194,7 +194,7 @@ def test_kernel_reconcile_recreates_deleted_device_with_same_mac(rig):
     ns = rig.host("h", "10.168.0.2/24")
     with Netlink(netns=ns) as nl:
         ext = _ext(nl)
-        net = VxlanBackend(FakeManager(), ext, nl).register_network(CONFIG)
+        net = VxlanBackend(FakeManager(), ext, nl, watch_links=False).register_network(CONFIG)
         mac = nl.link_info("flannel.1").mac
         leases = {PEER_B.subnet: PEER_B, PEER_C.subnet: PEER_C}
         net.handle_events(added(PEER_B, PEER_C))
@@ -212,7 +212,7 @@ def test_kernel_reconcile_repairs_drift_and_removes_stale(rig):
     ns = rig.host("h", "10.168.0.2/24")
     with Netlink(netns=ns) as nl:
         ext = _ext(nl)
-        net = VxlanBackend(FakeManager(), ext, nl).register_network(CONFIG)
+        net = VxlanBackend(FakeManager(), ext, nl, watch_links=False).register_network(CONFIG)
         mac = nl.link_info("flannel.1").mac
         net.handle_events(added(PEER_B, PEER_C))
         # drift: entries of B deleted by hand, a stale peer D left over, our MAC changed, /32 removed
@@ -235,20 +235,20 @@ def test_kernel_restart_keeps_mac_and_recreates_incompatible_device(rig, caplog)
     with Netlink(netns=ns) as nl:
         ext = _ext(nl)
         mgr = FakeManager()
-        VxlanBackend(mgr, ext, nl).register_network(CONFIG)
+        VxlanBackend(mgr, ext, nl, watch_links=False).register_network(CONFIG)
         mac = nl.link_info("flannel.1").mac
         # restart: a new backend reuses the compatible device and its MAC
-        VxlanBackend(mgr, ext, nl).register_network(CONFIG)
+        VxlanBackend(mgr, ext, nl, watch_links=False).register_network(CONFIG)
         assert nl.link_info("flannel.1").mac == mac == mgr.acquired[-1].backend_data["VtepMAC"]
         # incompatible (GBP differs): deleted and recreated, MAC kept via the previous lease, reason logged
         prev = Lease(IPv4Network("100.96.1.0/24"), mgr.acquired[-1])
-        VxlanBackend(mgr, ext, nl, previous_lease=prev).register_network(cfg(GBP=True))
+        VxlanBackend(mgr, ext, nl, previous_lease=prev, watch_links=False).register_network(cfg(GBP=True))
         info = nl.link_info("flannel.1")
         assert info.vxlan.gbp and info.mac == mac
         assert "gbp off != on" in caplog.text
         # device gone while we were down: the previous lease's MAC is reused
         ipn(ns, "link", "del", "flannel.1")
-        VxlanBackend(mgr, ext, nl, previous_lease=prev).register_network(CONFIG)
+        VxlanBackend(mgr, ext, nl, previous_lease=prev, watch_links=False).register_network(CONFIG)
         assert nl.link_info("flannel.1").mac == mac
 
 
@@ -257,7 +257,7 @@ def test_kernel_direct_routing(rig):
     ns = rig.host("h", "10.168.0.2/24")
     with Netlink(netns=ns) as nl:
         ext = _ext(nl)
-        net = VxlanBackend(FakeManager(), ext, nl).register_network(cfg(DirectRouting=True))
+        net = VxlanBackend(FakeManager(), ext, nl, watch_links=False).register_network(cfg(DirectRouting=True))
         far = vxlan_lease("100.96.5.0/24", "192.0.2.5", "0a:58:00:00:00:05")
         ipn(ns, "route", "add", "192.0.2.0/24", "via", "10.168.0.1", "dev", "eth0")
         net.handle_events(added(PEER_B, far))
@@ -276,7 +276,7 @@ def test_interop_ping_with_iproute2_configured_flanneld_peer(rig):
     mac_b = "0a:58:0a:a8:00:03"
     with Netlink(netns=a) as nl:
         mgr = FakeManager("100.96.1.0/24")
-        net = VxlanBackend(mgr, _ext(nl), nl).register_network(CONFIG)
+        net = VxlanBackend(mgr, _ext(nl), nl, watch_links=False).register_network(CONFIG)
         mac_a = mgr.acquired[0].backend_data["VtepMAC"]
         # side B: exactly the objects flanneld creates, with plain iproute2
         for cmd in (
@@ -295,3 +295,28 @@ def test_interop_ping_with_iproute2_configured_flanneld_peer(rig):
     nsexec(b, "ping", "-c", "2", "-W", "2", "-I", "100.96.2.1", "100.96.1.1")
     # 1422 = 1450 (vxlan MTU) - 28 (IP+ICMP headers): a full-size inner packet crosses without fragmenting
     nsexec(a, "ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1422", "-I", "100.96.1.1", "100.96.2.1")
+
+
+@netns_marks
+def test_kernel_link_watcher_recreates_device_immediately(rig):
+    import time
+
+    ns = rig.host("h", "10.168.0.2/24")
+    with Netlink(netns=ns) as nl:
+        ext = _ext(nl)
+        net = VxlanBackend(FakeManager(), ext, nl).register_network(CONFIG)
+        try:
+            mac = nl.link_info("flannel.1").mac
+            net.handle_events(added(PEER_B, PEER_C))
+            assert net.watch_ready.wait(10), "link watcher did not subscribe"
+            ipn(ns, "link", "del", "flannel.1")
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                info = nl.link_info("flannel.1")
+                if info is not None and len(nl.routes(oif=info.index)) == 2:
+                    break
+                time.sleep(0.1)
+            _assert_flannel_state(nl, ext, mac, [PEER_B, PEER_C])
+        finally:
+            net.close()
+        assert net._watcher is None

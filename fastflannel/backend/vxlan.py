@@ -31,6 +31,7 @@ the event loop); the next reconcile repairs what failed.
 from __future__ import annotations
 
 import logging
+import threading
 from ipaddress import IPv4Address, IPv4Network
 from typing import Dict, List, Optional
 
@@ -47,6 +48,9 @@ BACKEND_TYPE = "vxlan"
 DEFAULT_VNI = 1
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
+LINK_WATCH_BACKOFF_S = 1.0  # first retry after a watcher failure; doubles up to the cap (Flannel: 1 s -> 30 s)
+LINK_WATCH_BACKOFF_MAX_S = 30.0
+LINK_WATCH_JOIN_S = 3.0  # close() waits this long for the watcher (it polls its stop event every second)
 
 
 def _bool_opt(config: NetworkConfig, name: str) -> bool:
@@ -68,11 +72,13 @@ def _int_opt(config: NetworkConfig, name: str, default: int, lo: int, hi: int) -
 class VxlanBackend:
     """Constructed by the daemon as ``VxlanBackend(manager, ext_iface, netlink, previous_lease=...)``."""
 
-    def __init__(self, manager, ext_iface: ExternalInterface, netlink, previous_lease: Optional[Lease] = None):
+    def __init__(self, manager, ext_iface: ExternalInterface, netlink, previous_lease: Optional[Lease] = None,
+                 watch_links: bool = True):
         self.manager = manager
         self.ext = ext_iface
         self.netlink = netlink
         self.previous_lease = previous_lease
+        self.watch_links = watch_links  # start the RTM_DELLINK watcher thread (stopped by Network.close())
 
     def _previous_mac(self, vni: int) -> Optional[str]:
         prev = self.previous_lease
@@ -111,7 +117,10 @@ class VxlanBackend:
         device.configure(lease.subnet.network_address, config.network)
         log.info("event=vxlan_ready dev=%s vni=%d mac=%s addr=%s/32 mtu=%d direct_routing=%s",
                  spec.name, vni, device.mac, lease.subnet.network_address, device.mtu, direct)
-        return VxlanNetwork(lease, device, self.ext, self.netlink, config.network, direct)
+        network = VxlanNetwork(lease, device, self.ext, self.netlink, config.network, direct)
+        if self.watch_links and hasattr(self.netlink, "link_events"):
+            network.start_watcher()
+        return network
 
 
 class VxlanNetwork:
@@ -127,6 +136,10 @@ class VxlanNetwork:
         self.direct_routing = direct_routing
         self._programmed: Dict[IPv4Network, Lease] = {}
         self._synced = False
+        self._lock = threading.RLock()  # the event thread and the link watcher both program the kernel
+        self._watch_stop = threading.Event()
+        self.watch_ready = threading.Event()  # set once the link watcher is subscribed (for tests)
+        self._watcher: Optional[threading.Thread] = None
 
     @property
     def mtu(self) -> int:
@@ -134,6 +147,10 @@ class VxlanNetwork:
 
     # -- events ------------------------------------------------------------------------------------
     def handle_events(self, events: List[Event]) -> None:
+        with self._lock:
+            self._handle_events(events)
+
+    def _handle_events(self, events: List[Event]) -> None:
         self._synced = True
         for ev in events:
             try:
@@ -246,6 +263,10 @@ class VxlanNetwork:
 
     def reconcile(self, leases: Dict[IPv4Network, Lease]) -> None:
         """Repair the device, then make neighbours, FDB and routes match ``leases`` exactly."""
+        with self._lock:
+            self._reconcile(leases)
+
+    def _reconcile(self, leases: Dict[IPv4Network, Lease]) -> None:
         self.ensure_device()
         nl, dev = self.netlink, self.device.index
         want_neigh: Dict[IPv4Address, str] = {}
@@ -300,5 +321,33 @@ class VxlanNetwork:
         except BackendError as e:
             log.error("event=vxlan_repair_failed what=%s error=%s", what, e)
 
+    # -- link watcher ------------------------------------------------------------------------------
+    def start_watcher(self) -> None:
+        """Start a thread that re-creates the device as soon as it is deleted (RTM_DELLINK), with the same MAC,
+        and replays every programmed peer; the periodic reconcile remains the safety net."""
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="vxlan-link-watch", daemon=True)
+            self._watcher.start()
+
+    def _watch(self) -> None:
+        backoff = LINK_WATCH_BACKOFF_S
+        name = self.device.spec.name
+        while not self._watch_stop.is_set():
+            try:
+                for ev, ifname, _ in self.netlink.link_events(self._watch_stop, ready=self.watch_ready):
+                    if ev == "RTM_DELLINK" and ifname == name:
+                        log.warning("event=vxlan_device_deleted dev=%s action=recreate", name)
+                        with self._lock:
+                            self._reconcile(dict(self._programmed))
+                    backoff = LINK_WATCH_BACKOFF_S
+            except Exception as e:  # keep watching: a failed repair is retried here and by reconcile
+                log.error("event=vxlan_link_watch_failed dev=%s error=%s retry_in_s=%.0f", name, e, backoff)
+                self._watch_stop.wait(backoff)
+                backoff = min(backoff * 2, LINK_WATCH_BACKOFF_MAX_S)
+
     def close(self) -> None:
-        """Nothing to release: device and entries stay for a seamless restart."""
+        """Stop the link watcher. Device and entries stay in place for a seamless restart."""
+        self._watch_stop.set()
+        if self._watcher is not None:
+            self._watcher.join(LINK_WATCH_JOIN_S)
+            self._watcher = None
