@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from fastflannel.backend import BackendError
+
 log = logging.getLogger("fastflannel.traffic")
 
 MASQ_CHAIN = "FLANNEL-POSTRTG"
@@ -49,7 +51,7 @@ FEATURE_VERSION = (1, 6, 2)  # first iptables with both --random-fully and iptab
 CMD_TIMEOUT_S = 30.0
 
 
-class TrafficError(Exception):
+class TrafficError(BackendError):
     """iptables could not be read or programmed; the message carries iptables' own error."""
 
 
