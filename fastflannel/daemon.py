@@ -141,11 +141,11 @@ class Daemon:
         from fastflannel.netlink import Netlink
         from fastflannel.subnet.etcd import EtcdRegistry
         from fastflannel.subnet.manager import LocalManager
-        from fastflannel.subnet.subnetfile import read_previous_subnet, write_subnet_file
+        from fastflannel.subnet.subnetfile import read_previous_network_and_subnet, write_subnet_file
         from fastflannel.traffic import TrafficManager
 
         opts = self.opts
-        prev_network, prev_subnet = read_previous_subnet(opts.subnet_file)
+        prev_network, prev_subnet = read_previous_network_and_subnet(opts.subnet_file)
         registry = EtcdRegistry(
             endpoints=opts.etcd_endpoints,
             prefix=opts.etcd_prefix,
