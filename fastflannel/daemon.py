@@ -26,7 +26,7 @@ from typing import Callable, List, Optional
 
 from fastflannel.cli import DaemonOptions
 from fastflannel.config import ConfigError, NetworkConfig
-from fastflannel.subnet import ConfigNotFoundError, LeaseError, StoreUnavailableError, SubnetError
+from fastflannel.subnet import ConfigNotFoundError, StoreUnavailableError, SubnetError
 
 log = logging.getLogger("fastflannel.daemon")
 
@@ -118,19 +118,15 @@ class Daemon:
     def run(self) -> int:
         self.failed = False
         self._install_signals()
+        from fastflannel.backend import BackendError
+        from fastflannel.iface import InterfaceError
+
         try:
             with ExitStack() as stack:
                 rc = self._run(stack)
-        except (StartupError, ConfigError, LeaseError, SubnetError) as e:
+        except (StartupError, ConfigError, SubnetError, BackendError, InterfaceError) as e:
             log.error("event=startup_failed error=%s", e)
             return 1
-        except Exception as e:
-            from fastflannel.backend import BackendError
-
-            if isinstance(e, BackendError):
-                log.error("event=startup_failed error=%s", e)
-                return 1
-            raise
         log.info("event=exit status=%d", rc)
         return rc
 
