@@ -64,6 +64,18 @@ class IperfResult:
     lost_percent: float = 0.0
     packets: int = 0
     raw: Optional[dict] = None
+    lost_packets: int = 0
+    seconds: float = 0.0
+
+    @property
+    def delivered_packets(self) -> int:
+        """UDP: datagrams that reached the server (sent minus lost)."""
+        return max(0, self.packets - self.lost_packets)
+
+    @property
+    def delivered_pps(self) -> float:
+        """UDP: datagrams per second that reached the server."""
+        return self.delivered_packets / self.seconds if self.seconds else float("nan")
 
     @property
     def gbps(self) -> float:
@@ -117,9 +129,11 @@ def iperf(client, server_ip, seconds: float = 3.0, streams: int = 1, udp: bool =
             if udp:
                 s = end["sum"]
                 return IperfResult(s["bits_per_second"], 0, s["bytes"], s.get("lost_percent", 0.0),
-                                   s.get("packets", 0), data)
+                                   s.get("packets", 0), data, lost_packets=s.get("lost_packets", 0),
+                                   seconds=s.get("seconds", 0.0))
             sent, recv = end["sum_sent"], end["sum_received"]
-            return IperfResult(recv["bits_per_second"], sent.get("retransmits", 0), recv["bytes"], raw=data)
+            return IperfResult(recv["bits_per_second"], sent.get("retransmits", 0), recv["bytes"], raw=data,
+                               seconds=recv.get("seconds", 0.0))
         last = data["error"]
         time.sleep(0.5)  # the server may still be busy with the previous test
     raise RuntimeError(f"iperf3 {client.name} -> {server_ip} failed: {last}")
@@ -171,6 +185,29 @@ def process_cpu_seconds(pid: int) -> float:
         fields = f.read().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def http_get_json(node, url: str, timeout: float = 5.0):
+    """GET ``url`` from inside ``node``'s namespace (e.g. a daemon's healthz listener on 127.0.0.1); parse JSON.
+
+    Raise RuntimeError with the error text if the request fails or the body is not JSON.
+    """
+    import sys
+
+    code = ("import sys,urllib.request\n"
+            f"sys.stdout.write(urllib.request.urlopen({url!r},timeout={timeout!r}).read().decode())\n")
+    r = node.run([sys.executable, "-I", "-S", "-c", code], check=False, timeout=timeout + 10)
+    if r.returncode != 0:
+        raise RuntimeError(f"GET {url} in {node.name} failed: {(r.stderr or r.stdout).strip()[-300:]}")
+    try:
+        return json.loads(r.stdout)
+    except ValueError as e:
+        raise RuntimeError(f"GET {url} in {node.name}: not JSON: {r.stdout[:200]!r}") from e
+
+
+def fastpath_stats(host, port: int) -> Dict[str, int]:
+    """Return the udp fast path's counters of ``host``'s daemon (``/debug/fastpath`` on ``--healthz-port``)."""
+    return http_get_json(host, f"http://127.0.0.1:{port}/debug/fastpath")
 
 
 def softirq_seconds() -> float:
