@@ -33,6 +33,8 @@ TIMEOUT = 2.0
 
 
 def _have_cython() -> Tuple[bool, str]:
+    if os.environ.get("FASTFLANNEL_NO_EXTENSIONS", "") not in ("", "0"):
+        return False, "FASTFLANNEL_NO_EXTENSIONS is set"
     try:
         fastpath.implementation_module("cython")
     except ImportError as e:
