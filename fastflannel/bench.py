@@ -69,10 +69,19 @@ METRICS: List[tuple] = [
     ("daemon_cpu_s_per_gb", "  daemons' CPU s/GB", "s/GB", 2, False),
     ("softirq_s_per_gb", "  softirq s/GB", "s/GB", 2, False),
     ("syscalls_per_packet", "syscalls per packet", "", 2, False),
+    ("sender_tx_syscalls_per_packet", "  sender tx syscalls/packet", "", 2, False),
+    ("receiver_rx_syscalls_per_packet", "  receiver rx syscalls/packet", "", 2, False),
     ("packets_per_batch", "packets per batch", "", 1, True),
+    ("sender_tx_packets_per_batch", "  sender tx packets/batch", "", 1, True),
+    ("receiver_rx_packets_per_batch", "  receiver rx packets/batch", "", 1, True),
     ("copies_per_packet", "user/kernel copies per packet", "", 2, False),
     ("bytes_copied_per_byte", "bytes copied per byte delivered", "", 2, False),
 ]
+
+# zero or undefined for the kernel reference: the absolute figures say it
+NO_RATIO = {"syscalls_per_packet", "sender_tx_syscalls_per_packet", "receiver_rx_syscalls_per_packet",
+            "packets_per_batch", "sender_tx_packets_per_batch", "receiver_rx_packets_per_batch",
+            "copies_per_packet", "bytes_copied_per_byte", "tcp1_retransmits", "udp64_loss_pct"}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -105,7 +114,17 @@ def fastpath_figures(deltas: Sequence[Dict[str, int]], payload_bytes: int) -> Di
     copied_bytes = 2 * g("tx_bytes", 0) + 2 * g("rx_bytes", 0)
     nan = float("nan")
     drops = sum(v for k, v in tot.items() if "_drop_" in k)
+    per_dir: Dict[str, float] = {}
+    if len(deltas) >= 2:  # deltas[0] is the data sender's daemon, deltas[1] the receiver's
+        s, r = deltas[0], deltas[1]
+        per_dir = {
+            "sender_tx_syscalls_per_packet": s.get("tx_syscalls", 0) / s["tx_packets"] if s.get("tx_packets") else nan,
+            "sender_tx_packets_per_batch": s.get("tx_packets", 0) / s["tx_batches"] if s.get("tx_batches") else nan,
+            "receiver_rx_syscalls_per_packet": r.get("rx_syscalls", 0) / r["rx_packets"] if r.get("rx_packets") else nan,
+            "receiver_rx_packets_per_batch": r.get("rx_packets", 0) / r["rx_batches"] if r.get("rx_batches") else nan,
+        }
     return {
+        **per_dir,
         "packets_delivered": delivered,
         "syscalls": syscalls,
         "syscalls_per_packet": syscalls / delivered if delivered else nan,
@@ -191,8 +210,7 @@ def format_table(summary: Dict[str, Dict[str, Dict[str, float]]], modes: Sequenc
         lines.append(f"{'ratio to ' + ref + ' (medians)':<{w0}}" + "".join(f"{m:>{widths[m]}}" for m in modes))
         lines.append("-" * len(lines[-1]))
         for key, label, unit, _d, _h in METRICS:
-            if key in ("syscalls_per_packet", "copies_per_packet", "bytes_copied_per_byte", "packets_per_batch",
-                       "tcp1_retransmits", "udp64_loss_pct"):
+            if key in NO_RATIO:
                 continue  # zero or undefined for the kernel reference: the absolute figures say it
             name = f"{label}" + (f" [{unit}]" if unit else "")
             vals = "".join(f"{('x%.2f' % rat[m][key]) if key in rat.get(m, {}) else '-':>{widths[m]}}" for m in modes)
