@@ -14,23 +14,13 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
+from e2e import wait_for
 from fastflannel.lease import LeaseAttrs
 
 pytestmark = [pytest.mark.netns, pytest.mark.etcd]
 
 NETWORK = "100.96.0.0/16"
 HOSTGW = {"Network": NETWORK, "Backend": {"Type": "host-gw"}}
-
-
-def wait_for(pred, timeout=20.0, interval=0.2, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def leases(tb) -> dict:

@@ -114,12 +114,18 @@ class UdpNetwork:
             raise
         log.info("event=device_ready device=%s addr=%s/32 mtu=%d udp=%s:%d fastpath=%s",
                  self.tun_name, lease.subnet.network_address, self.mtu, ext.iface_addr, port,
-                 type(self.fastpath).__module__)
+                 self.fastpath.implementation)
 
     def _configure_tun(self) -> None:
+        from fastflannel.netlink import write_sysctl
+
         nl = self.netlink
         nl.set_mtu(self.tun_name, self.mtu)
         nl.addr_replace(self.tun_name, f"{self.lease.subnet.network_address}/32")
+        # The ICMP net-unreachable the fast path writes back carries flanneld's source, the TUN's own
+        # address; without accept_local the kernel drops it as a martian and the sender just times out
+        # (flanneld has this bug). Only flannel0 accepts it, and only the fast path writes to flannel0.
+        write_sysctl(f"net/ipv4/conf/{self.tun_name}/accept_local", "1")
         nl.set_link_up(self.tun_name)
         self._ensure_network_route()
 
