@@ -50,7 +50,7 @@ def demo_backend(backend: str, say: Progress, seconds: float = 3.0, tb_log=None)
         for h, env in zip(tb.hosts, envs):
             say(f"{backend}: {h.name} ({h.ip}) leased FLANNEL_SUBNET={env['FLANNEL_SUBNET']} "
                 f"FLANNEL_MTU={env['FLANNEL_MTU']}")
-        containers = [h.add_container() for h in tb.hosts]
+        containers = [h.add_container(f"{h.name}c1") for h in tb.hosts]
         for c in containers:
             say(f"{backend}: container {c.name} on {c.host.name} has {c.ip}")
         ok = True
