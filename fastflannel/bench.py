@@ -79,7 +79,7 @@ METRICS: List[tuple] = [
 ]
 
 # zero or undefined for the kernel reference: the absolute figures say it
-NO_RATIO = {"syscalls_per_packet", "sender_tx_syscalls_per_packet", "receiver_rx_syscalls_per_packet",
+NO_RATIO = {"daemon_cpu_s_per_gb", "syscalls_per_packet", "sender_tx_syscalls_per_packet", "receiver_rx_syscalls_per_packet",
             "packets_per_batch", "sender_tx_packets_per_batch", "receiver_rx_packets_per_batch",
             "copies_per_packet", "bytes_copied_per_byte", "tcp1_retransmits", "udp64_loss_pct"}
 
@@ -278,6 +278,23 @@ class ModeCluster:
 
         return [fastpath_stats(h, self.healthz_port) for h in self.tb.hosts]
 
+    def kernel_drops(self) -> Dict[str, int]:
+        """Return drops the fast path cannot see, summed over the hosts: UDP receive-buffer overflows
+        (/proc/net/snmp ``Udp: RcvbufErrors`` of the host namespace) and packets the TUN device dropped
+        because the daemon did not read them in time (``flannel0`` tx_dropped)."""
+        out = {"udp_rcvbuf_errors": 0, "tun_tx_dropped": 0}
+        for h in self.tb.hosts:
+            lines = [ln.split() for ln in h.run(["cat", "/proc/net/snmp"]).stdout.splitlines() if ln.startswith("Udp:")]
+            if len(lines) >= 2 and "RcvbufErrors" in lines[0]:
+                out["udp_rcvbuf_errors"] += int(lines[1][lines[0].index("RcvbufErrors")])
+            r = h.run(["ip", "-j", "-s", "link", "show", "flannel0"], check=False)
+            try:
+                link = json.loads(r.stdout)[0]
+                out["tun_tx_dropped"] += int(link.get("stats64", link.get("stats", {}))["tx"]["dropped"])
+            except (ValueError, LookupError, TypeError):
+                pass
+        return out
+
     def daemon_cpu(self) -> float:
         from fastflannel.measure import process_cpu_seconds
 
@@ -300,10 +317,13 @@ class ModeCluster:
 
         user = self.spec["user_space"]
         before = self.stats() if user else None
+        kd0 = self.kernel_drops() if user else None
         cpu0, sirq0 = self.daemon_cpu(), softirq_seconds()
         r1 = self._iperf(seconds=seconds, streams=1)
         cpu1, sirq1 = self.daemon_cpu(), softirq_seconds()
         after = self.stats() if user else None
+        if user:
+            row["kernel_drops"] = counter_delta(kd0, self.kernel_drops())
         gb = r1.bytes / 1e9
         row.update(tcp1_gbps=r1.gbps, tcp1_retransmits=r1.retransmits, tcp1_bytes=r1.bytes,
                    daemon_cpu_s=cpu1 - cpu0, softirq_s=sirq1 - sirq0)

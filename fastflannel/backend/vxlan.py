@@ -339,6 +339,9 @@ class VxlanNetwork:
                         log.warning("event=vxlan_device_deleted dev=%s action=recreate", name)
                         with self._lock:
                             self._reconcile(dict(self._programmed))
+                    elif ev == "OVERRUN":  # the kernel dropped events (netlink.LINK_EVENTS_OVERRUN): re-check
+                        with self._lock:
+                            self._reconcile(dict(self._programmed))
                     backoff = LINK_WATCH_BACKOFF_S
             except Exception as e:  # keep watching: a failed repair is retried here and by reconcile
                 log.error("event=vxlan_link_watch_failed dev=%s error=%s retry_in_s=%.0f", name, e, backoff)
