@@ -61,6 +61,8 @@ METRICS: List[tuple] = [
     ("tcp1_gbps", "TCP 1 stream", "Gb/s", 2, True),
     ("tcp4_gbps", "TCP 4 streams", "Gb/s", 2, True),
     ("tcp1_retransmits", "TCP 1 stream retransmits", "", 0, False),
+    ("tun_tx_dropped", "  TUN queue drops (TCP 1 stream)", "", 0, False),
+    ("udp_rcvbuf_errors", "  UDP rcvbuf drops (TCP 1 stream)", "", 0, False),
     ("udp64_kpps", "UDP 64 B delivered", "kpps", 1, True),
     ("udp64_loss_pct", "UDP 64 B loss", "%", 1, False),
     ("rtt_p50_ms", "RTT p50", "ms", 3, False),
@@ -79,7 +81,8 @@ METRICS: List[tuple] = [
 ]
 
 # zero or undefined for the kernel reference: the absolute figures say it
-NO_RATIO = {"daemon_cpu_s_per_gb", "syscalls_per_packet", "sender_tx_syscalls_per_packet", "receiver_rx_syscalls_per_packet",
+NO_RATIO = {"tun_tx_dropped", "udp_rcvbuf_errors", "daemon_cpu_s_per_gb",
+            "syscalls_per_packet", "sender_tx_syscalls_per_packet", "receiver_rx_syscalls_per_packet",
             "packets_per_batch", "sender_tx_packets_per_batch", "receiver_rx_packets_per_batch",
             "copies_per_packet", "bytes_copied_per_byte", "tcp1_retransmits", "udp64_loss_pct"}
 
@@ -324,6 +327,8 @@ class ModeCluster:
         after = self.stats() if user else None
         if user:
             row["kernel_drops"] = counter_delta(kd0, self.kernel_drops())
+            row["tun_tx_dropped"] = row["kernel_drops"]["tun_tx_dropped"]
+            row["udp_rcvbuf_errors"] = row["kernel_drops"]["udp_rcvbuf_errors"]
         gb = r1.bytes / 1e9
         row.update(tcp1_gbps=r1.gbps, tcp1_retransmits=r1.retransmits, tcp1_bytes=r1.bytes,
                    daemon_cpu_s=cpu1 - cpu0, softirq_s=sirq1 - sirq0)

@@ -151,6 +151,7 @@ def test_bench_quick_host_gw_and_udp(tmp_path: Path) -> None:
     assert udp["syscalls_per_packet"] > 0 and udp["packets_per_batch"] >= 1
     assert udp["copies_per_packet"] > 0 and udp["bytes_copied_per_byte"] > 1
     assert udp["cpu_s_per_gb"] > 0
+    assert udp["tun_tx_dropped"] >= 0 and udp["udp_rcvbuf_errors"] >= 0
     for mode in ("host-gw", "udp"):
         assert data["summary"][mode]["tcp1_gbps"]["n"] == 1
     if importlib.util.find_spec("matplotlib") is not None:
