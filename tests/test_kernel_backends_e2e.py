@@ -1,0 +1,592 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Kernel backends (vxlan, host-gw) end to end: real fastflanneld on three simulated hosts, a real etcd.
+
+Every test reads the kernel back with iproute2 (``ip -j``, ``bridge -j``), an independent tool, and compares it
+with what Flannel programs for the leases stored in etcd (flannel-compat.md sections 5, 6, 8, 10).
+
+One testbed per backend is shared by the tests of that backend (module scope, parametrized indirectly, so
+pytest runs every vxlan test, tears that world down, then every host-gw test). The tests that modify the world
+keep it usable for the next one: the interop test adds a fourth (Flannel-style, hand-configured) host whose
+lease stays; the restart, link-deletion and masquerade tests leave every daemon running; the lease-removal test,
+which stops host3 for good, is defined last.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from fastflannel.measure import IperfServer, iperf, ping_rtt, transfer_checksum
+
+pytestmark = [pytest.mark.netns, pytest.mark.etcd]
+
+NETWORK = IPv4Network("100.96.0.0/16")
+BACKENDS = ["vxlan", "host-gw"]
+VXLAN_DEV = "flannel.1"
+CONVERGE_S = 10.0  # "within a few seconds"
+READY_S = 30.0
+RESTORE_S = 5.0  # a deleted flannel.1 is back (half the daemon's 10 s reconcile period)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def wait_for(pred, timeout=CONVERGE_S, interval=0.1, what="condition"):
+    """Poll ``pred`` until it returns a truthy value (returned); AssertionError with the last value on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last value {v!r}")
+        time.sleep(interval)
+
+
+def ipj(node, *args: str, tool: str = "ip"):
+    out = node.run([tool, "-j", *args]).stdout
+    return json.loads(out or "[]")
+
+
+def leases(tb) -> dict[IPv4Network, dict]:
+    """Return {subnet: parsed lease JSON} as stored in etcd (read with etcdctl)."""
+    out = tb.etcdctl("get", "--prefix", f"{tb.prefix_key}/subnets/", "-w", "json")
+    res = {}
+    for kv in json.loads(out).get("kvs", []):
+        key = base64.b64decode(kv["key"]).decode()
+        res[IPv4Network(key.rsplit("/", 1)[1].replace("-", "/"))] = json.loads(base64.b64decode(kv["value"]))
+    return res
+
+
+def raw_lease(tb, subnet: IPv4Network) -> str:
+    key = f"{tb.prefix_key}/subnets/{str(subnet).replace('/', '-')}"
+    return tb.etcdctl("get", "--print-value-only", key).strip()
+
+
+def subnet_of(host) -> IPv4Network:
+    return IPv4Network(host.wait_subnet_env()["FLANNEL_SUBNET"], strict=False)
+
+
+def overlay_routes(host) -> dict[str, tuple]:
+    """Return {dst: (gateway, dev, sorted flags)} of the gateway routes inside the Network (main table)."""
+    res = {}
+    for r in ipj(host, "-4", "route", "show", "table", "main"):
+        dst = r.get("dst", "")
+        if "/" not in dst or not IPv4Network(dst).subnet_of(NETWORK):
+            continue
+        if r.get("gateway"):
+            res[dst] = (r["gateway"], r.get("dev"), tuple(sorted(r.get("flags", []))))
+    return res
+
+
+def network_wide_routes(host) -> list:
+    """Return routes for the whole Network (Flannel's vxlan installs none)."""
+    return [r for r in ipj(host, "-4", "route", "show", "table", "main") if r.get("dst") == str(NETWORK)]
+
+
+def vxlan_link(host):
+    links = ipj(host, "-d", "link", "show", "dev", VXLAN_DEV) if link_exists(host, VXLAN_DEV) else []
+    return links[0] if links else None
+
+
+def link_exists(host, dev: str) -> bool:
+    return host.run(["ip", "link", "show", "dev", dev], check=False).returncode == 0
+
+
+def neighs(host) -> dict[str, tuple]:
+    """Return {ip: (lladdr, states)} of every neighbour on flannel.1."""
+    return {n["dst"]: (n.get("lladdr"), tuple(n.get("state", [])))
+            for n in ipj(host, "neigh", "show", "dev", VXLAN_DEV)}
+
+
+def fdbs(host) -> set[tuple]:
+    """Return {(mac, dst, flags, state)} of every FDB entry on flannel.1."""
+    return {(f["mac"], f.get("dst"), tuple(sorted(f.get("flags", []))), f.get("state"))
+            for f in ipj(host, "fdb", "show", "dev", VXLAN_DEV, tool="bridge")}
+
+
+def tables(host, backend: str) -> dict:
+    """Return the per-peer kernel state the backend owns (and the VTEP MAC for vxlan)."""
+    if backend == "host-gw":
+        return {"routes": overlay_routes(host)}
+    link = vxlan_link(host)
+    if link is None:
+        return {"routes": overlay_routes(host), "device": None}
+    return {"routes": overlay_routes(host), "neigh": neighs(host), "fdb": fdbs(host), "mac": link["address"]}
+
+
+def expected_tables(tb, host, backend: str) -> dict:
+    """Return Flannel's per-peer entries on ``host`` for the leases in etcd (every lease but its own)."""
+    own = subnet_of(host)
+    peers = {s: v for s, v in leases(tb).items() if s != own}
+    for s, v in peers.items():
+        assert v["BackendType"] == backend, f"lease {s} of another backend: {v}"
+    if backend == "host-gw":
+        return {"routes": {str(s): (v["PublicIP"], "eth0", ()) for s, v in peers.items()}}
+    own_mac = leases(tb)[own]["BackendData"]["VtepMAC"]
+    return {
+        "routes": {str(s): (str(s.network_address), VXLAN_DEV, ("onlink",)) for s in peers},
+        "neigh": {str(s.network_address): (v["BackendData"]["VtepMAC"], ("PERMANENT",)) for s, v in peers.items()},
+        "fdb": {(v["BackendData"]["VtepMAC"], v["PublicIP"], ("self",), "permanent") for v in peers.values()},
+        "mac": own_mac,
+    }
+
+
+def log_count(host, needle: str) -> int:
+    return host.daemon_log_text().count(needle)
+
+
+def ping_ok(src, dst_ip, count: int = 3) -> bool:
+    return ping_rtt(src, dst_ip, count=count, interval=0.1, timeout=10).received == count
+
+
+class At:
+    """A node seen at another of its addresses (the interop host's "container" address, for instance)."""
+
+    def __init__(self, node, ip) -> None:
+        self.node, self.ip, self.name = node, IPv4Address(str(ip)), f"{node.name}@{ip}"
+
+    def run(self, *a, **kw):
+        return self.node.run(*a, **kw)
+
+    def popen(self, *a, **kw):
+        return self.node.popen(*a, **kw)
+
+
+_RECV = r"""
+import hashlib, socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(1); s.settimeout(30); print("ready", flush=True)
+c, peer = s.accept(); c.settimeout(30); h = hashlib.sha256(); n = 0
+while True:
+    b = c.recv(1 << 16)
+    if not b:
+        break
+    h.update(b); n += len(b)
+c.close(); print(n, h.hexdigest(), peer[0], flush=True)
+"""
+_SEND = r"""
+import hashlib, random, socket, sys
+dst, port, size, src = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+data = random.Random(11).randbytes(size)
+c = socket.create_connection((dst, port), timeout=15, source_address=(src, 0) if src else None)
+c.sendall(data); c.shutdown(socket.SHUT_WR); c.recv(1); c.close()
+print(len(data), hashlib.sha256(data).hexdigest(), flush=True)
+"""
+
+
+def tcp_transfer(src, dst, dst_ip, size: int = 1 << 20, src_ip: str = "", port: int = 5401) -> dict:
+    """Send ``size`` bytes over TCP from ``src`` (bound to ``src_ip`` if given) to ``dst_ip`` where ``dst`` listens.
+
+    Return both sides' byte counts and sha256 and the peer address the receiver saw (masquerade checks)."""
+    rp = dst.popen([sys.executable, "-I", "-c", _RECV, str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                   text=True)
+    try:
+        line = rp.stdout.readline()
+        assert "ready" in line, f"receiver on {dst.name} did not start: {line!r} {rp.stderr.read()}"
+        s = src.run([sys.executable, "-I", "-c", _SEND, str(dst_ip), str(port), str(size), src_ip], check=False,
+                    timeout=60)
+        assert s.returncode == 0, f"sender {src.name} -> {dst_ip} failed: {s.stderr[-800:]}"
+        out, err = rp.communicate(timeout=30)
+        assert rp.returncode == 0, f"receiver on {dst.name} failed: {err[-800:]}"
+        sent_n, sent_h = s.stdout.split()
+        got_n, got_h, peer = out.split()
+        return {"sent": (int(sent_n), sent_h), "recv": (int(got_n), got_h), "peer": peer}
+    finally:
+        if rp.poll() is None:
+            rp.kill()
+            rp.wait(5)
+
+
+def random_mac() -> str:
+    b = bytearray(secrets.token_bytes(6))
+    b[0] = (b[0] & 0xFE) | 0x02
+    return ":".join(f"{x:02x}" for x in b)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the shared world: one testbed per backend
+
+
+@dataclass
+class Bed:
+    tb: object
+    backend: str
+    hosts: list  # the three fastflannel hosts (tb.hosts grows when the interop test adds a fourth)
+    ctrs: list  # one container per host
+    args: dict = field(default_factory=dict)  # daemon arguments per host name, reused by restarts
+    interop: object = None  # the hand-configured Flannel-style host, once added
+    interop_subnet: IPv4Network | None = None
+
+    def start(self, host, *args: str) -> None:
+        """(Re)start ``host``'s daemon with ``args`` and wait until it wrote subnet.env and programmed every peer."""
+        self.args[host.name] = args
+        before = log_count(host, "event=subnet_file_written")
+        host.start_daemon(*args)
+        wait_for(lambda: log_count(host, "event=subnet_file_written") > before or host.daemon.poll() is not None,
+                 timeout=READY_S, what=f"daemon ready on {host.name}")
+        assert host.daemon.poll() is None, host.daemon_log_text()[-3000:]
+        # the initial snapshot programmed: one "added" line per peer lease since this start
+        own = subnet_of(host)
+        n_peers = len([s for s in leases(self.tb) if s != own])
+        marker = "event=peer_added" if self.backend == "vxlan" else "event=route_added"
+
+        def programmed() -> bool:
+            text = host.daemon_log_text()
+            return text[text.rfind("event=subnet_file_written"):].count(marker) >= n_peers
+
+        wait_for(programmed, timeout=READY_S, what=f"{n_peers} peers programmed on {host.name}")
+
+    def restart(self, host, sig=signal.SIGTERM, *args: str) -> None:
+        rc = host.stop_daemon(sig)
+        if sig == signal.SIGTERM:
+            assert rc == 0, host.daemon_log_text()[-3000:]
+        self.start(host, *(args or self.args.get(host.name, ())))
+
+    def converged(self, host) -> bool:
+        return tables(host, self.backend) == expected_tables(self.tb, host, self.backend)
+
+    def wait_converged(self, hosts=None, timeout=CONVERGE_S) -> None:
+        for h in hosts or self.hosts:
+            try:
+                wait_for(lambda: self.converged(h), timeout=timeout, what=f"kernel tables converged on {h.name}")
+            except AssertionError:
+                assert tables(h, self.backend) == expected_tables(self.tb, h, self.backend), h.name
+
+
+_LIVE_BEDS: list[Bed] = []
+
+
+@pytest.fixture(scope="module")
+def bed(request, make_module_testbed):
+    """A 3-host world running ``request.param`` (indirect parametrization), one container per host."""
+    backend = request.param
+    tb = make_module_testbed(3)
+    tb.put_config({"Network": str(NETWORK), "Backend": {"Type": backend}})
+    b = Bed(tb, backend, list(tb.hosts), [])
+    for h in b.hosts:
+        h.start_daemon()
+        b.args[h.name] = ()
+    for h in b.hosts:
+        h.wait_subnet_env()
+    b.ctrs = [h.add_container() for h in b.hosts]
+    b.wait_converged(timeout=20)
+    _LIVE_BEDS.append(b)
+    yield b
+    _LIVE_BEDS.remove(b)
+    tb.close()  # free this backend's world before the next one is built (the factory's close is idempotent)
+
+
+@pytest.fixture(autouse=True)
+def _dump_logs_on_failure(request):
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for b in _LIVE_BEDS:
+            for h in b.hosts:
+                sys.stderr.write(f"----- {b.tb.prefix} {b.backend} {h.name} fastflanneld log -----\n"
+                                 f"{h.daemon_log_text()[-12000:]}\n")
+
+
+both = pytest.mark.parametrize("bed", BACKENDS, indirect=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. the data path
+
+
+@both
+def test_containers_reach_each_other(bed):
+    """Ping both ways between containers on every pair of hosts; 20 MB over TCP with matching sha256; iperf3."""
+    c1, c2, c3 = bed.ctrs
+    for a, b in ((c1, c2), (c2, c3), (c3, c1)):
+        for src, dst in ((a, b), (b, a)):
+            r = ping_rtt(src, dst.ip, count=3, interval=0.1, timeout=10)
+            assert r.received == 3, f"{bed.backend}: {src.name}@{src.host.name} -> {dst.ip}: {r}"
+    res = transfer_checksum(c1, c2, size_mb=20, timeout=60)
+    assert res["sent_bytes"] == res["recv_bytes"] == str(20 << 20), res
+    assert res["sent_sha256"] == res["recv_sha256"], res
+    with IperfServer(c3):
+        r = iperf(c1, c3.ip, seconds=2)
+    assert r.bits_per_second > 0 and r.bytes > 0, r
+    print(f"{bed.backend}: iperf3 {c1.host.name} -> {c3.host.name}: {r.gbps:.2f} Gbit/s, {r.retransmits} retr")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. interop with a host configured exactly as flanneld configures it
+
+
+@both
+def test_interop_with_flannel_configured_host(bed):
+    tb = bed.tb
+    used = set(leases(tb))
+    subnet = next(s for s in (IPv4Network(f"100.96.{i}.0/24") for i in [200, *range(201, 255)]) if s not in used)
+    net, gw_ip = subnet.network_address, subnet.network_address + 1
+    f4 = tb.add_host()
+    bed.interop, bed.interop_subnet = f4, subnet
+
+    def ip(*args: str) -> None:
+        f4.run(["ip", *args])
+
+    # the "container" side: the subnet's first address on a bridge, as docker0 holds it (no dummy module here)
+    ip("link", "add", "docker0", "type", "bridge")
+    ip("addr", "add", f"{gw_ip}/24", "dev", "docker0")
+    ip("link", "set", "docker0", "up")
+    if bed.backend == "vxlan":
+        mac = random_mac()
+        ip("link", "add", VXLAN_DEV, "type", "vxlan", "id", "1", "dev", "eth0", "local", str(f4.ip),
+           "dstport", "8472", "nolearning")
+        ip("link", "set", VXLAN_DEV, "address", mac)
+        ip("link", "set", VXLAN_DEV, "mtu", "1450")
+        ip("addr", "add", f"{net}/32", "dev", VXLAN_DEV)
+        ip("link", "set", VXLAN_DEV, "up")
+        value = (f'{{"PublicIP":"{f4.ip}","PublicIPv6":null,"BackendType":"vxlan",'
+                 f'"BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}')
+    else:
+        value = f'{{"PublicIP":"{f4.ip}","PublicIPv6":null,"BackendType":"host-gw"}}'
+    tb.etcdctl("put", f"{tb.prefix_key}/subnets/{str(subnet).replace('/', '-')}", value)
+
+    # what flanneld does for each remote lease, read from etcd
+    for s, v in leases(tb).items():
+        if s == subnet:
+            continue
+        if bed.backend == "vxlan":
+            peer_mac, n = v["BackendData"]["VtepMAC"], str(s.network_address)
+            ip("neigh", "replace", n, "lladdr", peer_mac, "dev", VXLAN_DEV, "nud", "permanent")
+            f4.run(["bridge", "fdb", "replace", peer_mac, "dev", VXLAN_DEV, "dst", v["PublicIP"], "self", "permanent"])
+            ip("route", "replace", str(s), "via", n, "dev", VXLAN_DEV, "onlink")
+        else:
+            ip("route", "replace", str(s), "via", v["PublicIP"], "dev", "eth0")
+
+    # every fastflannel host programs Flannel's entries for the hand-made lease
+    bed.wait_converged()
+    far = At(f4, gw_ip)
+    for c in bed.ctrs:
+        assert ping_ok(c, gw_ip), f"{bed.backend}: {c.name}@{c.host.name} -> interop {gw_ip}"
+        r = f4.run(["ping", "-n", "-c", "3", "-i", "0.1", "-W", "2", "-I", str(gw_ip), str(c.ip)], check=False)
+        assert r.returncode == 0 and " 0% packet loss" in r.stdout, f"interop {gw_ip} -> {c.ip}: {r.stdout}"
+    c1 = bed.ctrs[0]
+    there = tcp_transfer(c1, far, gw_ip, size=2 << 20)
+    assert there["sent"] == there["recv"] and there["peer"] == str(c1.ip), there
+    back = tcp_transfer(far, c1, c1.ip, size=2 << 20, src_ip=str(gw_ip))
+    assert back["sent"] == back["recv"] and back["peer"] == str(gw_ip), back
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. kernel state, read back
+
+
+@both
+def test_kernel_state_matches_flannel(bed):
+    tb = bed.tb
+    bed.wait_converged()
+    stored = leases(tb)
+    for h in bed.hosts:
+        own = subnet_of(h)
+        lease = stored[own]
+        if bed.backend == "host-gw":
+            assert raw_lease(tb, own) == f'{{"PublicIP":"{h.ip}","PublicIPv6":null,"BackendType":"host-gw"}}'
+            assert not link_exists(h, VXLAN_DEV), f"host-gw created {VXLAN_DEV} on {h.name}"
+            routes = overlay_routes(h)
+            for s, v in stored.items():
+                if s != own:
+                    assert routes[str(s)] == (v["PublicIP"], "eth0", ()), (h.name, s, routes)
+            assert len(routes) == len(stored) - 1, routes
+            continue
+        link = vxlan_link(h)
+        assert link is not None, f"no {VXLAN_DEV} on {h.name}"
+        data = link["linkinfo"]["info_data"]
+        assert link["linkinfo"]["info_kind"] == "vxlan"
+        assert (data["id"], data["port"], data["learning"], data["local"], data["link"]) == \
+            (1, 8472, False, str(h.ip), "eth0"), data
+        assert not data.get("group") and not data.get("l2miss") and not data.get("l3miss"), data
+        assert link["mtu"] == 1450 and "UP" in link["flags"], link
+        assert raw_lease(tb, own) == (f'{{"PublicIP":"{h.ip}","PublicIPv6":null,"BackendType":"vxlan",'
+                                      f'"BackendData":{{"VNI":1,"VtepMAC":"{link["address"]}"}}}}')
+        addrs = [(a["local"], a["prefixlen"]) for a in ipj(h, "-4", "addr", "show", "dev", VXLAN_DEV)[0]["addr_info"]]
+        assert addrs == [(str(own.network_address), 32)], addrs
+        assert lease["BackendData"]["VtepMAC"] == link["address"]
+        n, f, routes = neighs(h), fdbs(h), overlay_routes(h)
+        for s, v in stored.items():
+            if s == own:
+                continue
+            peer_mac, gw = v["BackendData"]["VtepMAC"], str(s.network_address)
+            assert n[gw] == (peer_mac, ("PERMANENT",)), (h.name, s, n)
+            assert (peer_mac, v["PublicIP"], ("self",), "permanent") in f, (h.name, s, f)
+            assert routes[str(s)] == (gw, VXLAN_DEV, ("onlink",)), (h.name, s, routes)
+        assert len(n) == len(f) == len(routes) == len(stored) - 1, (n, f, routes)
+        assert network_wide_routes(h) == [], "Flannel's vxlan installs no route for the whole Network"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. restart during traffic
+
+
+_PING_SUMMARY = re.compile(r"(\d+) packets transmitted, (\d+) received.*?([\d.]+)% packet loss")
+
+
+@both
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_restart_during_ping_loses_nothing(bed, sig):
+    h1 = bed.hosts[0]
+    src, dst = bed.ctrs[0], bed.ctrs[1]
+    bed.wait_converged()
+    before = {h.name: tables(h, bed.backend) for h in bed.hosts}
+    # every netlink change on host1 while the daemon restarts: a delete-then-add would show up here
+    mon = h1.popen(["ip", "-o", "monitor", "route", "neigh", "link"], stdout=subprocess.PIPE, text=True)
+    fmon = h1.popen(["bridge", "monitor", "fdb"], stdout=subprocess.PIPE, text=True)
+    ping = src.popen(["ping", "-n", "-i", "0.05", "-c", "120", "-W", "1", str(dst.ip)], stdout=subprocess.PIPE,
+                     stderr=subprocess.STDOUT, text=True)
+    try:
+        head = ping.stdout.readline() + ping.stdout.readline()  # "PING ..." and the first reply: traffic flows
+        assert "bytes from" in head, head
+        t0 = time.monotonic()
+        bed.restart(h1, sig)
+        restart_s = time.monotonic() - t0
+        assert ping.poll() is None, "the restart must happen while the ping runs"
+        out, _ = ping.communicate(timeout=30)
+        out = head + out
+    finally:
+        for p in (ping, mon, fmon):
+            if p.poll() is None:
+                p.terminate()
+    mon_out, _ = mon.communicate(timeout=10)
+    fmon_out, _ = fmon.communicate(timeout=10)
+    m = _PING_SUMMARY.search(out)
+    assert m, out
+    sent, got, loss = int(m.group(1)), int(m.group(2)), float(m.group(3))
+    assert sent == 120 and got == 120 and loss == 0.0, f"{bed.backend} {sig.name}: {out[-400:]}"
+    after = {h.name: tables(h, bed.backend) for h in bed.hosts}
+    assert after == before
+    ours = [line for line in (mon_out + fmon_out).splitlines()
+            if line.startswith("Deleted") and (VXLAN_DEV in line or str(NETWORK)[:6] in line)]
+    assert ours == [], f"the restart removed kernel entries: {ours}"
+    print(f"{bed.backend}: {sig.name} restart took {restart_s:.2f} s, ping {got}/{sent}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. vxlan device deleted by hand
+
+
+@pytest.mark.parametrize("bed", ["vxlan"], indirect=True)
+def test_vxlan_device_deleted_is_restored(bed):
+    h1 = bed.hosts[0]
+    src, dst = bed.ctrs[0], bed.ctrs[1]
+    bed.wait_converged()
+    before = tables(h1, "vxlan")
+    addr_before = ipj(h1, "-4", "addr", "show", "dev", VXLAN_DEV)[0]["addr_info"]
+    h1.run(["ip", "link", "del", VXLAN_DEV])
+    t0 = time.monotonic()
+    # well under the 10 s reconcile period: the RTM_DELLINK watcher must act, not the periodic safety net
+    wait_for(lambda: tables(h1, "vxlan") == before, timeout=RESTORE_S, what="flannel.1 and its entries restored")
+    restored_s = time.monotonic() - t0
+    link = vxlan_link(h1)
+    assert link["address"] == before["mac"] and link["mtu"] == 1450 and "UP" in link["flags"], link
+    wait_for(lambda: ipj(h1, "-4", "addr", "show", "dev", VXLAN_DEV)[0]["addr_info"] == addr_before,
+             what="the /32 restored")
+    assert ping_ok(src, dst.ip) and ping_ok(dst, src.ip), "traffic did not resume"
+    # the other hosts still point at the same MAC: nothing changed there
+    bed.wait_converged()
+    assert h1.daemon.poll() is None
+    print(f"vxlan: flannel.1 restored in {restored_s:.2f} s")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. --ip-masq
+
+
+def masq_rules_text(pod: IPv4Network, random_fully: bool) -> list[str]:
+    c, cm = str(NETWORK), '-m comment --comment "flanneld masq"'
+    masq = "-j MASQUERADE" + (" --random-fully" if random_fully else "")
+    return [
+        f"-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {cm} -j RETURN",
+        f"-A FLANNEL-POSTRTG -s {pod} -d {c} {cm} -j RETURN",
+        f"-A FLANNEL-POSTRTG -s {c} -d {pod} {cm} -j RETURN",
+        f"-A FLANNEL-POSTRTG ! -s {c} -d {pod} {cm} -j RETURN",
+        f"-A FLANNEL-POSTRTG -s {c} ! -d 224.0.0.0/4 {cm} {masq}",
+        f"-A FLANNEL-POSTRTG ! -s {c} -d {c} {cm} {masq}",
+    ]
+
+
+@both
+def test_ip_masq_rules_and_masquerade(bed):
+    tb, h1 = bed.tb, bed.hosts[0]
+    for _ in range(3):
+        bed.restart(h1, signal.SIGTERM, "--ip-masq")
+    assert h1.read_subnet_env()["FLANNEL_IPMASQ"] == "true"
+    save = h1.run(["iptables-save"]).stdout
+    lines = [ln for ln in save.splitlines() if ln.startswith(("-A", ":FLANNEL"))]
+    ours = [ln for ln in lines if "FLANNEL" in ln or "flanneld" in ln]
+    version = h1.run(["iptables", "--version"]).stdout
+    vm = re.search(r"v(\d+)\.(\d+)\.(\d+)", version)
+    random_fully = tuple(int(x) for x in vm.groups()) >= (1, 6, 2)
+    pod, c = subnet_of(h1), str(NETWORK)
+    want = [
+        ":FLANNEL-POSTRTG - [0:0]",
+        '-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG',
+        *masq_rules_text(pod, random_fully),
+        ":FLANNEL-FWD - [0:0]",
+        '-A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD',
+        f'-A FLANNEL-FWD -s {c} -m comment --comment "flanneld forward" -j ACCEPT',
+        f'-A FLANNEL-FWD -d {c} -m comment --comment "flanneld forward" -j ACCEPT',
+    ]
+    # every rule exactly once, chains in Flannel's order
+    assert sorted(ours) == sorted(want), "\n".join(ours)
+    # our chains hold exactly Flannel's rules in order; the built-in chains hold our jump once and nothing else
+    for chain in ("FLANNEL-POSTRTG", "FLANNEL-FWD", "POSTROUTING", "FORWARD"):
+        assert [ln for ln in lines if ln.startswith(f"-A {chain} ")] == \
+            [ln for ln in want if ln.startswith(f"-A {chain} ")], save
+
+    # container -> outside host: arrives from host1's address
+    out = tb.add_outside_host()
+    c1 = bed.ctrs[0]
+    assert str(h1.ip) == "10.168.0.2"
+    r = tcp_transfer(c1, out, out.ip, size=64 << 10)
+    assert r["sent"] == r["recv"] and r["peer"] == "10.168.0.2", r
+    # container -> container across hosts: not masqueraded, in both directions
+    for a, b in ((c1, bed.ctrs[1]), (bed.ctrs[2], c1)):
+        r = tcp_transfer(a, b, b.ip, size=64 << 10)
+        assert r["sent"] == r["recv"] and r["peer"] == str(a.ip), (a.name, a.host.name, r)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. a peer goes away for good (defined last: host3 stays down)
+
+
+@both
+def test_removed_lease_removes_entries_everywhere(bed):
+    tb = bed.tb
+    gone = bed.hosts[2]
+    s = subnet_of(gone)
+    bed.wait_converged()
+    mac = leases(tb)[s].get("BackendData", {}).get("VtepMAC")
+    assert gone.stop_daemon(signal.SIGTERM) == 0, gone.daemon_log_text()[-3000:]
+    t0 = time.monotonic()
+    tb.etcdctl("del", f"{tb.prefix_key}/subnets/{str(s).replace('/', '-')}")
+    remaining = bed.hosts[:2]
+
+    def gone_everywhere() -> bool:
+        for h in remaining:
+            t = tables(h, bed.backend)
+            if str(s) in t["routes"]:
+                return False
+            if bed.backend == "vxlan":
+                if str(s.network_address) in t["neigh"] or any(f[0] == mac or f[1] == str(gone.ip) for f in t["fdb"]):
+                    return False
+        return True
+
+    wait_for(gone_everywhere, timeout=CONVERGE_S, what=f"entries of {s} removed on every host")
+    took = time.monotonic() - t0
+    bed.wait_converged(remaining)  # and nothing else was touched
+    assert ping_ok(bed.ctrs[0], bed.ctrs[1].ip)
+    print(f"{bed.backend}: removal of {s} seen everywhere in {took:.2f} s")
