@@ -159,3 +159,77 @@ def test_loop_bidirectional(benchmark, pps, impl: str, threads: int, size: int) 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_loop_tx_only(benchmark, pps, impl: str, threads: int, size: int) -> None:  # type: ignore[no-untyped-def]
     _loop_bench(benchmark, pps, impl, threads, size, 2 * LOOP_N[size], 0, "tx only")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Variants side by side on real testbeds (not a pytest benchmark): docs/fastpath.md "Goal A"/"Goal B".
+#   cd /tmp && python /work/main/bench/bench_fastpath.py --variants SECONDS REPS name=backend[:ENV=V,ENV=V] ...
+# e.g. vxlan=vxlan udp=udp: plain=udp:FASTFLANNEL_UDP_TUN_OFFLOAD=0 base=udp:PYTHONPATH=/tmp/ffbase
+# Each variant is a 2-host testbed (fastflannel.bench.ModeCluster), all up at once, measured in rotated order.
+# Run from a directory other than the checkout, so that PYTHONPATH=<other checkout> can select older code.
+
+
+def _variants_main(argv):  # pragma: no cover - needs root and namespaces
+    import contextlib
+    import json
+    import statistics
+    import sys
+
+    from fastflannel import bench
+    from fastflannel.tools import Progress
+
+    seconds = float(argv[0])
+    reps = int(argv[1])
+    modes = []
+    for spec in argv[2:]:
+        name, rest = spec.split("=", 1)
+        backend, _, envs = rest.partition(":")
+        env = dict(kv.split("=", 1) for kv in envs.split(",") if kv)
+        bench.MODE_SPECS[name] = {"backend": backend, "env": env, "user_space": backend == "udp"}
+        modes.append(name)
+    say = Progress()
+    rows = {m: [] for m in modes}
+    with contextlib.ExitStack() as stack:
+        cl = {}
+        for m in modes:
+            c = bench.ModeCluster(m, say)
+            c.up(stack)
+            cl[m] = c
+        for rep in range(reps):
+            for m in bench.rotation(modes, rep):
+                c = cl[m]
+                c.check_daemons()
+                user = c.spec["user_space"]
+                b = c.stats() if user else None
+                r1 = c._iperf(seconds=seconds, streams=1)
+                a = c.stats() if user else None
+                r4 = c._iperf(seconds=seconds, streams=4)
+                row = {"tcp1": r1.gbps, "rtx1": r1.retransmits, "tcp4": r4.gbps, "rtx4": r4.retransmits}
+                if user:
+                    d = [bench.counter_delta(x, y) for x, y in zip(b, a)]
+                    row["deltas"] = d
+                rows[m].append(row)
+                say(f"rep {rep+1} {m}: tcp1 {r1.gbps:.2f} Gb/s rtx {r1.retransmits}, tcp4 {r4.gbps:.2f} rtx {r4.retransmits}")
+                if user:
+                    s, r = d
+                    keys = [k for k in s if (s[k] or r[k]) and k not in ("polls",)]
+                    say("   sender:   " + " ".join(f"{k}={s[k]}" for k in keys if s[k]))
+                    say("   receiver: " + " ".join(f"{k}={r[k]}" for k in keys if r[k]))
+    print()
+    ref = "vxlan" if "vxlan" in rows else modes[0]
+    med = {m: {k: statistics.median([r[k] for r in rows[m]]) for k in ("tcp1", "rtx1", "tcp4", "rtx4")} for m in modes}
+    print(f"{'mode':<14}{'tcp1 Gb/s':>10}{'ratio':>8}{'rtx1':>8}{'tcp4 Gb/s':>10}{'ratio':>8}{'rtx4':>8}   per-rep tcp1")
+    for m in modes:
+        x = med[m]
+        print(f"{m:<14}{x['tcp1']:>10.2f}{x['tcp1']/med[ref]['tcp1']:>8.3f}{x['rtx1']:>8.0f}{x['tcp4']:>10.2f}"
+              f"{x['tcp4']/med[ref]['tcp4']:>8.3f}{x['rtx4']:>8.0f}   " + " ".join(f"{r['tcp1']:.2f}" for r in rows[m]))
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys as _sys
+
+    if _sys.argv[1:2] == ["--variants"]:
+        _variants_main(_sys.argv[2:])
+    else:
+        raise SystemExit("usage: bench_fastpath.py --variants SECONDS REPS name=backend[:ENV=V,...] ...")

@@ -113,6 +113,7 @@ cdef struct ff_state:
     int check_peer
     int check_dest
     unsigned int batch
+    unsigned int spin  # bursts read without poll() while a fd keeps returning data (0: poll every burst)
     uint32_t *table  # next hop (host order) per subnet index; 0 = no route
     ff_peers peers
     ff_io tx

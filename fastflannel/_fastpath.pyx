@@ -392,8 +392,8 @@ cdef unsigned int ff_tx_process(ff_state *st, unsigned int count, unsigned int *
     return nsend
 
 
-cdef int ff_tx_burst(ff_state *st, int *stage) noexcept nogil:
-    """Drain up to one batch from the TUN, process it, send it; 0, 1 (stop seen) or -errno."""
+cdef int ff_tx_burst(ff_state *st, int *stage, unsigned int *got) noexcept nogil:
+    """Drain up to one batch from the TUN, process it, send it; 0, 1 (stop seen) or -errno. got: packets read."""
     cdef ff_io *io = &st.tx
     cdef unsigned int count = 0, nsend, nicmp = 0, sent = 0, i
     cdef ssize_t n
@@ -416,6 +416,7 @@ cdef int ff_tx_burst(ff_state *st, int *stage) noexcept nogil:
             break
         io.lens[count] = <uint32_t>n
         count += 1
+    got[0] = count
     if count == 0:
         ff_add(&st.c[C_TX_SYSCALLS], syscalls)
         return 0
@@ -470,8 +471,9 @@ cdef unsigned int ff_rx_process(ff_state *st, unsigned int count) noexcept nogil
     return nwrite
 
 
-cdef int ff_rx_burst(ff_state *st, int *stage) noexcept nogil:
-    """Receive up to one batch with recvmmsg, process it, write it to the TUN; 0, 1 (stop seen) or -errno."""
+cdef int ff_rx_burst(ff_state *st, int *stage, unsigned int *got) noexcept nogil:
+    """Receive up to one batch with recvmmsg, process it, write it to the TUN; 0, 1 (stop seen) or -errno.
+    got: datagrams received."""
     cdef ff_io *io = &st.rx
     cdef unsigned int i, count
     cdef int r, e
@@ -480,6 +482,7 @@ cdef int ff_rx_burst(ff_state *st, int *stage) noexcept nogil:
     for i in range(st.batch):
         io.msgs[i].msg_hdr.msg_namelen = sizeof(io.addrs[0])
         io.msgs[i].msg_hdr.msg_flags = 0
+    got[0] = 0
     r = recvmmsg(st.udp_fd, io.msgs, st.batch, MSG_DONTWAIT, NULL)
     if r <= 0:
         ff_add(&st.c[C_RX_SYSCALLS], 1)
@@ -494,6 +497,7 @@ cdef int ff_rx_burst(ff_state *st, int *stage) noexcept nogil:
         ff_add(&st.c[C_RX_RECV_ERRORS], 1)  # e.g. a queued ICMP error (IP_RECVERR)
         return 0
     count = <unsigned int>r
+    got[0] = count
     ff_add(&st.c[C_RX_BATCHES], 1)
     for i in range(count):
         io.lens[i] = io.msgs[i].msg_len
@@ -566,9 +570,16 @@ cdef int ff_ctl(ff_state *st, int ctl_fd, int *stage) noexcept nogil:
 
 
 cdef int ff_run(ff_state *st, int role, int ctl_fd, int *stage, int *bad_fd) noexcept nogil:
-    """Serve ``role`` until the stop eventfd is readable (0) or a fd fails (-errno, stage/bad_fd set)."""
+    """Serve ``role`` until the stop eventfd is readable (0) or a fd fails (-errno, stage/bad_fd set).
+
+    While a data fd keeps returning packets the loop reads it again without poll() (flannel's trick: an
+    occasional EAGAIN is cheaper than a poll() per burst), but at most FF_SPIN bursts in a row: then poll()
+    runs (it returns at once when data is waiting) and stop and ctl are serviced.
+    """
     cdef pollfd fds[4]
-    cdef int nfds = 2, i_tun = -1, i_udp = -1, r, i
+    cdef int nfds = 2, i_tun = -1, i_udp = -1, r, i, spin = 0
+    cdef bint tun_ready, udp_ready
+    cdef unsigned int got_tx = 0, got_rx = 0
     fds[0].fd = st.stop_fd
     fds[0].events = POLLIN
     fds[1].fd = ctl_fd
@@ -584,38 +595,49 @@ cdef int ff_run(ff_state *st, int role, int ctl_fd, int *stage, int *bad_fd) noe
         fds[nfds].events = POLLIN
         nfds += 1
     while True:
-        for i in range(nfds):
-            fds[i].revents = 0
-        r = poll(fds, nfds, -1)
-        ff_add_shared(&st.c[C_POLLS], 1)
-        if r < 0:
-            if errno == EINTR:
-                continue
-            stage[0] = S_POLL
-            return -errno
-        for i in range(nfds):
-            if fds[i].revents & POLLNVAL:
-                stage[0] = S_POLL
-                bad_fd[0] = fds[i].fd
-                return -EBADF
-        if fds[0].revents:
-            return 0
-        if fds[1].revents:
-            r = ff_ctl(st, ctl_fd, stage)
+        if spin == 0:
+            for i in range(nfds):
+                fds[i].revents = 0
+            r = poll(fds, nfds, -1)
+            ff_add_shared(&st.c[C_POLLS], 1)
             if r < 0:
-                return r
-        if i_tun >= 0 and fds[i_tun].revents:
-            if fds[i_tun].revents & POLLIN:
-                r = ff_tx_burst(st, stage)
-                if r != 0:
-                    return r if r < 0 else 0
-            else:  # POLLERR/POLLHUP without data: the device (or the socketpair standing in) is gone
+                if errno == EINTR:
+                    continue
+                stage[0] = S_POLL
+                return -errno
+            for i in range(nfds):
+                if fds[i].revents & POLLNVAL:
+                    stage[0] = S_POLL
+                    bad_fd[0] = fds[i].fd
+                    return -EBADF
+            if fds[0].revents:
+                return 0
+            if fds[1].revents:
+                r = ff_ctl(st, ctl_fd, stage)
+                if r < 0:
+                    return r
+            tun_ready = i_tun >= 0 and fds[i_tun].revents != 0
+            udp_ready = i_udp >= 0 and fds[i_udp].revents != 0
+            if tun_ready and not (fds[i_tun].revents & POLLIN):
+                # POLLERR/POLLHUP without data: the device (or the socketpair standing in) is gone
                 stage[0] = S_TUN_READ
                 return -EPIPE
-        if i_udp >= 0 and fds[i_udp].revents:
-            r = ff_rx_burst(st, stage)
+        else:  # spinning: only the fds that returned data last time
+            tun_ready = got_tx != 0
+            udp_ready = got_rx != 0
+        got_tx = got_rx = 0
+        if tun_ready:
+            r = ff_tx_burst(st, stage, &got_tx)
             if r != 0:
                 return r if r < 0 else 0
+        if udp_ready:
+            r = ff_rx_burst(st, stage, &got_rx)
+            if r != 0:
+                return r if r < 0 else 0
+        if (got_tx != 0 or got_rx != 0) and spin < st.spin:
+            spin += 1
+        else:
+            spin = 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -686,7 +708,7 @@ cdef class Proxy:
 
     def __cinit__(self, int tun_fd, int udp_fd, uint32_t net, int net_plen, int subnet_len, uint32_t own_net,
                   int own_plen, uint32_t tun_ip, int mtu, int port, bint check_peer_source,
-                  bint check_inner_dest, unsigned int batch):
+                  bint check_inner_dest, unsigned int batch, *, unsigned int spin=8):
         cdef ff_state *st
         self._ctl = [None, None, None]
         self._ctl_fd[0] = self._ctl_fd[1] = self._ctl_fd[2] = -1
@@ -713,6 +735,7 @@ cdef class Proxy:
         st.check_peer = check_peer_source
         st.check_dest = check_inner_dest
         st.batch = batch
+        st.spin = spin
         st.table = <uint32_t *>PyMem_RawCalloc(st.table_size, sizeof(uint32_t))
         st.peers.cap = FF_PEERS_MIN
         st.peers.keys = <uint32_t *>PyMem_RawCalloc(FF_PEERS_MIN, sizeof(uint32_t))

@@ -217,7 +217,7 @@ class Proxy:
 
     def __init__(self, tun_fd: int, udp_fd: int, net: int, net_plen: int, subnet_len: int, own_net: int,
                  own_plen: int, tun_ip: int, mtu: int, port: int, check_peer_source: bool,
-                 check_inner_dest: bool, batch: int) -> None:
+                 check_inner_dest: bool, batch: int, *, spin: int = 8) -> None:
         self._tun_fd = tun_fd
         self._udp_fd = udp_fd
         self._net = net

@@ -85,6 +85,7 @@ class FastPathOptions:
     check_inner_dest: bool = True  # drop inner packets whose destination is not in own_subnet (no open relay)
     batch: int = 64  # max packets per recvmmsg/sendmmsg/TUN-drain burst
     threads: int = 2  # 2: one loop thread per direction; 1: one thread for both (docs/fastpath.md: measured)
+    spin: int = 8  # bursts read without poll() while a fd keeps returning data; 0: poll() before every burst
     implementation: Optional[str] = None  # "cython"/"python"; None: IMPLEMENTATION (env/extension decide)
 
 
@@ -136,6 +137,8 @@ class FastPath:
             raise ValueError(f"port {port} out of range 1..65535")
         if not 1 <= options.batch <= MAX_BATCH:
             raise ValueError(f"batch {options.batch} out of range 1..{MAX_BATCH}")
+        if not 0 <= options.spin <= 1024:
+            raise ValueError(f"spin {options.spin} out of range 0..1024")
         if options.threads not in (1, 2):
             raise ValueError(f"threads must be 1 or 2, not {options.threads}")
         for name, fd in (("tun_fd", tun_fd), ("udp_fd", udp_fd)):
@@ -162,7 +165,7 @@ class FastPath:
         self._proxy = impl.Proxy(
             tun_fd, udp_fd, int(network.network_address), network.prefixlen, subnet_len,
             int(own_subnet.network_address), own_subnet.prefixlen, int(self.tun_ip), mtu, port,
-            bool(options.check_peer_source), bool(options.check_inner_dest), options.batch)
+            bool(options.check_peer_source), bool(options.check_inner_dest), options.batch, spin=options.spin)
 
     # --- lifecycle ---
 

@@ -288,6 +288,16 @@ class Netlink:
         idx = self._require(name)
         self._call(f"link set {name} mtu {mtu}", lambda i: i.link("set", index=idx, mtu=mtu))
 
+    def set_link_queue(self, name: str, txqlen: Optional[int] = None, gso_max_size: Optional[int] = None) -> None:
+        """Set the transmit queue length (``ip link set X txqueuelen N``; for a TUN also the size of the ring the
+        reader drains) and/or ``gso_max_size`` (largest GSO packet the stack builds for X) of link ``name``."""
+        idx = self._require(name)
+        if txqlen is not None:
+            self._call(f"link set {name} txqueuelen {txqlen}", lambda i: i.link("set", index=idx, txqlen=txqlen))
+        if gso_max_size is not None:
+            self._call(f"link set {name} gso_max_size {gso_max_size}",
+                       lambda i: i.link("set", index=idx, gso_max_size=gso_max_size))
+
     def set_mac(self, name: str, mac: str) -> None:
         idx = self._require(name)
         self._call(f"link set {name} address {mac}", lambda i: i.link("set", index=idx, address=mac.lower()))
