@@ -14,6 +14,19 @@ cdef enum:
     FF_ICMP_MAX = 96  # 20 IP + 8 ICMP + quoted header (< 60, flannel) + 8 payload bytes, rounded up
     FF_CTL_BURST = 256  # commands applied per wake-up before the data fds get their turn
     FF_PEERS_MIN = 16  # initial peer hash capacity (power of two)
+    # offload mode (TUN IFF_VNET_HDR + TSO; UDP GSO/GRO): docs/fastpath.md "Offloads"
+    FF_VNET = 10  # sizeof(struct virtio_net_hdr)
+    FF_RBUF = FF_VNET + FF_SLOT  # one TUN read: header + any IPv4 packet
+    FF_TX_READS = 8  # TUN reads (super-packets) per tx burst
+    FF_SEGS_MAX = 256  # segments one super-packet may split into (gso_size >= 256 for 64 KB)
+    FF_SEG_ROOM = 98304  # arena bytes one split may need: 256 x 120 header bytes + 65535 payload, rounded up
+    FF_ARENA = FF_TX_READS * FF_SEG_ROOM
+    FF_TXMSG_MAX = 1024  # sendmmsg messages per tx burst (>= FF_TX_READS * FF_SEGS_MAX / 2 + slack)
+    FF_GSO_SEGS = 64  # UDP_MAX_SEGMENTS
+    FF_GSO_BYTES = 65507  # largest UDP payload of one IPv4 GSO send
+    FF_CMSG = 64  # control buffer per message (UDP_SEGMENT u16 / UDP_GRO int)
+    FF_WSLOTS = 64  # rx: coalesced/single packets pending one TUN write each
+    FF_WSLOT = FF_VNET + FF_SLOT
 
 
 # Counter slots: the order of _fastpath_py.COUNTER_NAMES (checked at import).
@@ -43,6 +56,14 @@ cdef enum:  # ff_counter
     C_RX_RECV_ERRORS
     C_POLLS
     C_CTL_COMMANDS
+    C_TX_TSO_READS
+    C_TX_TSO_SEGMENTS
+    C_TX_GSO_SENDS
+    C_TX_GSO_ERRORS
+    C_RX_GRO_RECEIVES
+    C_RX_GRO_DATAGRAMS
+    C_RX_COALESCED_WRITES
+    C_RX_COALESCED_PACKETS
     FF_NCOUNTERS
 
 
@@ -79,6 +100,21 @@ cdef struct ff_command:
     uint32_t seq
 
 
+# One pending TUN write in offload mode: a single packet or a coalesced TCP flow run (fastpath.md 1.4, append only).
+cdef struct ff_item:
+    uint32_t src
+    uint32_t dst
+    uint32_t ports
+    uint32_t ack
+    uint32_t next_seq
+    uint32_t len  # IP bytes in the slot (after the vnet header)
+    uint32_t in_bytes  # sum of the inner packets' lengths (rx_bytes)
+    uint16_t gso  # payload bytes of the first segment
+    uint16_t hlen  # IP + TCP header bytes
+    uint16_t count  # packets merged
+    uint8_t open  # 1: more segments may be appended
+
+
 # One direction's batch: packet slots, their lengths and the mmsghdr/iovec/sockaddr arrays, set up once.
 cdef struct ff_io:
     uint8_t *bufs  # batch * FF_SLOT
@@ -89,6 +125,24 @@ cdef struct ff_io:
     sockaddr_in *addrs
     uint8_t *icmp  # tx: batch * FF_ICMP_MAX
     uint32_t *icmp_lens
+    # offload mode, tx: read buffer, segment arena, GSO messages (one per run of equal segments)
+    uint8_t *rbuf
+    uint8_t *arena
+    size_t arena_used
+    mmsghdr *gmsgs
+    iovec *giov
+    sockaddr_in *gaddrs
+    uint8_t *gcmsg  # FF_TXMSG_MAX * FF_CMSG
+    uint32_t *gsegs  # segments per message
+    uint32_t *gseglen  # segment size per message
+    unsigned int ngmsg
+    # offload mode, rx: cmsg per received message, write slots and their coalescing items
+    uint8_t *rcmsg  # batch * FF_CMSG
+    uint8_t *wslots  # FF_WSLOTS * FF_WSLOT
+    ff_item *items
+    unsigned int nout
+
+
 
 
 # Open-addressing (linear probing, backward-shift delete) set of peer addresses; 0 is the empty key.
@@ -114,6 +168,9 @@ cdef struct ff_state:
     int check_dest
     unsigned int batch
     unsigned int spin  # bursts read without poll() while a fd keeps returning data (0: poll every burst)
+    int vnet  # TUN fd has IFF_VNET_HDR (+ TSO offloads): every read/write starts with a virtio_net_hdr
+    int gso  # send split segments with UDP_SEGMENT (cleared on EIO)
+    int gro  # the UDP socket has UDP_GRO: receives carry a segment size cmsg
     uint32_t *table  # next hop (host order) per subnet index; 0 = no route
     ff_peers peers
     ff_io tx

@@ -31,17 +31,27 @@ from libc.errno cimport (
     ENOMEM,
     ENOTSOCK,
     EPIPE,
+    EIO,
     ETIMEDOUT,
     errno,
 )
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
+from posix.uio cimport iovec, writev
 from posix.unistd cimport close, read, write
 
-from fastflannel.includes.fastpath cimport ff_add, ff_add_shared, ff_load
+from fastflannel.includes.fastpath cimport ff_add, ff_add_shared, ff_fold, ff_load, ff_sum_native
 from fastflannel.includes.system cimport (
     AF_INET,
+    CMSG_DATA,
+    CMSG_FIRSTHDR,
+    CMSG_LEN,
+    CMSG_NXTHDR,
+    CMSG_SPACE,
     EFD_CLOEXEC,
+    FF_SOL_UDP,
+    FF_UDP_GRO,
+    FF_UDP_SEGMENT,
     EFD_NONBLOCK,
     MSG_DONTWAIT,
     MSG_TRUNC,
@@ -59,7 +69,10 @@ from fastflannel.includes.system cimport (
     recv,
     recvmmsg,
     send,
+    cmsghdr,
     sendmmsg,
+    sendto,
+    sockaddr_in,
 )
 
 import socket as _socket
@@ -84,6 +97,13 @@ cdef enum:
     ICMP_TTL = 8  # flannel send_net_unreachable
     FRAG_OFFSET_MASK = 0x1FFF
     CMD_SYNC = 99  # ctl only: echoed back by the loop once every earlier command is applied
+    IPPROTO_TCP = 6
+    TCP_FIN = 0x01
+    TCP_PSH = 0x08
+    TCP_ACK = 0x10
+    VIRTIO_F_NEEDS_CSUM = 1
+    VIRTIO_GSO_NONE = 0
+    VIRTIO_GSO_TCPV4 = 1
 
 SYNC_TIMEOUT_S = 5.0
 
@@ -111,7 +131,10 @@ _C_SLOTS = {
     "rx_drop_foreign_dest": C_RX_DROP_FOREIGN_DEST, "rx_drop_malformed": C_RX_DROP_MALFORMED,
     "rx_drop_ttl": C_RX_DROP_TTL, "rx_drop_tun_write": C_RX_DROP_TUN_WRITE,
     "rx_tun_write_waits": C_RX_TUN_WRITE_WAITS, "rx_recv_errors": C_RX_RECV_ERRORS, "polls": C_POLLS,
-    "ctl_commands": C_CTL_COMMANDS,
+    "ctl_commands": C_CTL_COMMANDS, "tx_tso_reads": C_TX_TSO_READS, "tx_tso_segments": C_TX_TSO_SEGMENTS,
+    "tx_gso_sends": C_TX_GSO_SENDS, "tx_gso_errors": C_TX_GSO_ERRORS, "rx_gro_receives": C_RX_GRO_RECEIVES,
+    "rx_gro_datagrams": C_RX_GRO_DATAGRAMS, "rx_coalesced_writes": C_RX_COALESCED_WRITES,
+    "rx_coalesced_packets": C_RX_COALESCED_PACKETS,
 }
 if tuple(_C_SLOTS) != COUNTER_NAMES or list(_C_SLOTS.values()) != list(range(FF_NCOUNTERS)):
     raise ImportError("fastflannel._fastpath counter layout differs from _fastpath_py.COUNTER_NAMES; rebuild")
@@ -338,6 +361,225 @@ cdef int ff_apply(ff_state *st, uint32_t cmd, uint32_t arg, uint32_t value) noex
 
 
 # ---------------------------------------------------------------------------------------------------------
+# offloads: TSO split (TUN read side) and TCP coalescing (TUN write side), fastpath research notes 1.3/1.4.
+# virtio_net_hdr fields are host byte order (no TUNSETVNETLE/BE); packet fields big endian. Checksums are summed
+# in native order (ff_sum_native) and stored with a native 16-bit store, which is right on either endianness.
+
+cdef inline uint16_t ld16n(const uint8_t *p) noexcept nogil:
+    cdef uint16_t v
+    memcpy(&v, p, 2)
+    return v
+
+
+cdef inline void st16n(uint8_t *p, uint16_t v) noexcept nogil:
+    memcpy(p, &v, 2)
+
+
+cdef inline uint16_t ld16(const uint8_t *p) noexcept nogil:
+    return <uint16_t>((<uint16_t>p[0] << 8) | p[1])
+
+
+cdef inline void st16(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = <uint8_t>(v >> 8)
+    p[1] = <uint8_t>v
+
+
+cdef inline uint64_t ff_pseudo(const uint8_t *ip, uint32_t l4len, uint8_t proto) noexcept nogil:
+    """Native-order sum of the IPv4 pseudo-header of ``ip`` for an L4 segment of ``l4len`` bytes."""
+    return ff_sum_native(ip + 12, 8, 0) + htons(proto) + htons(<uint16_t>l4len)
+
+
+cdef inline void ff_ip_csum(uint8_t *ip, size_t ihl) noexcept nogil:
+    ip[10] = 0
+    ip[11] = 0
+    st16n(ip + 10, <uint16_t>~ff_fold(ff_sum_native(ip, ihl, 0)))
+
+
+cdef inline bint ff_tcp_csum_ok(const uint8_t *ip, size_t n, size_t ihl) noexcept nogil:
+    return ff_fold(ff_pseudo(ip, <uint32_t>(n - ihl), IPPROTO_TCP) + ff_sum_native(ip + ihl, n - ihl, 0)) == 0xFFFF
+
+
+cdef int ff_gso_split(const uint8_t *buf, size_t n, uint8_t *out, size_t cap, uint32_t *lens,
+                      unsigned int max_segs, int *is_tso) noexcept nogil:
+    """Turn one TUN read (virtio_net_hdr + packet) into plain IPv4 packets laid back to back in ``out``.
+
+    Returns the number of packets (lens[i] each), -1 if the header or packet is unusable (count as malformed),
+    -2 if more than ``max_segs`` segments or ``cap`` bytes would be needed. is_tso: 1 for a TCPV4 super-packet.
+    NONE + NEEDS_CSUM: the checksum is completed. TCPV4: hdr_len is recomputed (never trusted), each segment gets
+    IP id + i, total length, seq + offset, FIN/PSH only on the last, IP and TCP checksums computed in full.
+    """
+    cdef uint8_t flags, gso_type
+    cdef size_t gso_size, cs, co, ihl, doff, hdr, payload, off, seg, pos = 0, plen
+    cdef const uint8_t *pkt
+    cdef uint8_t *o
+    cdef unsigned int nseg, i
+    cdef uint32_t seq0
+    cdef uint16_t id0
+    cdef uint8_t tflags
+    is_tso[0] = 0
+    if n < FF_VNET:
+        return -1
+    flags = buf[0]
+    gso_type = buf[1]
+    gso_size = ld16n(buf + 4)
+    cs = ld16n(buf + 6)
+    co = ld16n(buf + 8)
+    pkt = buf + FF_VNET
+    plen = n - FF_VNET
+    if gso_type == VIRTIO_GSO_NONE:
+        if plen > cap:
+            return -2
+        memcpy(out, pkt, plen)
+        if flags & VIRTIO_F_NEEDS_CSUM:
+            if cs + co + 2 > plen:
+                return -1
+            st16n(out + cs + co, <uint16_t>~ff_fold(ff_sum_native(out + cs, plen - cs, 0)))
+        lens[0] = <uint32_t>plen
+        return 1
+    if gso_type != VIRTIO_GSO_TCPV4:  # TCPV6 (flannel carries IPv4 only), UDP, ECN: not ours
+        return -1
+    is_tso[0] = 1
+    if plen < IPV4_HDR_MIN or (pkt[0] >> 4) != 4 or pkt[9] != IPPROTO_TCP:
+        return -1
+    ihl = (pkt[0] & 0x0F) * 4
+    if ihl < IPV4_HDR_MIN or cs != ihl or plen < ihl + 20 or gso_size == 0:
+        return -1
+    doff = (pkt[ihl + 12] >> 4) * 4
+    hdr = ihl + doff
+    if doff < 20 or hdr > plen:
+        return -1
+    payload = plen - hdr
+    nseg = <unsigned int>((payload + gso_size - 1) // gso_size) if payload else 1
+    if nseg > max_segs or nseg * hdr + payload > cap:
+        return -2
+    seq0 = ld32(pkt + ihl + 4)
+    id0 = ld16(pkt + 4)
+    tflags = pkt[ihl + 13]
+    off = 0
+    for i in range(nseg):
+        seg = payload - off if payload - off < gso_size else gso_size
+        o = out + pos
+        memcpy(o, pkt, hdr)
+        memcpy(o + hdr, pkt + hdr + off, seg)
+        st16(o + 2, <uint32_t>(hdr + seg))
+        st16(o + 4, <uint16_t>(id0 + i))
+        ff_ip_csum(o, ihl)
+        st32(o + ihl + 4, seq0 + <uint32_t>off)
+        if i + 1 != nseg:
+            o[ihl + 13] = tflags & ~(TCP_FIN | TCP_PSH)
+        o[ihl + 16] = 0
+        o[ihl + 17] = 0
+        st16n(o + ihl + 16, <uint16_t>~ff_fold(ff_pseudo(o, <uint32_t>(doff + seg), IPPROTO_TCP)
+                                               + ff_sum_native(o + ihl, doff + seg, 0)))
+        lens[i] = <uint32_t>(hdr + seg)
+        pos += hdr + seg
+        off += seg
+    return <int>nseg
+
+
+cdef inline bint ff_gro_candidate(const uint8_t *p, size_t n) noexcept nogil:
+    """A well-formed IPv4 packet (ff_malformed passed) that may be merged: IHL 5, TCP, no fragment, TCP header
+    20..60 inside the packet, flags exactly ACK or ACK|PSH, payload > 0."""
+    cdef size_t doff
+    if p[0] != 0x45 or p[9] != IPPROTO_TCP or (p[6] & 0x3F) != 0 or p[7] != 0 or n < 40:
+        return False
+    doff = (p[32] >> 4) * 4
+    if doff < 20 or 20 + doff >= n:
+        return False
+    return (p[33] & ~TCP_PSH) == TCP_ACK
+
+
+cdef void ff_gro_reset(ff_io *io) noexcept nogil:
+    io.nout = 0
+
+
+cdef int ff_gro_add(ff_io *io, const uint8_t *p, size_t n) noexcept nogil:
+    """Queue inner packet p[0:n] (rules already applied) for the TUN: append it to an open run of its flow or
+    start a new write slot. Returns 0, or 1 if the slots are full (flush, then call again)."""
+    cdef ff_item *it
+    cdef ff_item *head
+    cdef uint8_t *slot
+    cdef uint8_t *hp
+    cdef size_t hlen, pay
+    cdef uint32_t src, dst, ports, ack, seq
+    cdef int j
+    if ff_gro_candidate(p, n) and ff_tcp_csum_ok(p, n, 20):
+        hlen = 20 + (p[32] >> 4) * 4
+        pay = n - hlen
+        src = ld32(p + 12)
+        dst = ld32(p + 16)
+        ports = ld32(p + 20)
+        ack = ld32(p + 28)
+        seq = ld32(p + 24)
+        j = <int>io.nout - 1
+        while j >= 0:  # newest first; the first item of the same flow decides
+            it = &io.items[j]
+            if it.open and it.src == src and it.dst == dst and it.ports == ports and it.ack == ack:
+                hp = io.wslots + <size_t>j * FF_WSLOT + FF_VNET
+                if (it.hlen == hlen and it.next_seq == seq and pay <= it.gso and it.len + pay <= IPV4_MAX
+                        and hp[1] == p[1] and hp[8] == p[8] and hp[6] == p[6]
+                        and memcmp(hp + 40, p + 40, hlen - 40) == 0):
+                    memcpy(hp + it.len, p + hlen, pay)
+                    it.len += <uint32_t>pay
+                    it.in_bytes += <uint32_t>n
+                    it.next_seq += <uint32_t>pay
+                    it.count += 1
+                    if pay < it.gso:
+                        it.open = 0
+                    if p[33] & TCP_PSH:
+                        hp[33] |= TCP_PSH
+                        it.open = 0
+                    return 0
+                break
+            j -= 1
+        if io.nout == FF_WSLOTS:
+            return 1
+        it = &io.items[io.nout]
+        it.src = src
+        it.dst = dst
+        it.ports = ports
+        it.ack = ack
+        it.next_seq = seq + <uint32_t>pay
+        it.gso = <uint16_t>pay
+        it.hlen = <uint16_t>hlen
+        it.open = 0 if p[33] & TCP_PSH else 1
+    else:
+        if io.nout == FF_WSLOTS:
+            return 1
+        it = &io.items[io.nout]
+        it.open = 0
+        it.hlen = 0
+        it.gso = 0
+    slot = io.wslots + <size_t>io.nout * FF_WSLOT
+    memcpy(slot + FF_VNET, p, n)
+    it.len = <uint32_t>n
+    it.in_bytes = <uint32_t>n
+    it.count = 1
+    io.nout += 1
+    return 0
+
+
+cdef size_t ff_gro_finish(ff_io *io, unsigned int k) noexcept nogil:
+    """Write the virtio_net_hdr of slot k (and fix a merged run's IP header and partial TCP checksum); return the
+    bytes to write (header included)."""
+    cdef ff_item *it = &io.items[k]
+    cdef uint8_t *slot = io.wslots + <size_t>k * FF_WSLOT
+    cdef uint8_t *ip = slot + FF_VNET
+    memset(slot, 0, FF_VNET)
+    if it.count > 1:
+        slot[0] = VIRTIO_F_NEEDS_CSUM
+        slot[1] = VIRTIO_GSO_TCPV4
+        st16n(slot + 2, it.hlen)
+        st16n(slot + 4, it.gso)
+        st16n(slot + 6, 20)
+        st16n(slot + 8, 16)
+        st16(ip + 2, it.len)
+        ff_ip_csum(ip, 20)
+        st16n(ip + 36, ff_fold(ff_pseudo(ip, it.len - 20, IPPROTO_TCP)))  # folded, not complemented
+    return FF_VNET + it.len
+
+
+# ---------------------------------------------------------------------------------------------------------
 # the loop (no Python objects below this line until Proxy)
 
 cdef inline bint ff_fatal(int e) noexcept nogil:
@@ -539,6 +781,353 @@ cdef int ff_rx_burst(ff_state *st, int *stage, unsigned int *got) noexcept nogil
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------
+# offload mode loops (st.vnet / st.gro); the plain per-packet bursts above stay as they were
+
+cdef int ff_send_slow(ff_state *st, unsigned int m, uint64_t *syscalls, uint64_t *packets,
+                      uint64_t *nbytes) noexcept nogil:
+    """Send GSO message m one datagram at a time (GSO refused); 0, 1 (stop) or -errno."""
+    cdef ff_io *io = &st.tx
+    cdef uint8_t *base = <uint8_t *>io.giov[m].iov_base
+    cdef size_t left = io.giov[m].iov_len, seg = io.gseglen[m], l
+    cdef ssize_t w
+    cdef int e, r
+    while left > 0:
+        l = left if left < seg else seg
+        w = sendto(st.udp_fd, base, l, MSG_DONTWAIT, &io.gaddrs[m], sizeof(sockaddr_in))
+        syscalls[0] += 1
+        if w < 0:
+            e = errno
+            if e == EINTR:
+                continue
+            if e == EAGAIN:
+                ff_add(&st.c[C_TX_SEND_WAITS], 1)
+                syscalls[0] += 1
+                r = ff_wait_writable(st, st.udp_fd)
+                if r <= 0:
+                    return r if r < 0 else 1
+                continue
+            if ff_fatal(e):
+                return -e
+            ff_add(&st.c[C_TX_DROP_SEND], 1)
+        else:
+            packets[0] += 1
+            nbytes[0] += l
+        base += l
+        left -= l
+    return 0
+
+
+cdef int ff_tx_flush(ff_state *st, int *stage, uint64_t *syscalls) noexcept nogil:
+    """sendmmsg the queued messages (UDP_SEGMENT cmsg on multi-segment ones); 0, 1 (stop) or -errno."""
+    cdef ff_io *io = &st.tx
+    cdef unsigned int m, sent = 0, k
+    cdef int r, e
+    cdef cmsghdr *cm
+    cdef uint16_t segsz
+    cdef uint64_t packets = 0, nbytes = 0, gsends = 0
+    for m in range(io.ngmsg):
+        if io.gsegs[m] > 1 and st.gso:
+            io.gmsgs[m].msg_hdr.msg_control = io.gcmsg + <size_t>m * FF_CMSG
+            io.gmsgs[m].msg_hdr.msg_controllen = CMSG_SPACE(sizeof(uint16_t))
+            cm = CMSG_FIRSTHDR(&io.gmsgs[m].msg_hdr)
+            cm.cmsg_level = FF_SOL_UDP
+            cm.cmsg_type = FF_UDP_SEGMENT
+            cm.cmsg_len = CMSG_LEN(sizeof(uint16_t))
+            segsz = <uint16_t>io.gseglen[m]
+            memcpy(CMSG_DATA(cm), &segsz, sizeof(uint16_t))
+        else:
+            io.gmsgs[m].msg_hdr.msg_control = NULL
+            io.gmsgs[m].msg_hdr.msg_controllen = 0
+    r = 0
+    while sent < io.ngmsg:
+        if io.gsegs[sent] > 1 and not st.gso:
+            r = ff_send_slow(st, sent, syscalls, &packets, &nbytes)
+            if r != 0:
+                break
+            sent += 1
+            continue
+        r = sendmmsg(st.udp_fd, io.gmsgs + sent, io.ngmsg - sent, MSG_DONTWAIT)
+        syscalls[0] += 1
+        if r < 0:
+            e = errno
+            r = 0
+            if e == EINTR:
+                continue
+            if e == EAGAIN:
+                ff_add(&st.c[C_TX_SEND_WAITS], 1)
+                syscalls[0] += 1
+                r = ff_wait_writable(st, st.udp_fd)
+                if r <= 0:
+                    r = r if r < 0 else 1
+                    break
+                r = 0
+                continue
+            if e == EIO and io.gsegs[sent] > 1 and st.gso:  # no TX checksum offload under us: GSO off, resend
+                st.gso = 0
+                ff_add(&st.c[C_TX_GSO_ERRORS], 1)
+                continue
+            if ff_fatal(e):
+                r = -e
+                break
+            ff_add(&st.c[C_TX_DROP_SEND], io.gsegs[sent])
+            sent += 1
+            continue
+        for k in range(sent, sent + <unsigned int>r):
+            packets += io.gsegs[k]
+            nbytes += io.giov[k].iov_len
+            if io.gsegs[k] > 1 and st.gso:
+                gsends += 1
+        sent += <unsigned int>r
+        r = 0
+    ff_add(&st.c[C_TX_PACKETS], packets)
+    ff_add(&st.c[C_TX_BYTES], nbytes)
+    ff_add(&st.c[C_TX_GSO_SENDS], gsends)
+    io.ngmsg = 0
+    io.arena_used = 0
+    if r < 0:
+        stage[0] = S_UDP_SEND
+    return r
+
+
+cdef int ff_tx_burst_vnet(ff_state *st, int *stage, unsigned int *got) noexcept nogil:
+    """Offload mode: read up to FF_TX_READS virtio packets, split TSO ones, apply the rules per segment, send runs
+    of equal segments to one peer as one UDP_SEGMENT message; 0, 1 (stop seen) or -errno. got: TUN reads."""
+    cdef ff_io *io = &st.tx
+    cdef unsigned int reads = 0, i, m
+    cdef int nseg, tso, r, e
+    cdef ssize_t n
+    cdef uint8_t *p
+    cdef uint8_t zero[FF_VNET]
+    cdef iovec wv[2]
+    cdef uint32_t nh = 0, l
+    cdef size_t ilen = 0
+    cdef ff_verdict v
+    cdef uint64_t syscalls = 0
+    cdef bint opn = False
+    memset(zero, 0, FF_VNET)
+    got[0] = 0
+    io.ngmsg = 0
+    io.arena_used = 0
+    while reads < FF_TX_READS:
+        if FF_ARENA - io.arena_used < FF_SEG_ROOM or FF_TXMSG_MAX - io.ngmsg < FF_SEGS_MAX:
+            r = ff_tx_flush(st, stage, &syscalls)
+            opn = False
+            if r != 0:
+                ff_add(&st.c[C_TX_SYSCALLS], syscalls)
+                return r
+        n = read(st.tun_fd, io.rbuf, FF_RBUF)
+        syscalls += 1
+        if n < 0:
+            e = errno
+            if e == EINTR:
+                continue
+            if e == EAGAIN:
+                break
+            if ff_fatal(e):
+                ff_add(&st.c[C_TX_SYSCALLS], syscalls)
+                stage[0] = S_TUN_READ
+                return -e
+            ff_add(&st.c[C_TX_READ_ERRORS], 1)
+            break
+        reads += 1
+        nseg = ff_gso_split(io.rbuf, <size_t>n, io.arena + io.arena_used, FF_ARENA - io.arena_used, io.lens,
+                            FF_SEGS_MAX, &tso)
+        if nseg < 0:
+            ff_add(&st.c[C_TX_DROP_MALFORMED], 1)
+            continue
+        if tso:
+            ff_add(&st.c[C_TX_TSO_READS], 1)
+            ff_add(&st.c[C_TX_TSO_SEGMENTS], <uint64_t>nseg)
+        p = io.arena + io.arena_used
+        for i in range(<unsigned int>nseg):
+            l = io.lens[i]
+            v = ff_out_one(st, p, l, &nh, io.icmp, &ilen)
+            if v == V_SEND:
+                m = io.ngmsg - 1
+                if (opn and st.gso and io.gaddrs[m].sin_addr.s_addr == htonl(nh) and l <= io.gseglen[m]
+                        and io.gsegs[m] < FF_GSO_SEGS and io.giov[m].iov_len + l <= FF_GSO_BYTES
+                        and <uint8_t *>io.giov[m].iov_base + io.giov[m].iov_len == p):
+                    io.giov[m].iov_len += l
+                    io.gsegs[m] += 1
+                    if l < io.gseglen[m]:
+                        opn = False  # a short segment ends the message
+                else:
+                    m = io.ngmsg
+                    io.ngmsg += 1
+                    io.giov[m].iov_base = p
+                    io.giov[m].iov_len = l
+                    io.gaddrs[m].sin_addr.s_addr = htonl(nh)
+                    io.gsegs[m] = 1
+                    io.gseglen[m] = l
+                    opn = True
+            elif v == V_ICMP:
+                wv[0].iov_base = zero
+                wv[0].iov_len = FF_VNET
+                wv[1].iov_base = io.icmp
+                wv[1].iov_len = ilen
+                syscalls += 1
+                if writev(st.tun_fd, wv, 2) < 0:
+                    ff_add(&st.c[C_TX_DROP_ICMP_WRITE], 1)
+            p += l
+        io.arena_used += <size_t>(p - (io.arena + io.arena_used))
+    got[0] = reads
+    if reads:
+        ff_add(&st.c[C_TX_BATCHES], 1)
+    r = 0
+    if io.ngmsg:
+        r = ff_tx_flush(st, stage, &syscalls)
+    ff_add(&st.c[C_TX_SYSCALLS], syscalls)
+    return r
+
+
+cdef int ff_tun_write1(ff_state *st, const uint8_t *buf, size_t n, int *stage, uint64_t *syscalls) noexcept nogil:
+    """Write one buffer to the TUN, waiting while it is full; 0 written, 2 dropped, 1 stop, -errno fatal."""
+    cdef ssize_t w
+    cdef int e, r
+    while True:
+        w = write(st.tun_fd, buf, n)
+        syscalls[0] += 1
+        if w >= 0:
+            return 0
+        e = errno
+        if e == EINTR:
+            continue
+        if e == EAGAIN:
+            ff_add(&st.c[C_RX_TUN_WRITE_WAITS], 1)
+            syscalls[0] += 1
+            r = ff_wait_writable(st, st.tun_fd)
+            if r <= 0:
+                stage[0] = S_TUN_WRITE
+                return r if r < 0 else 1
+            continue
+        if ff_fatal(e):
+            stage[0] = S_TUN_WRITE
+            return -e
+        return 2
+
+
+cdef int ff_rx_flush(ff_state *st, int *stage, uint64_t *syscalls) noexcept nogil:
+    """Write every pending slot (one virtio packet each); 0, 1 (stop) or -errno."""
+    cdef ff_io *io = &st.rx
+    cdef unsigned int k
+    cdef size_t n
+    cdef int r = 0
+    cdef ff_item *it
+    cdef uint64_t packets = 0, nbytes = 0, cw = 0, cp = 0
+    for k in range(io.nout):
+        it = &io.items[k]
+        n = ff_gro_finish(io, k)
+        r = ff_tun_write1(st, io.wslots + <size_t>k * FF_WSLOT, n, stage, syscalls)
+        if r == 2:
+            ff_add(&st.c[C_RX_DROP_TUN_WRITE], it.count)
+            r = 0
+            continue
+        if r != 0:
+            break
+        packets += it.count
+        nbytes += it.in_bytes
+        if it.count > 1:
+            cw += 1
+            cp += it.count
+    io.nout = 0
+    ff_add(&st.c[C_RX_PACKETS], packets)
+    ff_add(&st.c[C_RX_BYTES], nbytes)
+    ff_add(&st.c[C_RX_COALESCED_WRITES], cw)
+    ff_add(&st.c[C_RX_COALESCED_PACKETS], cp)
+    return r
+
+
+cdef int ff_rx_burst_gro(ff_state *st, int *stage, unsigned int *got) noexcept nogil:
+    """Offload mode: recvmmsg (UDP_GRO buffers when st.gro), split per segment size, apply the rules to every
+    inner packet, then coalesce (st.vnet) or write each; 0, 1 (stop seen) or -errno."""
+    cdef ff_io *io = &st.rx
+    cdef unsigned int i, count
+    cdef int r, e, gso
+    cdef size_t total, seg, off, il
+    cdef uint8_t *base
+    cdef uint32_t src
+    cdef cmsghdr *cm
+    cdef uint64_t syscalls = 1, packets = 0, nbytes = 0, dgrams = 0
+    got[0] = 0
+    for i in range(st.batch):
+        io.msgs[i].msg_hdr.msg_namelen = sizeof(io.addrs[0])
+        io.msgs[i].msg_hdr.msg_flags = 0
+        if st.gro:
+            io.msgs[i].msg_hdr.msg_control = io.rcmsg + <size_t>i * FF_CMSG
+            io.msgs[i].msg_hdr.msg_controllen = FF_CMSG
+    r = recvmmsg(st.udp_fd, io.msgs, st.batch, MSG_DONTWAIT, NULL)
+    if r <= 0:
+        ff_add(&st.c[C_RX_SYSCALLS], 1)
+        if r == 0:
+            return 0
+        e = errno
+        if e == EAGAIN or e == EINTR:
+            return 0
+        if ff_fatal(e):
+            stage[0] = S_UDP_RECV
+            return -e
+        ff_add(&st.c[C_RX_RECV_ERRORS], 1)
+        return 0
+    count = <unsigned int>r
+    got[0] = count
+    ff_add(&st.c[C_RX_BATCHES], 1)
+    io.nout = 0
+    r = 0
+    for i in range(count):
+        total = io.msgs[i].msg_len
+        base = io.bufs + <size_t>i * FF_SLOT
+        src = ntohl(io.addrs[i].sin_addr.s_addr) if io.addrs[i].sin_family == AF_INET else 0
+        seg = total
+        if st.gro:
+            cm = CMSG_FIRSTHDR(&io.msgs[i].msg_hdr)
+            while cm != NULL:
+                if cm.cmsg_level == FF_SOL_UDP and cm.cmsg_type == FF_UDP_GRO:
+                    memcpy(&gso, CMSG_DATA(cm), sizeof(int))
+                    if gso > 0:
+                        seg = <size_t>gso
+                cm = CMSG_NXTHDR(&io.msgs[i].msg_hdr, cm)
+        if io.msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
+            seg = total = IPV4_MAX + 1  # cannot happen with FF_SLOT buffers; counted as malformed if it does
+        if seg == 0:
+            seg = 1
+        off = 0
+        while True:
+            il = total - off if total - off < seg else seg
+            dgrams += 1
+            if ff_in_one(st, src, base + off, il) == V_WRITE:
+                if st.vnet:
+                    if ff_gro_add(io, base + off, il):
+                        r = ff_rx_flush(st, stage, &syscalls)
+                        if r != 0:
+                            break
+                        ff_gro_add(io, base + off, il)
+                else:
+                    r = ff_tun_write1(st, base + off, il, stage, &syscalls)
+                    if r == 2:
+                        ff_add(&st.c[C_RX_DROP_TUN_WRITE], 1)
+                        r = 0
+                    elif r != 0:
+                        break
+                    else:
+                        packets += 1
+                        nbytes += il
+            off += il
+            if off >= total or total > IPV4_MAX:
+                break
+        if r != 0:
+            break
+    if r == 0 and st.vnet and io.nout:
+        r = ff_rx_flush(st, stage, &syscalls)
+    if st.gro:
+        ff_add(&st.c[C_RX_GRO_RECEIVES], count)
+        ff_add(&st.c[C_RX_GRO_DATAGRAMS], dgrams)
+    ff_add(&st.c[C_RX_SYSCALLS], syscalls)
+    ff_add(&st.c[C_RX_PACKETS], packets)
+    ff_add(&st.c[C_RX_BYTES], nbytes)
+    return r
+
+
 cdef int ff_ctl(ff_state *st, int ctl_fd, int *stage) noexcept nogil:
     """Apply up to FF_CTL_BURST queued commands, echoing SYNCs; 0 or -errno."""
     cdef ff_command cmd
@@ -577,7 +1166,8 @@ cdef int ff_run(ff_state *st, int role, int ctl_fd, int *stage, int *bad_fd) noe
     runs (it returns at once when data is waiting) and stop and ctl are serviced.
     """
     cdef pollfd fds[4]
-    cdef int nfds = 2, i_tun = -1, i_udp = -1, r, i, spin = 0
+    cdef int nfds = 2, i_tun = -1, i_udp = -1, r, i
+    cdef unsigned int spin = 0
     cdef bint tun_ready, udp_ready
     cdef unsigned int got_tx = 0, got_rx = 0
     fds[0].fd = st.stop_fd
@@ -627,11 +1217,17 @@ cdef int ff_run(ff_state *st, int role, int ctl_fd, int *stage, int *bad_fd) noe
             udp_ready = got_rx != 0
         got_tx = got_rx = 0
         if tun_ready:
-            r = ff_tx_burst(st, stage, &got_tx)
+            if st.vnet:
+                r = ff_tx_burst_vnet(st, stage, &got_tx)
+            else:
+                r = ff_tx_burst(st, stage, &got_tx)
             if r != 0:
                 return r if r < 0 else 0
         if udp_ready:
-            r = ff_rx_burst(st, stage, &got_rx)
+            if st.vnet or st.gro:
+                r = ff_rx_burst_gro(st, stage, &got_rx)
+            else:
+                r = ff_rx_burst(st, stage, &got_rx)
             if r != 0:
                 return r if r < 0 else 0
         if (got_tx != 0 or got_rx != 0) and spin < st.spin:
@@ -646,7 +1242,7 @@ cdef int ff_run(ff_state *st, int role, int ctl_fd, int *stage, int *bad_fd) noe
 cdef int ff_io_alloc(ff_io *io, unsigned int batch, uint16_t port_be) noexcept nogil:
     cdef unsigned int i
     io.bufs = <uint8_t *>PyMem_RawMalloc(<size_t>batch * FF_SLOT)
-    io.lens = <uint32_t *>PyMem_RawCalloc(batch, sizeof(uint32_t))
+    io.lens = <uint32_t *>PyMem_RawCalloc(batch if batch > FF_SEGS_MAX else FF_SEGS_MAX, sizeof(uint32_t))
     io.srcs = <uint32_t *>PyMem_RawCalloc(batch, sizeof(uint32_t))
     io.msgs = <mmsghdr *>PyMem_RawCalloc(batch, sizeof(mmsghdr))
     io.iov = <iovec *>PyMem_RawCalloc(batch, sizeof(iovec))
@@ -655,6 +1251,8 @@ cdef int ff_io_alloc(ff_io *io, unsigned int batch, uint16_t port_be) noexcept n
     io.icmp_lens = <uint32_t *>PyMem_RawCalloc(batch, sizeof(uint32_t))
     if (io.bufs == NULL or io.lens == NULL or io.srcs == NULL or io.msgs == NULL or io.iov == NULL
             or io.addrs == NULL or io.icmp == NULL or io.icmp_lens == NULL):
+        return -ENOMEM
+    if ff_offload_alloc(io, batch, port_be) < 0:
         return -ENOMEM
     for i in range(batch):
         io.iov[i].iov_base = io.bufs + <size_t>i * FF_SLOT
@@ -668,7 +1266,46 @@ cdef int ff_io_alloc(ff_io *io, unsigned int batch, uint16_t port_be) noexcept n
     return 0
 
 
+cdef int ff_offload_alloc(ff_io *io, unsigned int batch, uint16_t port_be) noexcept nogil:
+    """The offload-mode buffers (large ones are malloc'd lazily by the kernel: untouched pages cost nothing)."""
+    cdef int i
+    io.rbuf = <uint8_t *>PyMem_RawMalloc(FF_RBUF)
+    io.arena = <uint8_t *>PyMem_RawMalloc(FF_ARENA)
+    io.gmsgs = <mmsghdr *>PyMem_RawCalloc(FF_TXMSG_MAX, sizeof(mmsghdr))
+    io.giov = <iovec *>PyMem_RawCalloc(FF_TXMSG_MAX, sizeof(iovec))
+    io.gaddrs = <sockaddr_in *>PyMem_RawCalloc(FF_TXMSG_MAX, sizeof(sockaddr_in))
+    io.gcmsg = <uint8_t *>PyMem_RawCalloc(FF_TXMSG_MAX, FF_CMSG)
+    io.gsegs = <uint32_t *>PyMem_RawCalloc(FF_TXMSG_MAX, sizeof(uint32_t))
+    io.gseglen = <uint32_t *>PyMem_RawCalloc(FF_TXMSG_MAX, sizeof(uint32_t))
+    io.rcmsg = <uint8_t *>PyMem_RawCalloc(batch, FF_CMSG)
+    io.wslots = <uint8_t *>PyMem_RawMalloc(<size_t>FF_WSLOTS * FF_WSLOT)
+    io.items = <ff_item *>PyMem_RawCalloc(FF_WSLOTS, sizeof(ff_item))
+    if (io.rbuf == NULL or io.arena == NULL or io.gmsgs == NULL or io.giov == NULL or io.gaddrs == NULL
+            or io.gcmsg == NULL or io.gsegs == NULL or io.gseglen == NULL or io.rcmsg == NULL or io.wslots == NULL
+            or io.items == NULL):
+        return -ENOMEM
+    for i in range(FF_TXMSG_MAX):
+        io.gaddrs[i].sin_family = AF_INET
+        io.gaddrs[i].sin_port = port_be
+        io.gmsgs[i].msg_hdr.msg_name = &io.gaddrs[i]
+        io.gmsgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
+        io.gmsgs[i].msg_hdr.msg_iov = &io.giov[i]
+        io.gmsgs[i].msg_hdr.msg_iovlen = 1
+    return 0
+
+
 cdef void ff_io_free(ff_io *io) noexcept nogil:
+    PyMem_RawFree(io.rbuf)
+    PyMem_RawFree(io.arena)
+    PyMem_RawFree(io.gmsgs)
+    PyMem_RawFree(io.giov)
+    PyMem_RawFree(io.gaddrs)
+    PyMem_RawFree(io.gcmsg)
+    PyMem_RawFree(io.gsegs)
+    PyMem_RawFree(io.gseglen)
+    PyMem_RawFree(io.rcmsg)
+    PyMem_RawFree(io.wslots)
+    PyMem_RawFree(io.items)
     PyMem_RawFree(io.bufs)
     PyMem_RawFree(io.lens)
     PyMem_RawFree(io.srcs)
@@ -708,7 +1345,8 @@ cdef class Proxy:
 
     def __cinit__(self, int tun_fd, int udp_fd, uint32_t net, int net_plen, int subnet_len, uint32_t own_net,
                   int own_plen, uint32_t tun_ip, int mtu, int port, bint check_peer_source,
-                  bint check_inner_dest, unsigned int batch, *, unsigned int spin=8):
+                  bint check_inner_dest, unsigned int batch, *, unsigned int spin=8, bint tun_offload=False,
+                  bint udp_gso=True, bint udp_gro=False):
         cdef ff_state *st
         self._ctl = [None, None, None]
         self._ctl_fd[0] = self._ctl_fd[1] = self._ctl_fd[2] = -1
@@ -736,6 +1374,9 @@ cdef class Proxy:
         st.check_dest = check_inner_dest
         st.batch = batch
         st.spin = spin
+        st.vnet = tun_offload
+        st.gso = udp_gso and tun_offload  # segments to send in runs exist only in offload mode
+        st.gro = udp_gro
         st.table = <uint32_t *>PyMem_RawCalloc(st.table_size, sizeof(uint32_t))
         st.peers.cap = FF_PEERS_MIN
         st.peers.keys = <uint32_t *>PyMem_RawCalloc(FF_PEERS_MIN, sizeof(uint32_t))
@@ -1007,3 +1648,67 @@ cdef class Proxy:
         if rc < 0:
             where = _STAGES.get(stage, "loop").format(fd=bad_fd, tun=st.tun_fd, udp=st.udp_fd)
             raise fastpath_error(-rc, f"{_py.ROLE_NAMES[role]} loop: {where}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# offload core for tests (tests/test_offload.py compares these with the twin's pure-Python reference)
+
+def gso_split(bytes buf not None):
+    """Split one TUN read (virtio_net_hdr + packet) as the tx loop does; return the list of IPv4 packets.
+
+    Raises ValueError for an unusable header or packet (the loop counts it tx_drop_malformed).
+    """
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(buf)
+    cdef uint8_t *out
+    cdef uint32_t lens[FF_SEGS_MAX]
+    cdef int k, tso = 0
+    cdef size_t pos = 0
+    if n > FF_RBUF:
+        raise ValueError("longer than one TUN read")
+    out = <uint8_t *>PyMem_RawMalloc(FF_SEG_ROOM)
+    if out == NULL:
+        raise MemoryError()
+    try:
+        k = ff_gso_split(<const uint8_t *>PyBytes_AS_STRING(buf), <size_t>n, out, FF_SEG_ROOM, lens,
+                         FF_SEGS_MAX, &tso)
+        if k < 0:
+            raise ValueError("unusable virtio_net_hdr or packet" if k == -1 else "too many segments")
+        res = []
+        for i in range(k):
+            res.append(PyBytes_FromStringAndSize(<char *>out + pos, lens[i]))
+            pos += lens[i]
+        return res
+    finally:
+        PyMem_RawFree(out)
+
+
+def gro_coalesce(packets):
+    """Coalesce IPv4 packets as the rx loop does before its TUN writes; return the writes (virtio_net_hdr +
+    packet each), in order. Packets longer than 65535 bytes raise ValueError."""
+    cdef ff_io io
+    cdef bytes b
+    cdef unsigned int k
+    cdef size_t n
+    memset(&io, 0, sizeof(io))
+    io.wslots = <uint8_t *>PyMem_RawMalloc(<size_t>FF_WSLOTS * FF_WSLOT)
+    io.items = <ff_item *>PyMem_RawCalloc(FF_WSLOTS, sizeof(ff_item))
+    res = []
+    try:
+        if io.wslots == NULL or io.items == NULL:
+            raise MemoryError()
+        for b in packets:
+            if PyBytes_GET_SIZE(b) > IPV4_MAX:
+                raise ValueError("packet longer than 65535 bytes")
+            if ff_gro_add(&io, <const uint8_t *>PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b)):
+                for k in range(io.nout):
+                    n = ff_gro_finish(&io, k)
+                    res.append(PyBytes_FromStringAndSize(<char *>io.wslots + <size_t>k * FF_WSLOT, n))
+                io.nout = 0
+                ff_gro_add(&io, <const uint8_t *>PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b))
+        for k in range(io.nout):
+            n = ff_gro_finish(&io, k)
+            res.append(PyBytes_FromStringAndSize(<char *>io.wslots + <size_t>k * FF_WSLOT, n))
+        return res
+    finally:
+        PyMem_RawFree(io.wslots)
+        PyMem_RawFree(io.items)

@@ -4,9 +4,37 @@
 #define FASTFLANNEL_FASTPATH_H
 
 #include <stdint.h>
+#include <string.h>
+
+/* One's-complement sum of p[0:n] in native byte order (RFC 1071 s.2: byte-order independent; fold, then the
+ * stored 16-bit value is right on either endianness). 32-bit loads into a 64-bit accumulator. */
+static inline uint64_t ff_sum_native(const uint8_t *p, size_t n, uint64_t s) {
+    uint32_t w;
+    uint16_t h;
+    while (n >= 16) {
+        uint32_t a, b, c, d;
+        memcpy(&a, p, 4); memcpy(&b, p + 4, 4); memcpy(&c, p + 8, 4); memcpy(&d, p + 12, 4);
+        s += (uint64_t)a + b + c + d;
+        p += 16; n -= 16;
+    }
+    while (n >= 4) { memcpy(&w, p, 4); s += w; p += 4; n -= 4; }
+    if (n >= 2) { memcpy(&h, p, 2); s += h; p += 2; n -= 2; }
+    if (n) { uint8_t last[2] = {p[0], 0}; memcpy(&h, last, 2); s += h; }
+    return s;
+}
+
+static inline uint16_t ff_fold(uint64_t s) {
+    while (s >> 16) s = (s & 0xFFFF) + (s >> 16);
+    return (uint16_t)s;
+}
 
 #ifndef FASTFLANNEL_DEBUG
 #define FASTFLANNEL_DEBUG 0
+/* UDP GSO/GRO (linux/udp.h); older libc headers lack them. */
+#define FF_SOL_UDP 17
+#define FF_UDP_SEGMENT 103
+#define FF_UDP_GRO 104
+
 #endif
 
 /* A counter has one writer (the thread serving its direction): a relaxed load + store is one plain aligned
@@ -23,5 +51,10 @@ static inline void ff_add_shared(uint64_t *p, uint64_t v) {
 static inline uint64_t ff_load(uint64_t *p) {
     return __atomic_load_n(p, __ATOMIC_RELAXED);
 }
+
+/* UDP GSO/GRO (linux/udp.h); older libc headers lack them. */
+#define FF_SOL_UDP 17
+#define FF_UDP_SEGMENT 103
+#define FF_UDP_GRO 104
 
 #endif

@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """Declare includes/fastpath.h (relaxed-atomic counter helpers) for _fastpath.pyx."""
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint64_t
 
 
 cdef extern from "fastpath.h" nogil:
@@ -8,3 +8,5 @@ cdef extern from "fastpath.h" nogil:
     void ff_add(uint64_t *p, uint64_t v)
     void ff_add_shared(uint64_t *p, uint64_t v)
     uint64_t ff_load(uint64_t *p)
+    uint64_t ff_sum_native(const uint8_t *p, size_t n, uint64_t s)
+    uint16_t ff_fold(uint64_t s)
