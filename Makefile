@@ -4,7 +4,6 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := etcd-server etcd-client iperf3 iproute2 iptables iputils-ping
 PYTEST_ARGS ?=
 
 .PHONY: all setup system-deps venv compile debug test test-noext demo bench bench-smoke clean distclean wheel
@@ -51,11 +50,11 @@ demo: setup
 	$(PY) -m fastflannel.tools demo
 
 bench: setup
-	$(PY) -m pytest bench -o python_files='bench_*.py' --benchmark-only
+	$(PY) -m pytest bench --benchmark-only
 	$(PY) -m fastflannel.tools bench
 
 bench-smoke: setup
-	$(PY) -m pytest bench -o python_files='bench_*.py' --benchmark-disable -q
+	$(PY) -m pytest bench --benchmark-disable -q
 
 wheel: venv
 	$(PY) -m pip install -q build
