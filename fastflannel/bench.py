@@ -382,6 +382,31 @@ def machine_info() -> Dict[str, Any]:
             "hostname": platform.node()}
 
 
+def code_state() -> Dict[str, Any]:
+    """Return what the udp figures depend on: the git commit, whether the tree is dirty, the extension's mtime."""
+    import subprocess
+
+    from fastflannel import fastpath
+
+    root = Path(__file__).resolve().parent.parent
+    state: Dict[str, Any] = {"git_commit": None, "git_dirty": None, "extension": None, "extension_mtime": None}
+    try:
+        state["git_commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                                             capture_output=True, text=True, timeout=10).stdout.strip() or None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout
+        state["git_dirty"] = bool(dirty.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        mod = fastpath.implementation_module("cython")
+        state["extension"] = getattr(mod, "__file__", None)
+        state["extension_mtime"] = os.path.getmtime(mod.__file__) if state["extension"] else None
+    except ImportError:
+        pass
+    return state
+
+
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
         return None
@@ -480,6 +505,7 @@ def run_bench(ns) -> int:
         "settings": {"modes": modes, "reps": reps, "seconds": seconds, "pings": pings, "quick": quick,
                      "network": BENCH_NETWORK, "udp_payload": UDP_PAYLOAD, "hosts_per_mode": 2},
         "machine": machine_info(),
+        "code": code_state(),
         "runs": [], "errors": {}, "setup_s": {},
     }
     say(f"fastflannel bench: modes {', '.join(modes)}; {reps} interleaved repetition(s) of {seconds:g} s tests; "
@@ -539,6 +565,12 @@ def run_bench(ns) -> int:
 
     wall = time.monotonic() - t0
     result["wall_s"] = round(wall, 1)
+    code_end = code_state()
+    if code_end.get("extension_mtime") != result["code"].get("extension_mtime"):
+        result["code"]["rebuilt_during_run"] = True
+        say("WARNING: fastflannel/_fastpath was rebuilt during the run: the udp figures may mix builds; rerun")
+    if "udp" in modes and not result["code"].get("extension"):
+        say("WARNING: the Cython extension is not built: the 'udp' mode ran the pure-Python twin")
     result["interrupted"] = interrupted
     summary = summarize(result["runs"], modes)
     result["summary"] = summary
