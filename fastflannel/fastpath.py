@@ -18,7 +18,7 @@ import os
 import socket
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -86,6 +86,12 @@ class FastPathOptions:
     batch: int = 64  # max packets per recvmmsg/sendmmsg/TUN-drain burst
     threads: int = 2  # 2: one loop thread per direction; 1: one thread for both (docs/fastpath.md: measured)
     spin: int = 8  # bursts read without poll() while a fd keeps returning data; 0: poll() before every burst
+    # Offloads (docs/fastpath.md "Offloads"; Cython only). tun_offload: tun_fd was opened with IFF_VNET_HDR and
+    # TSO (tun.open_tun_offload): split super-packets on read, write coalesced GSO packets. udp_gso: send the
+    # segments of a run with UDP_SEGMENT (only in offload mode). udp_gro: enable UDP_GRO on udp_fd.
+    tun_offload: bool = False
+    udp_gso: bool = True
+    udp_gro: bool = False
     implementation: Optional[str] = None  # "cython"/"python"; None: IMPLEMENTATION (env/extension decide)
 
 
@@ -106,6 +112,23 @@ def tune_socket(sock: socket.socket, size: int = SOCKET_BUFFER_BYTES) -> Tuple[i
                 log.warning("cannot set socket buffer option %d to %d bytes: %s", plain, size, e)
     return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+
+
+SOL_UDP = 17
+UDP_GRO = 104
+
+
+def _enable_udp_gro(fd: int) -> bool:
+    """Set UDP_GRO on socket ``fd`` (Linux 5.0+); False (logged) if the kernel refuses."""
+    s = socket.socket(fileno=os.dup(fd))
+    try:
+        s.setsockopt(SOL_UDP, UDP_GRO, 1)
+        return True
+    except OSError as e:
+        log.warning("UDP_GRO refused on fd %d (%s): receiving one datagram per slot", fd, e)
+        return False
+    finally:
+        s.close()
 
 
 class FastPath:
@@ -155,6 +178,11 @@ class FastPath:
         self.udp_fd = udp_fd
         impl = implementation_module(options.implementation)
         self.implementation: str = impl.IMPLEMENTATION
+        if impl.IMPLEMENTATION != "cython" and (options.tun_offload or options.udp_gro):
+            raise ValueError("offloads (tun_offload, udp_gro) need the Cython fast path")
+        if options.udp_gro and not _enable_udp_gro(udp_fd):
+            options = replace(options, udp_gro=False)
+            self.options = options
         self._lock = threading.Lock()
         self._routes: Dict[IPv4Network, IPv4Address] = {}
         self._peer_refs: Dict[int, int] = {}
@@ -165,7 +193,8 @@ class FastPath:
         self._proxy = impl.Proxy(
             tun_fd, udp_fd, int(network.network_address), network.prefixlen, subnet_len,
             int(own_subnet.network_address), own_subnet.prefixlen, int(self.tun_ip), mtu, port,
-            bool(options.check_peer_source), bool(options.check_inner_dest), options.batch, spin=options.spin)
+            bool(options.check_peer_source), bool(options.check_inner_dest), options.batch, spin=options.spin,
+            tun_offload=bool(options.tun_offload), udp_gso=bool(options.udp_gso), udp_gro=bool(options.udp_gro))
 
     # --- lifecycle ---
 

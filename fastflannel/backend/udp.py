@@ -55,6 +55,12 @@ def fastpath_options_from_env():
         check_peer_source=_env_flag("FASTFLANNEL_UDP_CHECK_PEER_SOURCE", True),
         check_inner_dest=_env_flag("FASTFLANNEL_UDP_CHECK_INNER_DEST", True),
         spin=int(os.environ.get("FASTFLANNEL_UDP_SPIN") or FastPathOptions.spin),
+        # offloads (docs/fastpath.md "Offloads", Cython only): OFF by default until the mixed-peer e2e test and the
+        # 4-stream retransmits are done; FASTFLANNEL_UDP_TUN_OFFLOAD=1 FASTFLANNEL_UDP_GRO=1 turn them on
+        # (FASTFLANNEL_UDP_GSO=0 keeps the split but sends one datagram per segment)
+        tun_offload=_env_flag("FASTFLANNEL_UDP_TUN_OFFLOAD", False),
+        udp_gso=_env_flag("FASTFLANNEL_UDP_GSO", True),
+        udp_gro=_env_flag("FASTFLANNEL_UDP_GRO", False),
     )
 
 
@@ -78,8 +84,10 @@ class UdpNetwork:
     reconcile_interval = RECONCILE_INTERVAL_S
 
     def __init__(self, config: NetworkConfig, lease: Lease, ext: ExternalInterface, netlink, port: int):
-        from fastflannel.fastpath import FastPath, tune_socket
-        from fastflannel.tun import open_tun
+        from dataclasses import replace
+
+        from fastflannel.fastpath import FastPath, implementation_module, tune_socket
+        from fastflannel.tun import TunError, open_tun, open_tun_offload
 
         self.config = config
         self.lease = lease
@@ -90,7 +98,17 @@ class UdpNetwork:
         self.sock: Optional[socket.socket] = None
         self.fastpath = None
         try:
-            self.tun_fd, self.tun_name = open_tun(TUN_NAME)
+            opts = fastpath_options_from_env()
+            if implementation_module(opts.implementation).IMPLEMENTATION != "cython":
+                opts = replace(opts, tun_offload=False, udp_gro=False)  # the twin has no offload loop
+            if opts.tun_offload:
+                try:
+                    self.tun_fd, self.tun_name = open_tun_offload(TUN_NAME)
+                except TunError as e:
+                    log.warning("event=tun_offload_refused error=%s: per-packet TUN", e)
+                    opts = replace(opts, tun_offload=False)
+            if not opts.tun_offload:
+                self.tun_fd, self.tun_name = open_tun(TUN_NAME)
             self._configure_tun()
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             try:
@@ -101,7 +119,6 @@ class UdpNetwork:
                 ) from e
             self.sock.setblocking(False)
             tune_socket(self.sock)
-            opts = fastpath_options_from_env()
             self.fastpath = FastPath(
                 self.tun_fd,
                 self.sock.fileno(),
@@ -117,9 +134,10 @@ class UdpNetwork:
         except BaseException:
             self.close()
             raise
-        log.info("event=device_ready device=%s addr=%s/32 mtu=%d udp=%s:%d fastpath=%s",
-                 self.tun_name, lease.subnet.network_address, self.mtu, ext.iface_addr, port,
-                 self.fastpath.implementation)
+        o = self.fastpath.options
+        log.info("event=device_ready device=%s addr=%s/32 mtu=%d udp=%s:%d fastpath=%s tun_offload=%s udp_gso=%s "
+                 "udp_gro=%s", self.tun_name, lease.subnet.network_address, self.mtu, ext.iface_addr, port,
+                 self.fastpath.implementation, o.tun_offload, o.udp_gso and o.tun_offload, o.udp_gro)
 
     def _configure_tun(self) -> None:
         from fastflannel.netlink import write_sysctl
