@@ -164,7 +164,7 @@ def test_bench_quick_host_gw_and_udp(tmp_path: Path) -> None:
 def test_benchmark_suite_smoke() -> None:
     """Every pytest-benchmark body runs once (no timing): ``make bench-smoke``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    r = _run([sys.executable, "-m", "pytest", "bench", "-o", "python_files=bench_*.py", "--benchmark-disable",
-              "-q", "-p", "no:cacheprovider"], timeout=180, env=env)
+    r = _run([sys.executable, "-m", "pytest", "bench", "--benchmark-disable", "-q", "-p", "no:cacheprovider"],
+             timeout=180, env=env)
     assert r.returncode == 0, r.stdout[-5000:]
     assert " passed" in r.stdout
