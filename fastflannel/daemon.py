@@ -35,6 +35,22 @@ STORE_RETRY_MAX_S = 10.0  # cap of the back-off while the store is unreachable a
 THREAD_JOIN_S = 10.0
 
 
+def lease_timing(opts: DaemonOptions) -> "tuple[int, float]":
+    """Return (lease TTL s, renew margin s). The TTL is flanneld's 24 h; ``FASTFLANNEL_SUBNET_TTL`` shortens it
+    for tests of lease expiry (a vanished host's lease then expires in seconds). The margin is capped at half
+    the TTL so a short TTL stays valid."""
+    from fastflannel.subnet.manager import DEFAULT_TTL_S
+
+    raw = os.environ.get("FASTFLANNEL_SUBNET_TTL", "")
+    try:
+        ttl = int(raw) if raw else DEFAULT_TTL_S
+    except ValueError:
+        raise StartupError(f"FASTFLANNEL_SUBNET_TTL={raw!r}: not a number of seconds") from None
+    if ttl < 2:
+        raise StartupError(f"FASTFLANNEL_SUBNET_TTL={ttl}: must be at least 2 seconds")
+    return ttl, min(opts.subnet_lease_renew_margin * 60.0, ttl / 2.0)
+
+
 class StartupError(Exception):
     """Start-up cannot continue; the message says what failed and what to do. Exit status 1."""
 
@@ -152,11 +168,13 @@ class Daemon:
             password=opts.etcd_password,
         )
         stack.callback(registry.close)
+        ttl, margin = lease_timing(opts)
         manager = LocalManager(
             registry,
             prefix=opts.etcd_prefix,
             previous_subnet=prev_subnet,
-            renew_margin_s=opts.subnet_lease_renew_margin * 60,
+            ttl=ttl,
+            renew_margin_s=margin,
         )
         if opts.healthz_port:
             self.health = HealthServer(opts.healthz_ip, opts.healthz_port)
