@@ -28,6 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# The machine is shared and noisy: a per-example time limit would make property tests flaky, not stricter.
+settings.register_profile("fastflannel", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("fastflannel")
 
 def _base36(n: int) -> str:
     digits = "0123456789abcdefghijklmnopqrstuvwxyz"
