@@ -129,7 +129,7 @@ def parse_config(text: str) -> NetworkConfig:
     subnet_len = 0
     smin = smax = None
     if enable_ipv4:
-        network, subnet_len, smin, smax = _check_v4(raw)
+        network, subnet_len, smin, smax = _check_family(raw, V4)
     if not enable_ipv4 and not enable_ipv6:
         raise ConfigError("EnableIPv4/EnableIPv6: at least one address family must be enabled")
 
@@ -137,7 +137,7 @@ def parse_config(text: str) -> NetworkConfig:
     len6 = 0
     min6 = max6 = None
     if enable_ipv6:
-        net6, len6, min6, max6 = _check_v6(raw)
+        net6, len6, min6, max6 = _check_family(raw, V6)
 
     return NetworkConfig(
         network=network,
@@ -156,101 +156,74 @@ def parse_config(text: str) -> NetworkConfig:
     )
 
 
-def _check_v4(raw: Dict[str, Any]):
-    text = _str_field(raw, "Network")
+@dataclass(frozen=True)
+class _Family:
+    """Field names and limits of one address family (flannel CheckNetworkConfig), so one check serves both."""
+
+    network: str
+    subnet_len: str
+    subnet_min: str
+    subnet_max: str
+    net_cls: Any
+    addr_cls: Any
+    bits: int
+    max_subnet_len: int  # an explicit SubnetLen must be <= this
+    max_network_prefix: int  # without SubnetLen, a longer Network prefix is an error
+    default_len: int  # SubnetLen when the prefix leaves room for it
+    example: str
+
+
+V4 = _Family("Network", "SubnetLen", "SubnetMin", "SubnetMax", IPv4Network, IPv4Address, 32,
+             MAX_SUBNET_LEN, MIN_NETWORK_PREFIX_DEFAULT_LEN, 24, "100.96.0.0/16")
+V6 = _Family("IPv6Network", "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax", IPv6Network, IPv6Address, 128,
+             MAX_SUBNET_LEN6, MIN_NETWORK_PREFIX6, 64, "fc00::/48")
+
+
+def _check_family(raw: Dict[str, Any], fam: _Family):
+    """Return (network, subnet_len, subnet_min, subnet_max) for one family, defaulted as Flannel does."""
+    text = _str_field(raw, fam.network)
     if not text:
-        raise ConfigError("Network: required (an IPv4 CIDR such as \"100.96.0.0/16\")")
+        raise ConfigError(f"{fam.network}: required (a CIDR such as \"{fam.example}\")")
     try:
-        network = IPv4Network(text, strict=False)
+        network = fam.net_cls(text, strict=False)
     except ValueError as e:
-        raise ConfigError(f"Network: {text!r} is not an IPv4 CIDR: {e}") from None
-    subnet_len = _int_field(raw, "SubnetLen")
+        raise ConfigError(f"{fam.network}: {text!r} is not a CIDR of this address family: {e}") from None
+    subnet_len = _int_field(raw, fam.subnet_len)
     if subnet_len:
-        if subnet_len > MAX_SUBNET_LEN:
-            raise ConfigError(f"SubnetLen: {subnet_len} is too long; it must be <= {MAX_SUBNET_LEN}")
+        if subnet_len > fam.max_subnet_len:
+            raise ConfigError(f"{fam.subnet_len}: {subnet_len} is too long; it must be <= {fam.max_subnet_len}")
         if subnet_len < network.prefixlen + 2:
             raise ConfigError(
-                f"SubnetLen: {subnet_len} must be at least Network prefix + 2 = {network.prefixlen + 2}"
-                " (a network must hold at least 4 subnets)"
+                f"{fam.subnet_len}: {subnet_len} must be at least {fam.network} prefix + 2 = "
+                f"{network.prefixlen + 2} (a network must hold at least 4 subnets)"
             )
     else:
-        if network.prefixlen > MIN_NETWORK_PREFIX_DEFAULT_LEN:
-            raise ConfigError(
-                f"Network: /{network.prefixlen} is too small; minimum useful network prefix is /28"
-            )
-        subnet_len = 24 if network.prefixlen <= 22 else network.prefixlen + 2
-    size = 1 << (32 - subnet_len)
-    smin = _addr_field(raw, "SubnetMin")
-    smax = _addr_field(raw, "SubnetMax")
-    net_lo = int(network.network_address)
-    net_next = net_lo + network.num_addresses
-    if smin is None:
-        smin = IPv4Address(net_lo + size)
-    else:
-        _check_bound("SubnetMin", smin, network, size)
-    if smax is None:
-        smax = IPv4Address(net_next - size)
-    else:
-        _check_bound("SubnetMax", smax, network, size)
-    if smin > smax:
-        raise ConfigError(f"SubnetMin: {smin} is above SubnetMax {smax}")
-    return network, subnet_len, smin, smax
+        if network.prefixlen > fam.max_network_prefix:
+            raise ConfigError(f"{fam.network}: /{network.prefixlen} is too small; minimum useful network prefix "
+                              f"is /{fam.max_network_prefix}")
+        room = fam.default_len - 2
+        subnet_len = fam.default_len if network.prefixlen <= room else network.prefixlen + 2
+    size = 1 << (fam.bits - subnet_len)
+    lo = int(network.network_address)
+    nxt = lo + network.num_addresses
 
-
-def _addr_field(raw: Dict[str, Any], name: str) -> Optional[IPv4Address]:
-    text = _str_field(raw, name)
-    if not text:
-        return None
-    try:
-        a = IPv4Address(text)
-    except ValueError as e:
-        raise ConfigError(f"{name}: {text!r} is not an IPv4 address: {e}") from None
-    return None if int(a) == 0 else a  # only 0.0.0.0 counts as unset
-
-
-def _check_bound(name: str, addr: IPv4Address, network: IPv4Network, size: int) -> None:
-    if addr not in network:
-        raise ConfigError(f"{name}: {addr} is not within Network {network}")
-    if int(addr) % size:
-        raise ConfigError(f"{name}: {addr} is not aligned to SubnetLen (a multiple of {size} addresses)")
-
-
-def _check_v6(raw: Dict[str, Any]):
-    text = _str_field(raw, "IPv6Network")
-    if not text:
-        raise ConfigError("IPv6Network: required when EnableIPv6 is true")
-    try:
-        net6 = IPv6Network(text, strict=False)
-    except ValueError as e:
-        raise ConfigError(f"IPv6Network: {text!r} is not an IPv6 CIDR: {e}") from None
-    len6 = _int_field(raw, "IPv6SubnetLen")
-    if len6:
-        if len6 > MAX_SUBNET_LEN6:
-            raise ConfigError(f"IPv6SubnetLen: {len6} is too long; it must be <= {MAX_SUBNET_LEN6}")
-        if len6 < net6.prefixlen + 2:
-            raise ConfigError(f"IPv6SubnetLen: {len6} must be at least IPv6Network prefix + 2 = {net6.prefixlen + 2}")
-    else:
-        if net6.prefixlen > MIN_NETWORK_PREFIX6:
-            raise ConfigError(f"IPv6Network: /{net6.prefixlen} is too small; minimum useful prefix is /124")
-        len6 = 64 if net6.prefixlen <= 62 else net6.prefixlen + 2
-    size = 1 << (128 - len6)
-    lo = int(net6.network_address)
-    nxt = lo + net6.num_addresses
-
-    def bound(name: str, default: int) -> IPv6Address:
+    def bound(name: str, default: int):
         t = _str_field(raw, name)
         if not t:
-            return IPv6Address(default)
+            return fam.addr_cls(default)
         try:
-            a = IPv6Address(t)
+            a = fam.addr_cls(t)
         except ValueError as e:
-            raise ConfigError(f"{name}: {t!r} is not an IPv6 address: {e}") from None
-        if int(a) == 0:
-            return IPv6Address(default)
-        if a not in net6:
-            raise ConfigError(f"{name}: {a} is not within IPv6Network {net6}")
+            raise ConfigError(f"{name}: {t!r} is not an address of this family: {e}") from None
+        if int(a) == 0:  # only the zero address counts as unset
+            return fam.addr_cls(default)
+        if a not in network:
+            raise ConfigError(f"{name}: {a} is not within {fam.network} {network}")
         if int(a) % size:
-            raise ConfigError(f"{name}: {a} is not aligned to IPv6SubnetLen")
+            raise ConfigError(f"{name}: {a} is not aligned to {fam.subnet_len} (a multiple of {size} addresses)")
         return a
 
-    return net6, len6, bound("IPv6SubnetMin", lo + size), bound("IPv6SubnetMax", nxt - size)
+    smin, smax = bound(fam.subnet_min, lo + size), bound(fam.subnet_max, nxt - size)
+    if smin > smax:
+        raise ConfigError(f"{fam.subnet_min}: {smin} is above {fam.subnet_max} {smax}")
+    return network, subnet_len, smin, smax

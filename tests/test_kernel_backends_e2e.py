@@ -25,6 +25,8 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
+import e2e
+
 from fastflannel.measure import IperfServer, iperf, ping_rtt, transfer_checksum
 
 pytestmark = [pytest.mark.netns, pytest.mark.etcd]
@@ -42,15 +44,7 @@ RESTORE_S = 5.0  # a deleted flannel.1 is back (half the daemon's 10 s reconcile
 
 
 def wait_for(pred, timeout=CONVERGE_S, interval=0.1, what="condition"):
-    """Poll ``pred`` until it returns a truthy value (returned); AssertionError with the last value on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last value {v!r}")
-        time.sleep(interval)
+    return e2e.wait_for(pred, timeout, interval, what)
 
 
 def ipj(node, *args: str, tool: str = "ip"):
