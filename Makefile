@@ -12,11 +12,12 @@ all: compile
 
 setup: system-deps venv
 
-# Install the system tools the testbed and the daemon use, only when one is missing.
+# Install the system tools the testbed and the daemon use, only when one is missing (an absolute path is a file
+# checked with test -x: Debian's CNI plugins live in /usr/lib/cni, off PATH).
 system-deps:
 	@missing=""; \
-	for t in etcd:etcd-server etcdctl:etcd-client iperf3:iperf3 ip:iproute2 bridge:iproute2 iptables:iptables iptables-restore:iptables ping:iputils-ping; do \
-	  command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; \
+	for t in etcd:etcd-server etcdctl:etcd-client iperf3:iperf3 ip:iproute2 bridge:iproute2 iptables:iptables iptables-restore:iptables ping:iputils-ping /usr/lib/cni/bridge:containernetworking-plugins; do \
+	  case $${t%%:*} in /*) test -x $${t%%:*} ;; *) command -v $${t%%:*} >/dev/null 2>&1 ;; esac || missing="$$missing $${t#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
