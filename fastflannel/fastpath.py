@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 MAX_TABLE_ENTRIES = 1 << 22  # 16 MiB of uint32 next hops: a /8 network cut into /30 subnets
 MAX_BATCH = 1024  # recvmmsg/sendmmsg vlen limit (UIO_MAXIOV)
 SOCKET_BUFFER_BYTES = 4 << 20  # fastpath.md section 2: 4-8 MiB socket buffers absorb bursts
+# With UDP_GRO every queued skb is a ~64 KB train of up to 64 datagrams, and the receive buffer is charged the
+# skb's truesize: 4 MiB overflowed with 4 TCP streams (UdpRcvbufErrors 198-264 skbs = the 7,130-8,580
+# retransmits), 32 MiB gave 0 (docs/fastpath.md "Offloads"). Memory is only charged while queued.
+GRO_RCVBUF_BYTES = 32 << 20
 JOIN_TIMEOUT_S = 10.0  # a loop answers stop within one batch; this only guards against a wedged kernel call
 UDP_ENCAP_OVERHEAD = 28  # 20 IPv4 + 8 UDP: TUN MTU = external MTU - 28 (flannel encapOverhead)
 
@@ -95,21 +99,22 @@ class FastPathOptions:
     implementation: Optional[str] = None  # "cython"/"python"; None: IMPLEMENTATION (env/extension decide)
 
 
-def tune_socket(sock: socket.socket, size: int = SOCKET_BUFFER_BYTES) -> Tuple[int, int]:
-    """Raise SO_SNDBUF/SO_RCVBUF of ``sock`` to ``size`` (FORCE variants first, needing CAP_NET_ADMIN).
+def tune_socket(sock: socket.socket, size: int = SOCKET_BUFFER_BYTES, rcvbuf: Optional[int] = None) -> Tuple[int, int]:
+    """Raise SO_SNDBUF to ``size`` and SO_RCVBUF to ``rcvbuf`` (default ``size``) on ``sock`` (FORCE variants
+    first, needing CAP_NET_ADMIN).
 
     Returns the (sndbuf, rcvbuf) the kernel granted (it reports twice the requested value). Never raises for a
     refused size: the plain options are capped by net.core.[rw]mem_max instead.
     """
-    for force, plain in ((getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF),
-                         (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF)):
+    for force, plain, want in ((getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF, size),
+                               (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF, rcvbuf or size)):
         try:
-            sock.setsockopt(socket.SOL_SOCKET, force, size)
+            sock.setsockopt(socket.SOL_SOCKET, force, want)
         except OSError:
             try:
-                sock.setsockopt(socket.SOL_SOCKET, plain, size)
+                sock.setsockopt(socket.SOL_SOCKET, plain, want)
             except OSError as e:
-                log.warning("cannot set socket buffer option %d to %d bytes: %s", plain, size, e)
+                log.warning("cannot set socket buffer option %d to %d bytes: %s", plain, want, e)
     return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
 
@@ -376,4 +381,4 @@ class FastPath:
 
 
 __all__ = ["FastPath", "FastPathOptions", "FastPathError", "IMPLEMENTATION", "COUNTER_NAMES", "tune_socket",
-           "implementation_module", "UDP_ENCAP_OVERHEAD", "MAX_TABLE_ENTRIES"]
+           "implementation_module", "UDP_ENCAP_OVERHEAD", "MAX_TABLE_ENTRIES", "GRO_RCVBUF_BYTES"]

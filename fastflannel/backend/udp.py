@@ -55,6 +55,7 @@ def fastpath_options_from_env():
         check_peer_source=_env_flag("FASTFLANNEL_UDP_CHECK_PEER_SOURCE", True),
         check_inner_dest=_env_flag("FASTFLANNEL_UDP_CHECK_INNER_DEST", True),
         spin=int(os.environ.get("FASTFLANNEL_UDP_SPIN") or FastPathOptions.spin),
+        threads=int(os.environ.get("FASTFLANNEL_UDP_THREADS") or FastPathOptions.threads),
         # offloads (docs/fastpath.md "Offloads", Cython only): OFF by default until the mixed-peer e2e test and the
         # 4-stream retransmits are done; FASTFLANNEL_UDP_TUN_OFFLOAD=1 FASTFLANNEL_UDP_GRO=1 turn them on
         # (FASTFLANNEL_UDP_GSO=0 keeps the split but sends one datagram per segment)
@@ -86,7 +87,7 @@ class UdpNetwork:
     def __init__(self, config: NetworkConfig, lease: Lease, ext: ExternalInterface, netlink, port: int):
         from dataclasses import replace
 
-        from fastflannel.fastpath import FastPath, implementation_module, tune_socket
+        from fastflannel.fastpath import GRO_RCVBUF_BYTES, FastPath, implementation_module, tune_socket
         from fastflannel.tun import TunError, open_tun, open_tun_offload
 
         self.config = config
@@ -118,7 +119,10 @@ class UdpNetwork:
                     f"udp socket {ext.iface_addr}:{port}: {e.strerror}; is another flanneld running on this host?"
                 ) from e
             self.sock.setblocking(False)
-            tune_socket(self.sock)
+            # GRO queues 64 KB skbs: 4 MiB overflowed under 4 TCP streams (docs/fastpath.md "Offloads");
+            # FASTFLANNEL_UDP_RCVBUF overrides (bytes; measurements)
+            rcvbuf = int(os.environ.get("FASTFLANNEL_UDP_RCVBUF") or 0) or (GRO_RCVBUF_BYTES if opts.udp_gro else None)
+            tune_socket(self.sock, rcvbuf=rcvbuf)
             self.fastpath = FastPath(
                 self.tun_fd,
                 self.sock.fileno(),
@@ -149,6 +153,12 @@ class UdpNetwork:
             nl.set_link_queue(self.tun_name, txqlen=txqlen)
         except Exception as e:  # noqa: BLE001 - a slower TUN is no reason not to start
             log.warning("event=tun_txqueuelen_failed device=%s txqueuelen=%d error=%s", self.tun_name, txqlen, e)
+        gso_max = int(os.environ.get("FASTFLANNEL_UDP_GSO_MAX_SIZE") or 0)
+        if gso_max:
+            try:
+                nl.set_link_queue(self.tun_name, gso_max_size=gso_max)
+            except Exception as e:  # noqa: BLE001
+                log.warning("event=tun_gso_max_size_failed device=%s error=%s", self.tun_name, e)
         nl.addr_replace(self.tun_name, f"{self.lease.subnet.network_address}/32")
         # The ICMP net-unreachable the fast path writes back carries flanneld's source, the TUN's own
         # address; without accept_local the kernel drops it as a martian and the sender just times out
