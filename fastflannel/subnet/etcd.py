@@ -18,7 +18,11 @@ etcd3gw notes (2.7.0, checked against Debian's etcd 3.4.23):
   ``LeaseNotFoundError``;
 - requests sessions ignore the environment (``trust_env = False``): REQUESTS_CA_BUNDLE would otherwise replace
   ``--etcd-cafile``, and proxy variables would reroute etcd traffic;
-- unary calls get a timeout (etcd3gw's default is none, so a hung member would block the caller forever).
+- unary calls get a timeout (etcd3gw's default is none, so a hung member would block the caller forever);
+- every connection has TCP keep-alive (idle 5 s, 3 probes 2 s apart): the watch stream has no read timeout (an
+  idle watch is silent) and etcd sends nothing on it unasked, so without probes a stream whose peer vanished
+  (partition, firewall, a host cut off) stayed "open" until the next periodic re-list (60 s); with them it ends
+  within ~11 s, the watch reconnects, and a compacted start revision triggers the re-list at once.
 
 Creates are a single txn ``if create_revision(key) == 0 then put(key, value, lease) else range(key)``: the else
 branch tells a lost race (someone else's lease) from our own retried request (our lease), so a create is never
@@ -39,6 +43,7 @@ from urllib.parse import urlsplit
 
 import etcd3gw
 import requests
+import requests.adapters
 from etcd3gw import exceptions as etcd_exc
 from etcd3gw.utils import _decode, _encode, _increment_last_byte
 
@@ -66,11 +71,33 @@ DEFAULT_PORT = 2379
 CONNECT_TIMEOUT_S = 3.0
 REQUEST_TIMEOUT_S = 10.0
 WATCH_TICK_S = 1.0  # longest gap between two yields of watch_subnets
+KEEPALIVE_IDLE_S = 5  # TCP keep-alive on etcd connections: first probe after 5 s idle ...
+KEEPALIVE_INTERVAL_S = 2  # ... then every 2 s ...
+KEEPALIVE_PROBES = 3  # ... and the connection is dead after 3 unanswered probes (~11 s in all)
 INSECURE_WARNING = "no certificate provided: connecting to etcd with http. This is insecure"
 
 T = TypeVar("T")
 _CONN_ERRORS = (etcd_exc.ConnectionFailedError, etcd_exc.ConnectionTimeoutError,
                 etcd_exc.ApiVersionDiscoveryFailedError, etcd_exc.InternalServerError)
+
+
+def _keepalive_socket_options() -> List[Tuple[int, int, int]]:
+    from urllib3.connection import HTTPConnection
+
+    opts = list(HTTPConnection.default_socket_options) + [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+                        ("TCP_KEEPCNT", KEEPALIVE_PROBES)):
+        if hasattr(socket, name):
+            opts.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    return opts
+
+
+class _KeepAliveAdapter(requests.adapters.HTTPAdapter):
+    """An HTTP adapter whose connections probe their peer (TCP keep-alive): a dead watch stream ends."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["socket_options"] = _keepalive_socket_options()
+        super().init_poolmanager(*args, **kwargs)
 
 
 class EtcdConfigError(SubnetError, ValueError):
@@ -154,6 +181,9 @@ class EtcdRegistry:
             # REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE would silently override --etcd-cafile (requests #3829), and
             # *_PROXY/netrc must not redirect or decorate etcd traffic: the flags alone decide.
             session.trust_env = False
+            adapter = _KeepAliveAdapter()
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
             if ep.scheme == "https":
                 session.verify = cafile or True
                 if tls:
