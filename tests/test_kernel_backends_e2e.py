@@ -233,7 +233,7 @@ class Bed:
         # the initial snapshot programmed: one "added" line per peer lease since this start
         own = subnet_of(host)
         n_peers = len([s for s in leases(self.tb) if s != own])
-        marker = "event=peer_added" if self.backend == "vxlan" else "event=route_added"
+        marker = "event=peer_added"  # vxlan and host-gw log the same event
 
         def programmed() -> bool:
             text = host.daemon_log_text()

@@ -113,11 +113,11 @@ class RouteNetwork:
             try:
                 if ev.type is EventType.ADDED:
                     install_route(self.netlink, route)
-                    log.info("event=route_added route=%s subnet=%s public_ip=%s",
-                             route, ev.lease.subnet, ev.lease.attrs.public_ip)
+                    log.info("event=peer_added subnet=%s public_ip=%s route=%s",
+                             ev.lease.subnet, ev.lease.attrs.public_ip, route)
                 else:
                     self.netlink.route_del(route.dst, gateway=route.gateway, oif=route.oif)
-                    log.info("event=route_removed subnet=%s public_ip=%s", ev.lease.subnet, ev.lease.attrs.public_ip)
+                    log.info("event=peer_removed subnet=%s public_ip=%s", ev.lease.subnet, ev.lease.attrs.public_ip)
             except BackendError as e:
                 log.error("event=route_failed type=%s subnet=%s error=%s", ev.type.value, ev.lease.subnet, e)
 

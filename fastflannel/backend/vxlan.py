@@ -115,7 +115,7 @@ class VxlanBackend:
         )
         lease = self.manager.acquire_lease(attrs)
         device.configure(lease.subnet.network_address, config.network)
-        log.info("event=vxlan_ready dev=%s vni=%d mac=%s addr=%s/32 mtu=%d direct_routing=%s",
+        log.info("event=device_ready dev=%s type=vxlan vni=%d mac=%s addr=%s/32 mtu=%d direct_routing=%s",
                  spec.name, vni, device.mac, lease.subnet.network_address, device.mtu, direct)
         network = VxlanNetwork(lease, device, self.ext, self.netlink, config.network, direct)
         if self.watch_links and hasattr(self.netlink, "link_events"):

@@ -200,7 +200,7 @@ class LocalManager:
                 if lease.lease_id and now >= next_refresh:
                     try:
                         ttl = self.registry.refresh(lease.lease_id)
-                        log.debug("event=lease_refreshed subnet=%s lease_id=%x ttl=%d", lease.subnet, lease.lease_id, ttl)
+                        log.info("event=lease_renewed subnet=%s lease_id=%x ttl=%d", lease.subnet, lease.lease_id, ttl)
                     except LeaseNotFoundError:
                         need_check = True  # the key went with the etcd lease: re-create below
                         lease = replace(lease, lease_id=0)
