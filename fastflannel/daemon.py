@@ -60,6 +60,7 @@ class Daemon:
         self.opts = opts
         self.stop = threading.Event()
         self.health = None
+        self.metrics = None
         self.network = None
         self.threads: List[threading.Thread] = []
 
@@ -91,14 +92,17 @@ class Daemon:
         last_state = None
         while not self.stop.is_set():
             try:
-                return manager.get_network_config()
+                config = manager.get_network_config()
+                if last_state == "unavailable":
+                    log.info("event=store_available op=get_config")
+                return config
             except ConfigNotFoundError as e:
                 log.warning("event=config_missing error=%r action=retry_in_1s hint=%s", str(e),
                             f"write the network config to {self.opts.etcd_prefix}/config with the etcd v3 API")
                 delay = CONFIG_RETRY_S
             except StoreUnavailableError as e:
                 if last_state != "unavailable":
-                    log.warning("event=store_unavailable error=%r action=retrying", str(e))
+                    log.warning("event=store_unavailable op=get_config error=%r action=retry", str(e))
                 last_state = "unavailable"
                 delay = min(delay * 2, STORE_RETRY_MAX_S)
             self.stop.wait(delay)
@@ -109,10 +113,13 @@ class Daemon:
         logged = False
         while not self.stop.is_set():
             try:
-                return backend.register_network(config)
+                network = backend.register_network(config)
+                if logged:
+                    log.info("event=store_available op=acquire_lease")
+                return network
             except StoreUnavailableError as e:
                 if not logged:
-                    log.warning("event=store_unavailable step=acquire_lease error=%r action=retrying", str(e))
+                    log.warning("event=store_unavailable op=acquire_lease error=%r action=retry", str(e))
                     logged = True
                 self.stop.wait(delay)
                 delay = min(delay * 2, STORE_RETRY_MAX_S)
@@ -177,8 +184,13 @@ class Daemon:
             renew_margin_s=margin,
         )
         if opts.healthz_port:
+            from fastflannel.metrics import Metrics
+
+            self.metrics = Metrics()
+            stack.callback(self.metrics.install("fastflannel"))
             self.health = HealthServer(opts.healthz_ip, opts.healthz_port)
             stack.callback(self.health.close)
+            self.health.routes["/metrics"] = self.metrics.render
 
         config = self._wait_for_config(manager)
         if config is None:
@@ -203,7 +215,7 @@ class Daemon:
         self.network = network
         stack.callback(network.close)
         lease = network.lease
-        log.info("event=lease_acquired subnet=%s public_ip=%s backend=%s mtu=%d",
+        log.info("event=network_registered subnet=%s public_ip=%s backend=%s mtu=%d",
                  lease.subnet, lease.attrs.public_ip, config.backend_type, network.mtu)
 
         traffic = TrafficManager(
@@ -226,6 +238,9 @@ class Daemon:
                 self.health.routes["/debug/fastpath"] = lambda: (
                     200, "application/json", json.dumps(stats(), sort_keys=True).encode())
             self.health.ready.set()
+        if self.metrics is not None:
+            self.metrics.set_network(network)
+            self.metrics.ready.set(1)
 
         self._spawn("network", lambda: run_network(network, manager, self.stop))
         self._spawn("lease", lambda: manager.keep_lease(lease, self.stop))

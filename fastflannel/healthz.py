@@ -27,7 +27,11 @@ class HealthServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server API)
                 route = server.routes.get(self.path.split("?", 1)[0])
-                status, ctype, body = route() if route else (404, "text/plain", b"not found")
+                try:
+                    status, ctype, body = route() if route else (404, "text/plain", b"not found")
+                except Exception as e:  # noqa: BLE001 - a failing route is a 500, never a dropped connection
+                    log.warning("event=healthz_route_failed path=%s error=%r", self.path, str(e))
+                    status, ctype, body = 500, "text/plain", f"{type(e).__name__}: {e}".encode()
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))

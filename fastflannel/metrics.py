@@ -1,0 +1,187 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Prometheus metrics for ``/metrics`` on the healthz listener. The only module that imports prometheus_client.
+
+Sources, so no other module needs to know about Prometheus:
+- control-plane events are counted from the package's own ``event=...`` log records by a ``logging.Handler`` on the
+  ``fastflannel`` logger (lease acquired/renewed/lost/reacquired, peers added/removed, kernel programming errors,
+  etcd reconnects). The handler sees records of INFO and above whatever ``-v`` says, because every counted event
+  is logged at INFO or above;
+- the udp fast path's counters are read at scrape time (``network.stats()``, lock-free) by a custom collector, so
+  the data path does no extra work for metrics.
+
+Per-peer udp figures: the fast path keeps totals only (no per-route counters), so packets, bytes and drops are
+per direction and reason; per peer there is the number of routes (subnets) each peer address carries.
+Batch sizes: the loop counts batches and packets, not a distribution; the mean batch size is
+``rate(fastflannel_udp_packets_total) / rate(fastflannel_udp_batches_total)`` per direction.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Callable, Dict, Iterator, Optional, Tuple
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+try:  # generate_latest writes text format 0.0.4; prometheus-client >= 0.22 calls 1.0.0 "latest"
+    from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as CONTENT_TYPE
+except ImportError:  # older releases: "latest" is 0.0.4
+    CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_EVENT_RE = re.compile(r"(?:^|\s)event=(\S+)")
+
+LEASE_EVENTS = {  # log event -> label
+    "lease_acquired": "acquired",
+    "lease_renewed": "renewed",
+    "lease_lost": "lost",
+    "lease_reacquired": "reacquired",
+}
+PEER_EVENTS = {"peer_added": "added", "peer_removed": "removed"}
+# logged by backends/traffic when a netlink or iptables change failed (each also logged at ERROR or WARNING)
+KERNEL_ERROR_EVENTS = frozenset({
+    "peer_failed", "route_failed", "route_recover_failed", "route_stale_remove_failed", "vxlan_repair_failed",
+    "rollback_failed", "vxlan_link_watch_failed", "iptables_resync_failed", "reconcile_failed",
+    "tun_txqueuelen_failed",
+})
+# the store came back after an outage (per operation that noticed), or the client moved to another endpoint
+RECONNECT_EVENTS = {"store_available": "recovered", "etcd_failover": "failover", "watch_compacted": "relist"}
+
+_DROP_PREFIXES = (("tx_drop_", "tx"), ("rx_drop_", "rx"))
+
+
+class _EventHandler(logging.Handler):
+    def __init__(self, metrics: "Metrics") -> None:
+        super().__init__(logging.INFO)
+        self.metrics = metrics
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.msg if isinstance(record.msg, str) else str(record.msg)
+            m = _EVENT_RE.search(msg)
+            if m is not None:
+                self.metrics.observe_event(m.group(1), msg, record)
+        except Exception:  # noqa: BLE001 - metrics must never break logging
+            self.handleError(record)
+
+
+class _FastPathCollector:
+    """Read the fast path's counters at scrape time; yields nothing while no udp network is registered."""
+
+    def __init__(self, source: Callable[[], Optional[object]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[object]:
+        network = self.source()
+        stats_fn = getattr(network, "stats", None)
+        stats: Dict[str, int] = stats_fn() if stats_fn is not None else {}
+        if not stats:
+            return
+        packets = CounterMetricFamily("fastflannel_udp_packets", "Inner packets forwarded by the udp fast path "
+                                      "(tx: TUN to peers, rx: peers to TUN)", labels=["direction"])
+        nbytes = CounterMetricFamily("fastflannel_udp_bytes", "Inner IP bytes forwarded by the udp fast path",
+                                     labels=["direction"])
+        batches = CounterMetricFamily("fastflannel_udp_batches", "Non-empty bursts processed by the udp fast path; "
+                                      "packets/batches is the mean batch size", labels=["direction"])
+        drops = CounterMetricFamily("fastflannel_udp_drops", "Packets dropped by the udp fast path, by reason",
+                                    labels=["direction", "reason"])
+        other = CounterMetricFamily("fastflannel_udp_fastpath_events", "Other udp fast path counters (syscalls, "
+                                    "polls, waits, offload operations)", labels=["counter"])
+        for d in ("tx", "rx"):
+            packets.add_metric([d], stats.get(f"{d}_packets", 0))
+            nbytes.add_metric([d], stats.get(f"{d}_bytes", 0))
+            batches.add_metric([d], stats.get(f"{d}_batches", 0))
+        for name, value in sorted(stats.items()):
+            if name in ("tx_packets", "rx_packets", "tx_bytes", "rx_bytes", "tx_batches", "rx_batches"):
+                continue
+            for prefix, d in _DROP_PREFIXES:
+                if name.startswith(prefix):
+                    drops.add_metric([d, name[len(prefix):]], value)
+                    break
+            else:
+                other.add_metric([name], value)
+        yield from (packets, nbytes, batches, drops, other)
+        fastpath = getattr(network, "fastpath", None)
+        peers_fn = getattr(fastpath, "peers", None)
+        if peers_fn is not None:
+            try:
+                peers = peers_fn()
+            except Exception:  # noqa: BLE001 - closed between the two reads
+                return
+            per_peer = GaugeMetricFamily("fastflannel_udp_peer_routes", "Subnets routed to each udp peer",
+                                         labels=["peer"])
+            for ip, n in sorted(peers.items()):
+                per_peer.add_metric([str(ip)], n)
+            yield per_peer
+            yield GaugeMetricFamily("fastflannel_udp_peers", "Peers the udp fast path accepts", value=len(peers))
+
+
+class Metrics:
+    """One daemon's metrics in its own ``CollectorRegistry`` (no process-global state; tests can run several)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.lease_events = Counter("fastflannel_lease_events", "Lease events of this host's subnet lease",
+                                    ["event"], registry=r)
+        for label in LEASE_EVENTS.values():
+            self.lease_events.labels(label)  # exported as 0 from the start
+        self.peer_events = Counter("fastflannel_peer_events", "Remote leases programmed (added) or removed",
+                                   ["event"], registry=r)
+        for label in PEER_EVENTS.values():
+            self.peer_events.labels(label)
+        self.kernel_errors = Counter("fastflannel_kernel_programming_errors",
+                                     "Failed kernel changes (netlink, iptables), by logged event", ["event"],
+                                     registry=r)
+        self.etcd_reconnects = Counter("fastflannel_etcd_reconnects",
+                                       "etcd reconnections: store back after an outage (per operation), endpoint "
+                                       "failover, watch re-list after compaction", ["reason"], registry=r)
+        for label in RECONNECT_EVENTS.values():
+            self.etcd_reconnects.labels(label)
+        self.store_unavailable = Gauge("fastflannel_etcd_unavailable",
+                                       "1 while an operation reports the store unreachable", registry=r)
+        self._unavailable_ops: set = set()
+        self.ready = Gauge("fastflannel_ready", "1 once subnet.env is written", registry=r)
+        self._network: Optional[object] = None
+        self.registry.register(_FastPathCollector(lambda: self._network))
+        self.handler = _EventHandler(self)
+
+    # -- wiring ----------------------------------------------------------------------------------------------------
+    def install(self, logger_name: str = "fastflannel") -> Callable[[], None]:
+        """Attach the event handler to ``logger_name``; return a function that detaches it."""
+        logger = logging.getLogger(logger_name)
+        logger.addHandler(self.handler)
+        return lambda: logger.removeHandler(self.handler)
+
+    def set_network(self, network: Optional[object]) -> None:
+        """Export ``network.stats()`` (and ``network.fastpath.peers()`` if present) at every scrape."""
+        self._network = network
+
+    # -- events ----------------------------------------------------------------------------------------------------
+    def observe_event(self, event: str, msg: str = "", record: Optional[logging.LogRecord] = None) -> None:
+        """Count one ``event=...`` log record."""
+        if event in LEASE_EVENTS:
+            if event == "lease_acquired" and record is not None and not record.name.startswith("fastflannel.subnet"):
+                return  # only the subnet manager's line counts (one per acquisition)
+            self.lease_events.labels(LEASE_EVENTS[event]).inc()
+        elif event in PEER_EVENTS:
+            self.peer_events.labels(PEER_EVENTS[event]).inc()
+        elif event in KERNEL_ERROR_EVENTS:
+            self.kernel_errors.labels(event).inc()
+        elif event in RECONNECT_EVENTS:
+            self.etcd_reconnects.labels(RECONNECT_EVENTS[event]).inc()
+        if event == "store_unavailable":
+            self._unavailable_ops.add(_op(msg))
+            self.store_unavailable.set(1)
+        elif event == "store_available":
+            self._unavailable_ops.discard(_op(msg))
+            self.store_unavailable.set(1 if self._unavailable_ops else 0)
+
+    # -- exposition ------------------------------------------------------------------------------------------------
+    def render(self) -> Tuple[int, str, bytes]:
+        """Return (status, content type, body) for the healthz ``/metrics`` route (text format 0.0.4)."""
+        return 200, CONTENT_TYPE, generate_latest(self.registry)
+
+
+def _op(msg: str) -> str:
+    m = re.search(r"(?:^|\s)op=(\S+)", msg)
+    return m.group(1) if m else "startup"
