@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all setup system-deps venv compile debug test test-noext demo bench bench-smoke clean distclean wheel
+.PHONY: all setup system-deps venv compile debug test test-noext demo bench bench-smoke clean distclean wheel fuzz
 
 all: compile
 
@@ -56,6 +56,13 @@ bench: setup
 
 bench-smoke: setup
 	$(PY) -m pytest bench --benchmark-disable -q
+
+# Coverage-guided fuzzing of the fast path (atheris; not part of `make test`): Cython vs the Python twin.
+FUZZ_SECONDS ?= 60
+fuzz: compile
+	$(PY) -m pip install -q atheris
+	mkdir -p build/fuzz-corpus && cp -n fuzz/corpus/* build/fuzz-corpus/
+	$(PY) fuzz/fuzz_fastpath.py -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=build/fuzz- build/fuzz-corpus
 
 wheel: venv
 	$(PY) -m pip install -q build
