@@ -8,11 +8,15 @@ addresses in isolated namespaces), one container per host, traffic container(h1)
 
 - ``host-gw``: no overlay, the kernel routes container subnets via the peer host (the reference floor);
 - ``vxlan``: the kernel's vxlan device encapsulates;
-- ``udp``: the udp backend with the Cython fast path (TUN <-> UDP socket in user space);
+- ``udp``: the udp backend with the Cython fast path and its defaults: TUN TSO/GRO (``IFF_VNET_HDR``) with UDP
+  GSO/GRO, i.e. ~45 inner packets per kernel crossing (docs/fastpath.md "Offloads");
+- ``udp-plain``: the same Cython loop without offloads (``FASTFLANNEL_UDP_TUN_OFFLOAD=0``,
+  ``FASTFLANNEL_UDP_GRO=0``): one TUN read/write per packet, batching (``sendmmsg``/``recvmmsg``) only. This is
+  the per-packet design (flanneld's shape, batched); what the offloads buy is udp / udp-plain;
 - ``udp-python``: the same backend with the pure-Python twin (``FASTFLANNEL_NO_EXTENSIONS=1`` in the daemons).
 
 Repetitions are interleaved so drift on a noisy machine hits every mode alike: rep 1 runs host-gw, vxlan, udp,
-udp-python; rep 2 the same list rotated by one; and so on. Per mode and repetition:
+udp-plain, udp-python; rep 2 the same list rotated by one; and so on. Per mode and repetition:
 
 - RTT: iputils ``ping`` (10 ms interval), p50 and p99;
 - TCP throughput, 1 and 4 streams (iperf3, receiver side);
@@ -24,7 +28,10 @@ udp-python; rep 2 the same list rotated by one; and so on. Per mode and repetiti
   batch, copies per packet and bytes moved across the user/kernel boundary per payload byte delivered. Every
   packet forwarded in user space crosses the boundary twice per daemon: TUN -> user and user -> socket on
   the sending host (``tx_*``), socket -> user and user -> TUN on the receiving one (``rx_*``). Kernel modes
-  (host-gw, vxlan) cross it zero times: no daemon is in the data path.
+  (host-gw, vxlan) cross it zero times: no daemon is in the data path. With offloads also: segments per TUN
+  read (sender: ``tx_tso_segments / tx_tso_reads``), datagrams per UDP receive (receiver: ``rx_gro_datagrams /
+  rx_gro_receives``) and packets per coalesced TUN write (receiver: ``rx_coalesced_packets /
+  rx_coalesced_writes``); "kernel crossings" count the TUN reads/writes and socket sends/receives per direction.
 
 Output: progress lines, a table (median with min-max per mode, then ratios of medians to VXLAN), a JSON file
 ``<out>/bench-<timestamp>.json`` (+ ``<out>/latest.json``) and a chart ``<out>/bench.png`` when matplotlib is
@@ -46,11 +53,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 BENCH_NETWORK = "100.96.0.0/16"
 HEALTHZ_PORT = 8471
-ALL_MODES = ("host-gw", "vxlan", "udp", "udp-python")
+ALL_MODES = ("host-gw", "vxlan", "udp", "udp-plain", "udp-python")
 MODE_SPECS: Dict[str, Dict[str, Any]] = {
     "host-gw": {"backend": "host-gw", "env": {}, "user_space": False},
     "vxlan": {"backend": "vxlan", "env": {}, "user_space": False},
     "udp": {"backend": "udp", "env": {}, "user_space": True},
+    "udp-plain": {"backend": "udp", "env": {"FASTFLANNEL_UDP_TUN_OFFLOAD": "0", "FASTFLANNEL_UDP_GRO": "0"},
+                  "user_space": True},
     "udp-python": {"backend": "udp", "env": {"FASTFLANNEL_NO_EXTENSIONS": "1"}, "user_space": True},
 }
 UDP_PAYLOAD = 64
@@ -74,6 +83,9 @@ METRICS: List[tuple] = [
     ("sender_tx_syscalls_per_packet", "  sender tx syscalls/packet", "", 2, False),
     ("receiver_rx_syscalls_per_packet", "  receiver rx syscalls/packet", "", 2, False),
     ("packets_per_batch", "packets per batch", "", 1, True),
+    ("segments_per_tun_read", "  segments per TUN read (TSO)", "", 1, True),
+    ("datagrams_per_receive", "  datagrams per UDP receive (GRO)", "", 1, True),
+    ("packets_per_coalesced_write", "  packets per coalesced TUN write", "", 1, True),
     ("sender_tx_packets_per_batch", "  sender tx packets/batch", "", 1, True),
     ("receiver_rx_packets_per_batch", "  receiver rx packets/batch", "", 1, True),
     ("copies_per_packet", "user/kernel copies per packet", "", 2, False),
@@ -84,6 +96,7 @@ METRICS: List[tuple] = [
 NO_RATIO = {"tun_tx_dropped", "udp_rcvbuf_errors", "daemon_cpu_s_per_gb",
             "syscalls_per_packet", "sender_tx_syscalls_per_packet", "receiver_rx_syscalls_per_packet",
             "packets_per_batch", "sender_tx_packets_per_batch", "receiver_rx_packets_per_batch",
+            "segments_per_tun_read", "datagrams_per_receive", "packets_per_coalesced_write",
             "copies_per_packet", "bytes_copied_per_byte", "tcp1_retransmits", "udp64_loss_pct"}
 
 
@@ -125,6 +138,13 @@ def fastpath_figures(deltas: Sequence[Dict[str, int]], payload_bytes: int) -> Di
             "sender_tx_packets_per_batch": s.get("tx_packets", 0) / s["tx_batches"] if s.get("tx_batches") else nan,
             "receiver_rx_syscalls_per_packet": r.get("rx_syscalls", 0) / r["rx_packets"] if r.get("rx_packets") else nan,
             "receiver_rx_packets_per_batch": r.get("rx_packets", 0) / r["rx_batches"] if r.get("rx_batches") else nan,
+            # offload counters (0 without offloads: NaN, "-" in the table)
+            "segments_per_tun_read": (s["tx_tso_segments"] / s["tx_tso_reads"]
+                                      if s.get("tx_tso_reads") else nan),
+            "datagrams_per_receive": (r["rx_gro_datagrams"] / r["rx_gro_receives"]
+                                      if r.get("rx_gro_receives") else nan),
+            "packets_per_coalesced_write": (r["rx_coalesced_packets"] / r["rx_coalesced_writes"]
+                                            if r.get("rx_coalesced_writes") else nan),
         }
     return {
         **per_dir,
@@ -441,7 +461,8 @@ def write_chart(summary: Dict[str, Dict[str, Dict[str, float]]], modes: Sequence
               ("rtt_p99_ms", "RTT p99 (ms)"), ("cpu_s_per_gb", "CPU s per GB (daemons + softirq)"),
               ("syscalls_per_packet", "syscalls per packet (user/kernel)"),
               ("bytes_copied_per_byte", "bytes copied per byte delivered")]
-    colors = {"host-gw": "#4c72b0", "vxlan": "#55a868", "udp": "#dd8452", "udp-python": "#c44e52"}
+    colors = {"host-gw": "#4c72b0", "vxlan": "#55a868", "udp": "#dd8452", "udp-plain": "#8172b3",
+              "udp-python": "#c44e52"}
     fig, axes = plt.subplots(2, 4, figsize=(16, 7.5))
     for ax, (key, label) in zip(axes.flat, panels):
         meds, los, his, names = [], [], [], []
@@ -552,6 +573,10 @@ def run_bench(ns) -> int:
                         extra = (f", {row['syscalls_per_packet']:.2f} syscalls/pkt, "
                                  f"{row['packets_per_batch']:.1f} pkts/batch, "
                                  f"{row['bytes_copied_per_byte']:.2f} B copied/B")
+                        if _finite(row.get("segments_per_tun_read")):
+                            extra += (f", {row['segments_per_tun_read']:.1f} segs/TUN read, "
+                                      f"{row.get('datagrams_per_receive', float('nan')):.1f} dgrams/receive, "
+                                      f"{row.get('packets_per_coalesced_write', float('nan')):.1f} pkts/write")
                     say(f"rep {rep + 1} {mode}: TCP {row['tcp1_gbps']:.2f} / {row['tcp4_gbps']:.2f} Gb/s (1/4 "
                         f"streams), UDP64 {row['udp64_kpps']:.0f} kpps ({row['udp64_loss_pct']:.1f}% lost), "
                         f"RTT p50 {row['rtt_p50_ms']:.3f} p99 {row['rtt_p99_ms']:.3f} ms, "

@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="one short repetition (a CI smoke test)")
     b.add_argument("--reps", type=int, default=3)
     b.add_argument("--seconds", type=float, default=5.0)
-    b.add_argument("--modes", default="host-gw,vxlan,udp,udp-python")
+    b.add_argument("--modes", default="host-gw,vxlan,udp,udp-plain,udp-python")
     b.add_argument("--out", default="bench-results", help="directory for the JSON and the PNG")
     b.set_defaults(func=cmd_bench)
     t = sub.add_parser("testbed", help="bring up a testbed until Ctrl-C, or clean up stale ones")

@@ -78,6 +78,22 @@ def test_counter_delta_and_figures_per_packet_design() -> None:
     assert kernel_figures()["copies_per_packet"] == 0.0
 
 
+def test_offload_figures() -> None:
+    # sender: 2 TSO reads split into 90 segments, sent as 3 GSO messages; receiver: 3 GRO receives of 90 datagrams,
+    # written as 2 coalesced writes of 44 and 2 single packets
+    sender = {"tx_packets": 90, "tx_bytes": 90 * 1472, "tx_syscalls": 6, "tx_batches": 1, "tx_tso_reads": 2,
+              "tx_tso_segments": 90, "tx_gso_sends": 3}
+    receiver = {"rx_packets": 90, "rx_bytes": 90 * 1472, "rx_syscalls": 7, "rx_batches": 2, "rx_gro_receives": 3,
+                "rx_gro_datagrams": 90, "rx_coalesced_writes": 2, "rx_coalesced_packets": 88}
+    f = fastpath_figures([sender, receiver], 90 * 1420)
+    assert f["segments_per_tun_read"] == pytest.approx(45.0)
+    assert f["datagrams_per_receive"] == pytest.approx(30.0)
+    assert f["packets_per_coalesced_write"] == pytest.approx(44.0)
+    plain = fastpath_figures([{"tx_packets": 5, "tx_batches": 1}, {"rx_packets": 5, "rx_batches": 1}], 5000)
+    assert math.isnan(plain["segments_per_tun_read"]) and math.isnan(plain["datagrams_per_receive"])
+    assert math.isnan(plain["packets_per_coalesced_write"])
+
+
 def test_summary_ratios_and_table() -> None:
     runs = [
         {"mode": "vxlan", "tcp1_gbps": 10.0, "rtt_p50_ms": 0.1, **kernel_figures()},
@@ -94,8 +110,10 @@ def test_summary_ratios_and_table() -> None:
     assert "syscalls_per_packet" not in r["udp"]  # the reference is 0
     table = format_table(s, ["vxlan", "udp"])
     assert "TCP 1 stream" in table and "ratio to vxlan" in table and "x0.09" in table
-    assert set(MODE_SPECS) == {"host-gw", "vxlan", "udp", "udp-python"}
+    assert set(MODE_SPECS) == {"host-gw", "vxlan", "udp", "udp-plain", "udp-python"}
     assert MODE_SPECS["udp-python"]["env"] == {"FASTFLANNEL_NO_EXTENSIONS": "1"}
+    assert MODE_SPECS["udp"]["env"] == {}  # the default path: offloads on
+    assert MODE_SPECS["udp-plain"]["env"] == {"FASTFLANNEL_UDP_TUN_OFFLOAD": "0", "FASTFLANNEL_UDP_GRO": "0"}
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """udp backend with offloads (TUN TSO + UDP GSO, UDP GRO + coalescing) against per-packet peers, end to end.
 
-3 hosts, real etcd: h1 and h2 run with FASTFLANNEL_UDP_TUN_OFFLOAD=1 FASTFLANNEL_UDP_GRO=1, h3 with both off
-(the per-packet path). TCP transfers with matching sha256 in both directions between mixed peers and between
+3 hosts, real etcd: h1 runs with FASTFLANNEL_UDP_TUN_OFFLOAD=1 FASTFLANNEL_UDP_GRO=1, h2 with the defaults (offloads
+on since they became the default), h3 with both off (the per-packet path). TCP transfers with matching sha256 in both directions between mixed peers and between
 two offload peers; the counters show TSO reads of >= 20 segments during bulk TCP.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.etcd]
 
 ON = {"FASTFLANNEL_UDP_TUN_OFFLOAD": "1", "FASTFLANNEL_UDP_GRO": "1"}
 OFF = {"FASTFLANNEL_UDP_TUN_OFFLOAD": "0", "FASTFLANNEL_UDP_GRO": "0"}
+DEFAULT: dict = {}
 
 
 def _transfer_ok(a, b, size_mb=50):
@@ -28,7 +29,7 @@ def test_offload_and_per_packet_peers_interoperate(make_testbed):
     pytest.importorskip("fastflannel._fastpath")
     tb = make_testbed(3)
     tb.put_config(UDP_CONFIG)
-    for h, env in zip(tb.hosts, (ON, ON, OFF)):
+    for h, env in zip(tb.hosts, (ON, DEFAULT, OFF)):
         h.start_daemon(f"--healthz-port={HEALTHZ_PORT}", env=env)
     for h in tb.hosts:
         h.wait_subnet_env(timeout=60)
@@ -39,6 +40,7 @@ def test_offload_and_per_packet_peers_interoperate(make_testbed):
                 wait_ping(a, b.ip)
     on1, on2, off3 = tb.hosts
     assert "tun_offload=True" in on1.daemon_log_text()
+    assert "tun_offload=True udp_gso=True udp_gro=True" in on2.daemon_log_text()  # the default
     assert "tun_offload=False" in off3.daemon_log_text()
     before = fastpath_stats(on1)
     _transfer_ok(cs[0], cs[2])  # offload sender -> per-packet receiver

@@ -36,6 +36,11 @@ RECONCILE_INTERVAL_S = 10.0
 # 64 KB TCP burst (44 packets) arrives while the reader is off-CPU: measured 4,880 drops (= retransmits) in 4 s.
 # docs/fastpath.md "Goal A". FASTFLANNEL_UDP_TXQUEUELEN overrides (measurements).
 TUN_TXQUEUELEN = 5000
+# Loop threads when both offloads are on (FASTFLANNEL_UDP_THREADS overrides). With ~45 packets per kernel crossing
+# one loop serving both directions is seldom busy, and one thread instead of two halves the wake-ups (polls per 3 s
+# TCP run 20-25k -> 4-7k): measured side by side, 8 interleaved pairs on 2 vCPUs, 1 stream 5.84 vs 5.33 Gb/s
+# (within noise), 4 streams 6.39 vs 5.32 Gb/s (docs/fastpath.md "Offloads"). The per-packet path keeps 2.
+OFFLOAD_THREADS = 1
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -55,13 +60,15 @@ def fastpath_options_from_env():
         check_peer_source=_env_flag("FASTFLANNEL_UDP_CHECK_PEER_SOURCE", True),
         check_inner_dest=_env_flag("FASTFLANNEL_UDP_CHECK_INNER_DEST", True),
         spin=int(os.environ.get("FASTFLANNEL_UDP_SPIN") or FastPathOptions.spin),
-        threads=int(os.environ.get("FASTFLANNEL_UDP_THREADS") or FastPathOptions.threads),
-        # offloads (docs/fastpath.md "Offloads", Cython only): OFF by default until the mixed-peer e2e test and the
-        # 4-stream retransmits are done; FASTFLANNEL_UDP_TUN_OFFLOAD=1 FASTFLANNEL_UDP_GRO=1 turn them on
-        # (FASTFLANNEL_UDP_GSO=0 keeps the split but sends one datagram per segment)
-        tun_offload=_env_flag("FASTFLANNEL_UDP_TUN_OFFLOAD", False),
+        threads=int(os.environ.get("FASTFLANNEL_UDP_THREADS") or FastPathOptions.threads),  # see OFFLOAD_THREADS
+        # offloads (docs/fastpath.md "Offloads", Cython only): ON by default, each probed at start with a clean
+        # fallback (TUNSETOFFLOAD refused -> plain TUN; UDP_GRO refused -> one datagram per slot; UDP_SEGMENT EIO
+        # at run time -> one datagram per sendto). FASTFLANNEL_UDP_TUN_OFFLOAD=0 FASTFLANNEL_UDP_GRO=0 give the
+        # per-packet design (bench mode udp-plain); FASTFLANNEL_UDP_GSO=0 keeps the split but sends one datagram
+        # per segment (e.g. against the Linux 7.0-7.1.4 UDP GSO bug, research notes 1.5).
+        tun_offload=_env_flag("FASTFLANNEL_UDP_TUN_OFFLOAD", True),
         udp_gso=_env_flag("FASTFLANNEL_UDP_GSO", True),
-        udp_gro=_env_flag("FASTFLANNEL_UDP_GRO", False),
+        udp_gro=_env_flag("FASTFLANNEL_UDP_GRO", True),
     )
 
 
@@ -110,6 +117,8 @@ class UdpNetwork:
                     opts = replace(opts, tun_offload=False)
             if not opts.tun_offload:
                 self.tun_fd, self.tun_name = open_tun(TUN_NAME)
+            if opts.tun_offload and opts.udp_gro and not os.environ.get("FASTFLANNEL_UDP_THREADS"):
+                opts = replace(opts, threads=OFFLOAD_THREADS)
             self._configure_tun()
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             try:
@@ -140,8 +149,8 @@ class UdpNetwork:
             raise
         o = self.fastpath.options
         log.info("event=device_ready device=%s addr=%s/32 mtu=%d udp=%s:%d fastpath=%s tun_offload=%s udp_gso=%s "
-                 "udp_gro=%s", self.tun_name, lease.subnet.network_address, self.mtu, ext.iface_addr, port,
-                 self.fastpath.implementation, o.tun_offload, o.udp_gso and o.tun_offload, o.udp_gro)
+                 "udp_gro=%s threads=%d", self.tun_name, lease.subnet.network_address, self.mtu, ext.iface_addr, port,
+                 self.fastpath.implementation, o.tun_offload, o.udp_gso and o.tun_offload, o.udp_gro, o.threads)
 
     def _configure_tun(self) -> None:
         from fastflannel.netlink import write_sysctl
