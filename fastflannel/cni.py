@@ -458,7 +458,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args and args[0] in ("--version", "-version", "version"):
         print(ABOUT)
         return 0
-    stdin = b"" if os.environ.get("CNI_COMMAND", "") in ("", "VERSION") and sys.stdin.isatty() else sys.stdin.buffer.read()
+    quiet = os.environ.get("CNI_COMMAND", "") in ("", "VERSION") and sys.stdin.isatty()  # nothing to read by hand
+    stdin = b"" if quiet else sys.stdin.buffer.read()
     rc, out, err = run(os.environ, stdin)
     if err:
         sys.stderr.write(err)

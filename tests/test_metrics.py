@@ -9,7 +9,6 @@ lease renewals, a lease loss and its re-acquisition are counted. A daemon starte
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
