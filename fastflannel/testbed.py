@@ -37,7 +37,11 @@ so teardown cannot hang. ``install_signal_handlers()`` turns SIGTERM into an exc
 etcd. Each member is an ``EtcdServer`` in its own namespace with its data dir in the testbed's temp dir. ``stop()``
 (SIGTERM) and ``kill()`` (SIGKILL) keep the data dir so ``start()`` restarts the same member; ``close()`` removes it.
 A multi-member cluster spawns every member first and waits for health afterwards, because one member of a fresh
-three-member cluster cannot become healthy before it has quorum.
+three-member cluster cannot become healthy before it has quorum. ``Testbed(etcd_tls=True)`` makes a CA, a server
+certificate (SANs: every member address and 127.0.0.1) and a client certificate with openssl in the workdir
+(``tb.tls``: paths) and serves the client URLs over https with ``--client-cert-auth`` (peer traffic stays http,
+inside the testbed). ``EtcdServer.user`` ("name:password"), when set, is passed to every etcdctl call (for tests
+that enable etcd authentication).
 """
 from __future__ import annotations
 
@@ -72,6 +76,7 @@ __all__ = [
     "cleanup_stale",
     "install_signal_handlers",
     "list_netns",
+    "make_tls_files",
     "owned_prefixes",
     "pid_alive",
     "remove_namespaces",
@@ -393,13 +398,17 @@ class EtcdServer:
     def __init__(self, name: str, netns: str, ip: IPv4Address | str, workdir: Path | str, *,
                  initial_cluster: str | None = None, cluster_token: str = "fastflannel-testbed",
                  client_port: int = ETCD_CLIENT_PORT, peer_port: int = ETCD_PEER_PORT,
-                 etcd_bin: str = "etcd", etcdctl_bin: str = "etcdctl", log: LogFn = None) -> None:
+                 etcd_bin: str = "etcd", etcdctl_bin: str = "etcdctl", log: LogFn = None,
+                 tls: Mapping[str, str] | None = None) -> None:
         self.name = name
         self.netns = netns
         self.ip = IPv4Address(str(ip))
         self.client_port = client_port
         self.peer_port = peer_port
-        self.endpoint = f"http://{self.ip}:{client_port}"
+        self.tls = dict(tls) if tls else None  # make_tls_files() paths: client URLs over https, client certs required
+        self.user: str | None = None  # "name:password" for etcdctl once the test enabled etcd authentication
+        self.scheme = "https" if self.tls else "http"
+        self.endpoint = f"{self.scheme}://{self.ip}:{client_port}"
         self.peer_url = f"http://{self.ip}:{peer_port}"
         self.initial_cluster = initial_cluster or f"{name}={self.peer_url}"
         self.cluster_token = cluster_token
@@ -430,7 +439,7 @@ class EtcdServer:
             self.etcd_bin,
             f"--name={self.name}",
             f"--data-dir={self.data_dir}",
-            f"--listen-client-urls={self.endpoint},http://127.0.0.1:{self.client_port}",
+            f"--listen-client-urls={self.endpoint},{self.scheme}://127.0.0.1:{self.client_port}",
             f"--advertise-client-urls={self.endpoint}",
             f"--listen-peer-urls={self.peer_url}",
             f"--initial-advertise-peer-urls={self.peer_url}",
@@ -439,7 +448,19 @@ class EtcdServer:
             "--initial-cluster-state=new",  # ignored when the data dir already holds a member (restart)
             "--heartbeat-interval=100",
             "--election-timeout=1000",
+            *([f"--cert-file={self.tls['server_cert']}", f"--key-file={self.tls['server_key']}",
+               f"--trusted-ca-file={self.tls['ca']}", "--client-cert-auth"] if self.tls else []),
         ]
+
+    def ctl_flags(self) -> list[str]:
+        """Return the etcdctl flags this member needs (client certificate, user), without the endpoints."""
+        flags = []
+        if self.tls:
+            flags += [f"--cacert={self.tls['ca']}", f"--cert={self.tls['client_cert']}",
+                      f"--key={self.tls['client_key']}"]
+        if self.user:
+            flags.append(f"--user={self.user}")
+        return flags
 
     def spawn(self) -> None:
         """Start the etcd process without waiting for health; no-op if it is running. Raise EtcdError on failure."""
@@ -462,7 +483,8 @@ class EtcdServer:
                 timeout: float = CMD_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
         """Run ``etcdctl`` (API v3) inside this member's namespace against ``endpoints`` (default: this member)."""
         env = _merge_env({"ETCDCTL_API": "3"}, drop_prefixes=("ETCDCTL_",))
-        cmd = _netns_exec(self.netns, [self.etcdctl_bin, f"--endpoints={endpoints or self.endpoint}", *args])
+        cmd = _netns_exec(self.netns, [self.etcdctl_bin, f"--endpoints={endpoints or self.endpoint}",
+                                       *self.ctl_flags(), *args])
         return _run(cmd, netns=self.netns, check=check, timeout=timeout, env=env)
 
     def healthy(self) -> bool:
@@ -789,7 +811,7 @@ class Testbed:
                  etcd_ip: str = "10.168.0.250", etcd_members: int = 1, mtu: int = 1500, prefix: str | None = None,
                  workdir: str | Path | None = None, log: LogFn = None, prefix_key: str = DEFAULT_PREFIX_KEY,
                  keep_workdir: bool | None = None, etcd_timeout: float = 20.0,
-                 teardown_grace: float = TEARDOWN_GRACE_S) -> None:
+                 teardown_grace: float = TEARDOWN_GRACE_S, etcd_tls: bool = False) -> None:
         if prefix is not None and not _PREFIX_RE.match(prefix):
             raise ValueError(f"prefix {prefix!r} must be 'ff' + 5 base36 characters")
         if etcd_members < 1:
@@ -799,6 +821,8 @@ class Testbed:
         self.n_hosts = n_hosts
         self.first_host = first_host
         self.etcd_ips = [IPv4Address(etcd_ip) + i for i in range(etcd_members)]
+        self.etcd_tls = etcd_tls
+        self.tls: dict[str, str] | None = None  # certificate paths once started with etcd_tls
         self.mtu = mtu
         self.prefix_key = prefix_key.rstrip("/")
         self.etcd_timeout = etcd_timeout
@@ -833,7 +857,8 @@ class Testbed:
     @property
     def endpoints(self) -> str:
         """Return the etcd client URLs as a comma-separated list (the ``--etcd-endpoints`` value)."""
-        return ",".join(f"http://{ip}:{ETCD_CLIENT_PORT}" for ip in self.etcd_ips)
+        scheme = "https" if self.etcd_tls else "http"
+        return ",".join(f"{scheme}://{ip}:{ETCD_CLIENT_PORT}" for ip in self.etcd_ips)
 
     @property
     def namespaces(self) -> list[str]:
@@ -881,6 +906,8 @@ class Testbed:
              "stp_state", "0", "forward_delay", "0")
         _ipn(self.ul_netns, "link", "set", self.ul_bridge, "up")
 
+        if self.etcd_tls:
+            self.tls = make_tls_files(self.workdir / "tls", [*self.etcd_ips, IPv4Address("127.0.0.1")])
         n = len(self.etcd_ips)
         names = [f"etcd{i}" for i in range(n)]
         initial = ",".join(f"{nm}=http://{ip}:{ETCD_PEER_PORT}" for nm, ip in zip(names, self.etcd_ips))
@@ -888,7 +915,7 @@ class Testbed:
             netns = f"{self.prefix}-{nm}"
             self._add_underlay_node(netns, f"e{i}", ip, forwarding=False, reserved=True)
             self.etcd.append(EtcdServer(nm, netns, ip, self.workdir, initial_cluster=initial,
-                                        cluster_token=f"{self.prefix}-etcd", log=self._log))
+                                        cluster_token=f"{self.prefix}-etcd", log=self._log, tls=self.tls))
         for i in range(self.n_hosts):
             self._new_host(f"h{i + 1}", self.underlay.network_address + self.first_host + i, outside=False)
 
@@ -1081,6 +1108,44 @@ class Testbed:
         """Write the flannel network config to ``<prefix_key>/config`` (a dict is JSON-encoded)."""
         value = config if isinstance(config, str) else json.dumps(config)
         self.etcdctl("put", f"{self.prefix_key}/config", value)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# TLS material for etcd
+
+
+def make_tls_files(directory: Path | str, ips: Iterable[IPv4Address | str]) -> dict[str, str]:
+    """Make a CA, a server certificate for ``ips`` and a client certificate with openssl; return their paths.
+
+    Keys are written 0600. The names: ca, server_cert, server_key, client_cert, client_key, and other_ca (a second
+    CA that signed nothing here, for "wrong CA" tests).
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        proc = subprocess.run(["openssl", *args], capture_output=True, text=True, cwd=d, timeout=60)
+        if proc.returncode != 0:
+            raise TestbedError(f"openssl {' '.join(args[:2])} failed: {proc.stderr.strip()[-500:]}")
+
+    for ca in ("ca", "other_ca"):
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=fastflannel-{ca}",
+                "-keyout", f"{ca}.key", "-out", f"{ca}.crt")
+    sans = ",".join(f"IP:{ip}" for ip in ips)
+    # etcd's gRPC gateway dials the gRPC server with the server certificate as its client certificate: with
+    # --client-cert-auth that certificate needs clientAuth too, or every gateway (HTTP/JSON) request fails
+    (d / "server.ext").write_text(f"subjectAltName={sans}\nextendedKeyUsage=serverAuth,clientAuth\n")
+    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for name in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=fastflannel-{name}", "-keyout",
+                f"{name}.key", "-out", f"{name}.csr")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt")
+    for key in d.glob("*.key"):
+        key.chmod(0o600)
+    return {k: str(d / v) for k, v in {"ca": "ca.crt", "other_ca": "other_ca.crt", "server_cert": "server.crt",
+                                       "server_key": "server.key", "client_cert": "client.crt",
+                                       "client_key": "client.key"}.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------------
