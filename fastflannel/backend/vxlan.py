@@ -31,6 +31,7 @@ the event loop); the next reconcile repairs what failed.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from ipaddress import IPv4Address, IPv4Network
 from typing import Dict, List, Optional
@@ -43,6 +44,20 @@ from fastflannel.iface import ExternalInterface
 from fastflannel.lease import Event, EventType, Lease, LeaseAttrs, LeaseParseError
 
 log = logging.getLogger("fastflannel.backend.vxlan")
+
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+def valid_mac(mac: str) -> str:
+    """Return ``mac`` lower-cased if it is a unicast Ethernet address (what a VTEP has); raise LeaseParseError.
+
+    A lease's VtepMAC comes from etcd: "zz:zz:..." made pyroute2 raise ValueError in the event loop and stopped
+    the daemon (every vxlan daemon of the cluster at once); a broadcast/multicast MAC would make the FDB flood.
+    """
+    m = mac.lower() if isinstance(mac, str) else ""
+    if not _MAC_RE.match(m) or int(m[:2], 16) & 1 or m == "00:00:00:00:00:00":
+        raise LeaseParseError(f"BackendData: VtepMAC {mac!r} is not a unicast MAC address")
+    return m
 
 BACKEND_TYPE = "vxlan"
 DEFAULT_VNI = 1
@@ -86,6 +101,7 @@ class VxlanBackend:
             return None
         try:
             prev_vni, mac = prev.attrs.vxlan_data()
+            mac = valid_mac(mac)
         except LeaseParseError:
             return None
         return mac if prev_vni == vni else None
@@ -158,7 +174,8 @@ class VxlanNetwork:
                     self._add(ev.lease)
                 else:
                     self._remove(ev.lease)
-            except (BackendError, LeaseParseError) as e:
+            except (BackendError, LeaseParseError, ValueError, OSError) as e:
+                # one bad lease must never stop the event loop (it would take every peer's updates with it)
                 log.error("event=peer_failed type=%s subnet=%s public_ip=%s error=%s",
                           ev.type.value, ev.lease.subnet, ev.lease.attrs.public_ip, e)
 
@@ -168,7 +185,7 @@ class VxlanNetwork:
                 log.warning("event=lease_skipped subnet=%s backend_type=%r reason=\"not a vxlan lease\"",
                             lease.subnet, lease.attrs.backend_type)
             return None
-        return lease.attrs.vxlan_data()[1]  # VNI is not checked (as in Flannel)
+        return valid_mac(lease.attrs.vxlan_data()[1])  # VNI is not checked (as in Flannel)
 
     def _is_direct(self, ip: IPv4Address) -> bool:
         if not self.direct_routing:
@@ -219,11 +236,14 @@ class VxlanNetwork:
         self._programmed.pop(lease.subnet, None)
         if lease.attrs.backend_type != BACKEND_TYPE:
             return
-        mac = lease.attrs.vxlan_data()[1]
+        try:
+            mac = self._peer_mac(lease, quiet=True)
+        except LeaseParseError:
+            mac = None  # never programmed (refused when added); the neighbour and route go anyway
         nl, dev, subnet = self.netlink, self.device.index, lease.subnet
         errors = []
         for fn, args in ((nl.neigh_del, (dev, subnet.network_address)),
-                         (nl.fdb_del, (dev, mac)),
+                         *(((nl.fdb_del, (dev, mac)),) if mac else ()),
                          (nl.route_del, (subnet,))):
             try:
                 fn(*args)
