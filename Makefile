@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all setup system-deps venv compile debug test test-noext demo bench bench-smoke clean distclean wheel fuzz
+.PHONY: all setup system-deps venv compile debug test test-noext demo bench bench-smoke clean distclean wheel fuzz soak
 
 all: compile
 
@@ -63,6 +63,11 @@ fuzz: compile
 	$(PY) -m pip install -q atheris
 	mkdir -p build/fuzz-corpus && cp -n fuzz/corpus/* build/fuzz-corpus/
 	$(PY) fuzz/fuzz_fastpath.py -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=build/fuzz- build/fuzz-corpus
+
+# Soak (not part of `make test`): mixed traffic over each backend, daemons' RSS and fds sampled (docs/soak.md).
+SOAK_MINUTES ?= 10
+soak: setup
+	mkdir -p build && $(PY) -m fastflannel.soak --minutes $(SOAK_MINUTES) --json build/soak.json
 
 wheel: venv
 	$(PY) -m pip install -q build
