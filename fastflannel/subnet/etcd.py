@@ -164,10 +164,10 @@ class EtcdRegistry:
         if bool(keyfile) != bool(certfile):
             raise EtcdConfigError("--etcd-keyfile and --etcd-certfile must be given together for TLS")
         tls = bool(keyfile and certfile)
-        if not tls:
-            log.warning(INSECURE_WARNING)
         self.prefix = prefix.rstrip("/") or "/"
         self.endpoints = parse_endpoints(endpoints, tls)
+        if not tls and any(e.scheme == "http" for e in self.endpoints):
+            log.warning(INSECURE_WARNING)  # flanneld's words; not said when every endpoint is https
         self.username = username
         self._password = password
         self._timeout: Tuple[float, float] = (connect_timeout, timeout)
