@@ -27,6 +27,8 @@ cdef enum:
     FF_CMSG = 64  # control buffer per message (UDP_SEGMENT u16 / UDP_GRO int)
     FF_WSLOTS = 64  # rx: coalesced/single packets pending one TUN write each
     FF_WSLOT = FF_VNET + FF_SLOT
+    FF_PEER_SHIFT = 8  # per-peer counter blocks come in chunks of 256 peer ids
+    FF_PEER_CHUNK = 256
 
 
 # Counter slots: the order of _fastpath_py.COUNTER_NAMES (checked at import).
@@ -64,6 +66,18 @@ cdef enum:  # ff_counter
     C_RX_GRO_DATAGRAMS
     C_RX_COALESCED_WRITES
     C_RX_COALESCED_PACKETS
+    C_TX_BATCH_PACKETS  # batch-size histogram: sum of burst sizes, then 5 buckets (<=1, <=4, <=16, <=64, >64)
+    C_TX_BATCH_LE_1
+    C_TX_BATCH_LE_4
+    C_TX_BATCH_LE_16
+    C_TX_BATCH_LE_64
+    C_TX_BATCH_GT_64
+    C_RX_BATCH_PACKETS
+    C_RX_BATCH_LE_1
+    C_RX_BATCH_LE_4
+    C_RX_BATCH_LE_16
+    C_RX_BATCH_LE_64
+    C_RX_BATCH_GT_64
     FF_NCOUNTERS
 
 
@@ -90,14 +104,36 @@ cdef enum ff_stage:
     S_PEERS
 
 
-# The ctl wire struct: native endian, 16 bytes, one per SOCK_SEQPACKET message. cmd is CMD_* of _fastpath_py
-# (SET_ROUTE 1: arg = table index, value = next hop; DEL_ROUTE 2: arg = index; PEER_ADD 3 / PEER_DEL 4:
-# value = peer address) or CMD_SYNC, which the loop echoes back unchanged once every earlier command is applied.
+# The ctl wire struct: native endian, 20 bytes, one per SOCK_SEQPACKET message. cmd is CMD_* of _fastpath_py
+# (SET_ROUTE 1: arg = table index, value = next hop, pid = its peer id; DEL_ROUTE 2: arg = index; PEER_ADD 3:
+# value = peer address, pid = its peer id; PEER_DEL 4: value = peer address) or CMD_SYNC, which the loop echoes
+# back unchanged once every earlier command is applied.
 cdef struct ff_command:
     uint32_t cmd
     uint32_t arg
     uint32_t value  # an IPv4 address in host order
+    uint32_t pid  # peer id: index of the peer's counter blocks (0: the "other" block)
     uint32_t seq
+
+
+# Per-peer counters, one block per peer id in each direction (docs/fastpath.md "Counters"). A tx block is written
+# only by the loop serving tx, an rx block only by the loop serving rx (separate arrays: no false sharing between
+# the two threads); Python reads them with ff_load. Blocks live in chunks of FF_PEER_CHUNK that are allocated by
+# Python (Proxy.reset_peer) before any command names one of their ids, and freed only by close().
+cdef struct ff_peer_tx:
+    uint64_t packets
+    uint64_t bytes
+    uint64_t drop_send
+    uint64_t _pad
+
+
+cdef struct ff_peer_rx:
+    uint64_t packets
+    uint64_t bytes
+    uint64_t drop_foreign_dest
+    uint64_t drop_malformed
+    uint64_t drop_ttl
+    uint64_t _pad[3]
 
 
 # One pending TUN write in offload mode: a single packet or a coalesced TCP flow run (fastpath.md 1.4, append only).
@@ -113,6 +149,7 @@ cdef struct ff_item:
     uint16_t hlen  # IP + TCP header bytes
     uint16_t count  # packets merged
     uint8_t open  # 1: more segments may be appended
+    uint32_t pid  # peer id of the outer source (packets of different peers are never merged)
 
 
 # One direction's batch: packet slots, their lengths and the mmsghdr/iovec/sockaddr arrays, set up once.
@@ -120,6 +157,7 @@ cdef struct ff_io:
     uint8_t *bufs  # batch * FF_SLOT
     uint32_t *lens
     uint32_t *srcs  # rx: outer source address per datagram (host order)
+    uint32_t *pids  # tx: peer id per message in msgs; rx: peer id of the source per slot
     mmsghdr *msgs
     iovec *iov
     sockaddr_in *addrs
@@ -135,6 +173,7 @@ cdef struct ff_io:
     uint8_t *gcmsg  # FF_TXMSG_MAX * FF_CMSG
     uint32_t *gsegs  # segments per message
     uint32_t *gseglen  # segment size per message
+    uint32_t *gpids  # peer id per message
     unsigned int ngmsg
     # offload mode, rx: cmsg per received message, write slots and their coalescing items
     uint8_t *rcmsg  # batch * FF_CMSG
@@ -148,6 +187,7 @@ cdef struct ff_io:
 # Open-addressing (linear probing, backward-shift delete) set of peer addresses; 0 is the empty key.
 cdef struct ff_peers:
     uint32_t *keys
+    uint32_t *pids  # peer id per key (moves with its key)
     uint32_t cap
     uint32_t count
 
@@ -172,7 +212,12 @@ cdef struct ff_state:
     int gso  # send split segments with UDP_SEGMENT (cleared on EIO)
     int gro  # the UDP socket has UDP_GRO: receives carry a segment size cmsg
     uint32_t *table  # next hop (host order) per subnet index; 0 = no route
+    uint32_t *table_pid  # peer id of that next hop, per subnet index
     ff_peers peers
+    uint32_t peer_cap  # peer ids 0..peer_cap-1 (table_size + 1: never more peers than routes)
+    uint32_t peer_chunks
+    ff_peer_tx **ptx  # peer_chunks pointers, NULL until Python allocates the chunk
+    ff_peer_rx **prx
     ff_io tx
     ff_io rx
     uint64_t c[<int>FF_NCOUNTERS]
@@ -186,7 +231,8 @@ cdef class Proxy:
     cdef bint _closed
     cdef uint32_t _seq
 
-    cdef int _apply_direct(self, uint32_t cmd, uint32_t arg, uint32_t value) except -1
+    cdef int _alloc_chunk(self, uint32_t chunk) except? -1
+    cdef int _apply_direct(self, uint32_t cmd, uint32_t arg, uint32_t value, uint32_t pid) except -1
     cdef _check_idle(self)
     cdef _close_fds(self)
     cdef unsigned int _tx_phase(self, unsigned int count)

@@ -134,10 +134,17 @@ _C_SLOTS = {
     "ctl_commands": C_CTL_COMMANDS, "tx_tso_reads": C_TX_TSO_READS, "tx_tso_segments": C_TX_TSO_SEGMENTS,
     "tx_gso_sends": C_TX_GSO_SENDS, "tx_gso_errors": C_TX_GSO_ERRORS, "rx_gro_receives": C_RX_GRO_RECEIVES,
     "rx_gro_datagrams": C_RX_GRO_DATAGRAMS, "rx_coalesced_writes": C_RX_COALESCED_WRITES,
-    "rx_coalesced_packets": C_RX_COALESCED_PACKETS,
+    "rx_coalesced_packets": C_RX_COALESCED_PACKETS, "tx_batch_packets": C_TX_BATCH_PACKETS,
+    "tx_batch_le_1": C_TX_BATCH_LE_1, "tx_batch_le_4": C_TX_BATCH_LE_4, "tx_batch_le_16": C_TX_BATCH_LE_16,
+    "tx_batch_le_64": C_TX_BATCH_LE_64, "tx_batch_gt_64": C_TX_BATCH_GT_64, "rx_batch_packets": C_RX_BATCH_PACKETS,
+    "rx_batch_le_1": C_RX_BATCH_LE_1, "rx_batch_le_4": C_RX_BATCH_LE_4, "rx_batch_le_16": C_RX_BATCH_LE_16,
+    "rx_batch_le_64": C_RX_BATCH_LE_64, "rx_batch_gt_64": C_RX_BATCH_GT_64,
 }
 if tuple(_C_SLOTS) != COUNTER_NAMES or list(_C_SLOTS.values()) != list(range(FF_NCOUNTERS)):
     raise ImportError("fastflannel._fastpath counter layout differs from _fastpath_py.COUNTER_NAMES; rebuild")
+if (len(_py.PEER_COUNTER_NAMES) != 8 or _py.PEER_CHUNK_SHIFT != FF_PEER_SHIFT
+        or _py.BATCH_BUCKETS != (1, 4, 16, 64)):
+    raise ImportError("fastflannel._fastpath per-peer/batch layout differs from _fastpath_py; rebuild")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -158,6 +165,39 @@ cdef inline uint32_t ip_mask(int plen) noexcept nogil:
     if plen <= 0:
         return 0
     return <uint32_t>(0xFFFFFFFFu << (32 - plen))
+
+
+cdef inline ff_peer_tx *ff_ptx(const ff_state *st, uint32_t pid) noexcept nogil:
+    """The tx counter block of peer id ``pid`` (validated by ff_pid_ok when the command naming it was applied)."""
+    return &st.ptx[pid >> FF_PEER_SHIFT][pid & (FF_PEER_CHUNK - 1)]
+
+
+cdef inline ff_peer_rx *ff_prx(const ff_state *st, uint32_t pid) noexcept nogil:
+    return &st.prx[pid >> FF_PEER_SHIFT][pid & (FF_PEER_CHUNK - 1)]
+
+
+cdef inline uint32_t ff_pid_ok(const ff_state *st, uint32_t pid) noexcept nogil:
+    """``pid`` if its counter blocks exist, else 0 (the "other" block, allocated with the state)."""
+    if pid < st.peer_cap and st.ptx[pid >> FF_PEER_SHIFT] != NULL and st.prx[pid >> FF_PEER_SHIFT] != NULL:
+        return pid
+    return 0
+
+
+cdef inline void ff_count_batch(ff_state *st, int base, uint64_t n) noexcept nogil:
+    """Count one burst of ``n`` packets: c[base] += n (the sum), and its bucket (<=1, <=4, <=16, <=64, >64)."""
+    cdef int b
+    if n <= 1:
+        b = 0
+    elif n <= 4:
+        b = 1
+    elif n <= 16:
+        b = 2
+    elif n <= 64:
+        b = 3
+    else:
+        b = 4
+    ff_add(&st.c[base], n)
+    ff_add(&st.c[base + 1 + b], 1)
 
 
 cdef uint16_t ff_cksum(const uint8_t *p, size_t n) noexcept nogil:
@@ -232,16 +272,17 @@ cdef size_t ff_icmp_unreach(const ff_state *st, const uint8_t *off, size_t n, ui
     return total
 
 
-cdef ff_verdict ff_out_one(ff_state *st, uint8_t *p, size_t n, uint32_t *nh, uint8_t *icmp,
+cdef ff_verdict ff_out_one(ff_state *st, uint8_t *p, size_t n, uint32_t *nh, uint32_t *pid, uint8_t *icmp,
                            size_t *icmp_len) noexcept nogil:
-    """Apply the TUN -> UDP rules to p[0:n] in place; count drops (not sends)."""
-    cdef uint32_t dst, hop = 0
+    """Apply the TUN -> UDP rules to p[0:n] in place; count drops (not sends). SEND: nh, pid = next hop, peer id."""
+    cdef uint32_t dst, hop = 0, idx = 0
     if ff_malformed(p, n):
         ff_add(&st.c[C_TX_DROP_MALFORMED], 1)
         return V_DROP_MALFORMED
     dst = ld32(p + 16)
     if (dst & st.net_mask) == st.net:
-        hop = st.table[(dst - st.net) >> st.shift]
+        idx = (dst - st.net) >> st.shift
+        hop = st.table[idx]
     if hop == 0:
         ff_add(&st.c[C_TX_DROP_NO_ROUTE], 1)
         icmp_len[0] = ff_icmp_unreach(st, p, n, icmp)
@@ -254,6 +295,7 @@ cdef ff_verdict ff_out_one(ff_state *st, uint8_t *p, size_t n, uint32_t *nh, uin
         return V_DROP_TTL
     ff_ttl_dec(p)
     nh[0] = hop
+    pid[0] = st.table_pid[idx]
     return V_SEND
 
 
@@ -262,28 +304,38 @@ cdef inline uint32_t ff_hash(uint32_t k, uint32_t cap) noexcept nogil:
     return (h ^ (h >> 15)) & (cap - 1)
 
 
-cdef inline bint ff_peer_has(const ff_peers *ps, uint32_t k) noexcept nogil:
+cdef inline bint ff_peer_get(const ff_peers *ps, uint32_t k, uint32_t *pid) noexcept nogil:
+    """Tell whether ``k`` is a peer; if so set pid to its peer id."""
     cdef uint32_t i = ff_hash(k, ps.cap)
     while ps.keys[i] != 0:
         if ps.keys[i] == k:
+            pid[0] = ps.pids[i]
             return True
         i = (i + 1) & (ps.cap - 1)
     return False
 
 
-cdef ff_verdict ff_in_one(ff_state *st, uint32_t src, uint8_t *p, size_t n) noexcept nogil:
-    """Apply the UDP -> TUN rules to p[0:n] from ``src`` in place; count drops (not writes)."""
-    if st.check_peer and not ff_peer_has(&st.peers, src):
-        ff_add(&st.c[C_RX_DROP_UNKNOWN_PEER], 1)
-        return V_DROP_UNKNOWN_PEER
+cdef ff_verdict ff_in_one(ff_state *st, uint32_t src, uint8_t *p, size_t n, uint32_t *pid_out) noexcept nogil:
+    """Apply the UDP -> TUN rules to p[0:n] from ``src`` in place; count drops (not writes), in total and for the
+    source's peer id, stored in pid_out (0: not a current peer, possible only with check_peer off)."""
+    cdef uint32_t pid = 0
+    if not ff_peer_get(&st.peers, src, &pid):  # looked up even with check_peer off: the per-peer counters need it
+        if st.check_peer:
+            ff_add(&st.c[C_RX_DROP_UNKNOWN_PEER], 1)
+            return V_DROP_UNKNOWN_PEER
+        pid = 0
+    pid_out[0] = pid
     if ff_malformed(p, n):
         ff_add(&st.c[C_RX_DROP_MALFORMED], 1)
+        ff_add(&ff_prx(st, pid).drop_malformed, 1)
         return V_DROP_MALFORMED
     if st.check_dest and (ld32(p + 16) & st.own_mask) != st.own_net:
         ff_add(&st.c[C_RX_DROP_FOREIGN_DEST], 1)
+        ff_add(&ff_prx(st, pid).drop_foreign_dest, 1)
         return V_DROP_FOREIGN_DEST
     if p[8] <= 1:
         ff_add(&st.c[C_RX_DROP_TTL], 1)
+        ff_add(&ff_prx(st, pid).drop_ttl, 1)
         return V_DROP_TTL
     ff_ttl_dec(p)
     return V_WRITE
@@ -292,36 +344,48 @@ cdef ff_verdict ff_in_one(ff_state *st, uint32_t src, uint8_t *p, size_t n) noex
 # ---------------------------------------------------------------------------------------------------------
 # peer set (owned by the rx loop, or by Python while no rx loop runs)
 
-cdef int ff_peer_insert(ff_peers *ps, uint32_t k) noexcept nogil:
+cdef int ff_peer_insert(ff_peers *ps, uint32_t k, uint32_t pid) noexcept nogil:
     cdef uint32_t i = ff_hash(k, ps.cap)
     while ps.keys[i] != 0:
         if ps.keys[i] == k:
+            ps.pids[i] = pid
             return 0
         i = (i + 1) & (ps.cap - 1)
     ps.keys[i] = k
+    ps.pids[i] = pid
     ps.count += 1
     return 0
 
 
-cdef int ff_peer_add(ff_peers *ps, uint32_t k) noexcept nogil:
+cdef int ff_peer_add(ff_peers *ps, uint32_t k, uint32_t pid) noexcept nogil:
     cdef uint32_t *old
-    cdef uint32_t old_cap, i
-    if k == 0 or ff_peer_has(ps, k):
+    cdef uint32_t *old_pids
+    cdef uint32_t *new_pids
+    cdef uint32_t old_cap, i, have = 0
+    if k == 0:
         return 0
+    if ff_peer_get(ps, k, &have):
+        return ff_peer_insert(ps, k, pid)  # present: only its peer id changes
     if (ps.count + 1) * 2 > ps.cap:  # keep the load <= 1/2: short probes
         old = ps.keys
+        old_pids = ps.pids
         old_cap = ps.cap
+        new_pids = <uint32_t *>PyMem_RawCalloc(old_cap * 2, sizeof(uint32_t))
         ps.keys = <uint32_t *>PyMem_RawCalloc(old_cap * 2, sizeof(uint32_t))
-        if ps.keys == NULL:
+        if ps.keys == NULL or new_pids == NULL:
+            PyMem_RawFree(ps.keys)
+            PyMem_RawFree(new_pids)
             ps.keys = old
             return -ENOMEM
+        ps.pids = new_pids
         ps.cap = old_cap * 2
         ps.count = 0
         for i in range(old_cap):
             if old[i] != 0:
-                ff_peer_insert(ps, old[i])
+                ff_peer_insert(ps, old[i], old_pids[i])
         PyMem_RawFree(old)
-    return ff_peer_insert(ps, k)
+        PyMem_RawFree(old_pids)
+    return ff_peer_insert(ps, k, pid)
 
 
 cdef void ff_peer_del(ff_peers *ps, uint32_t k) noexcept nogil:
@@ -332,6 +396,7 @@ cdef void ff_peer_del(ff_peers *ps, uint32_t k) noexcept nogil:
             return
         i = (i + 1) & mask
     ps.keys[i] = 0
+    ps.pids[i] = 0
     ps.count -= 1
     j = i
     while True:  # backward-shift deletion: no tombstones, probes stay short
@@ -341,20 +406,24 @@ cdef void ff_peer_del(ff_peers *ps, uint32_t k) noexcept nogil:
         home = ff_hash(ps.keys[j], ps.cap)
         if ((j - home) & mask) >= ((j - i) & mask):
             ps.keys[i] = ps.keys[j]
+            ps.pids[i] = ps.pids[j]
             ps.keys[j] = 0
+            ps.pids[j] = 0
             i = j
 
 
-cdef int ff_apply(ff_state *st, uint32_t cmd, uint32_t arg, uint32_t value) noexcept nogil:
+cdef int ff_apply(ff_state *st, uint32_t cmd, uint32_t arg, uint32_t value, uint32_t pid) noexcept nogil:
     """Apply one route/peer command; 0 or -errno."""
     if cmd == CMD_SET_ROUTE:
         if arg < st.table_size:
             st.table[arg] = value
+            st.table_pid[arg] = ff_pid_ok(st, pid)
     elif cmd == CMD_DEL_ROUTE:
         if arg < st.table_size:
             st.table[arg] = 0
+            st.table_pid[arg] = 0
     elif cmd == CMD_PEER_ADD:
-        return ff_peer_add(&st.peers, value)
+        return ff_peer_add(&st.peers, value, ff_pid_ok(st, pid))
     elif cmd == CMD_PEER_DEL:
         ff_peer_del(&st.peers, value)
     return 0
@@ -493,9 +562,9 @@ cdef void ff_gro_reset(ff_io *io) noexcept nogil:
     io.nout = 0
 
 
-cdef int ff_gro_add(ff_io *io, const uint8_t *p, size_t n) noexcept nogil:
-    """Queue inner packet p[0:n] (rules already applied) for the TUN: append it to an open run of its flow or
-    start a new write slot. Returns 0, or 1 if the slots are full (flush, then call again)."""
+cdef int ff_gro_add(ff_io *io, const uint8_t *p, size_t n, uint32_t pid) noexcept nogil:
+    """Queue inner packet p[0:n] from peer id ``pid`` (rules already applied) for the TUN: append it to an open run
+    of its flow (same peer) or start a new write slot. Returns 0, or 1 if the slots are full (flush, call again)."""
     cdef ff_item *it
     cdef ff_item *head
     cdef uint8_t *slot
@@ -514,7 +583,7 @@ cdef int ff_gro_add(ff_io *io, const uint8_t *p, size_t n) noexcept nogil:
         j = <int>io.nout - 1
         while j >= 0:  # newest first; the first item of the same flow decides
             it = &io.items[j]
-            if it.open and it.src == src and it.dst == dst and it.ports == ports and it.ack == ack:
+            if it.open and it.src == src and it.dst == dst and it.ports == ports and it.ack == ack and it.pid == pid:
                 hp = io.wslots + <size_t>j * FF_WSLOT + FF_VNET
                 if (it.hlen == hlen and it.next_seq == seq and pay <= it.gso and it.len + pay <= IPV4_MAX
                         and hp[1] == p[1] and hp[8] == p[8] and hp[6] == p[6]
@@ -552,6 +621,7 @@ cdef int ff_gro_add(ff_io *io, const uint8_t *p, size_t n) noexcept nogil:
         it.gso = 0
     slot = io.wslots + <size_t>io.nout * FF_WSLOT
     memcpy(slot + FF_VNET, p, n)
+    it.pid = pid
     it.len = <uint32_t>n
     it.in_bytes = <uint32_t>n
     it.count = 1
@@ -616,16 +686,17 @@ cdef unsigned int ff_tx_process(ff_state *st, unsigned int count, unsigned int *
     cdef ff_io *io = &st.tx
     cdef unsigned int i, nsend = 0, ni = 0
     cdef ff_verdict v
-    cdef uint32_t nh = 0
+    cdef uint32_t nh = 0, pid = 0
     cdef size_t ilen = 0
     cdef uint8_t *p
     for i in range(count):
         p = io.bufs + <size_t>i * FF_SLOT
-        v = ff_out_one(st, p, io.lens[i], &nh, io.icmp + <size_t>ni * FF_ICMP_MAX, &ilen)
+        v = ff_out_one(st, p, io.lens[i], &nh, &pid, io.icmp + <size_t>ni * FF_ICMP_MAX, &ilen)
         if v == V_SEND:
             io.iov[nsend].iov_base = p
             io.iov[nsend].iov_len = io.lens[i]
             io.addrs[nsend].sin_addr.s_addr = htonl(nh)
+            io.pids[nsend] = pid
             nsend += 1
         elif v == V_ICMP:
             io.icmp_lens[ni] = <uint32_t>ilen
@@ -640,6 +711,7 @@ cdef int ff_tx_burst(ff_state *st, int *stage, unsigned int *got) noexcept nogil
     cdef unsigned int count = 0, nsend, nicmp = 0, sent = 0, i
     cdef ssize_t n
     cdef int r, e
+    cdef ff_peer_tx *pt
     cdef uint64_t syscalls = 0, packets = 0, nbytes = 0
     while count < st.batch:
         n = read(st.tun_fd, io.bufs + <size_t>count * FF_SLOT, FF_SLOT)
@@ -663,6 +735,7 @@ cdef int ff_tx_burst(ff_state *st, int *stage, unsigned int *got) noexcept nogil
         ff_add(&st.c[C_TX_SYSCALLS], syscalls)
         return 0
     ff_add(&st.c[C_TX_BATCHES], 1)
+    ff_count_batch(st, C_TX_BATCH_PACKETS, count)
     nsend = ff_tx_process(st, count, &nicmp)
     for i in range(nicmp):
         syscalls += 1
@@ -689,11 +762,15 @@ cdef int ff_tx_burst(ff_state *st, int *stage, unsigned int *got) noexcept nogil
                 stage[0] = S_UDP_SEND
                 return -e
             ff_add(&st.c[C_TX_DROP_SEND], 1)  # this datagram only (EPERM, ENETUNREACH, EMSGSIZE...)
+            ff_add(&ff_ptx(st, io.pids[sent]).drop_send, 1)
             sent += 1
             continue
         for i in range(sent, sent + <unsigned int>r):
             packets += 1
             nbytes += io.iov[i].iov_len
+            pt = ff_ptx(st, io.pids[i])
+            ff_add(&pt.packets, 1)
+            ff_add(&pt.bytes, io.iov[i].iov_len)
         sent += <unsigned int>r
     ff_add(&st.c[C_TX_SYSCALLS], syscalls)
     ff_add(&st.c[C_TX_PACKETS], packets)
@@ -706,7 +783,7 @@ cdef unsigned int ff_rx_process(ff_state *st, unsigned int count) noexcept nogil
     cdef ff_io *io = &st.rx
     cdef unsigned int i, nwrite = 0
     for i in range(count):
-        if ff_in_one(st, io.srcs[i], io.bufs + <size_t>i * FF_SLOT, io.lens[i]) == V_WRITE:
+        if ff_in_one(st, io.srcs[i], io.bufs + <size_t>i * FF_SLOT, io.lens[i], &io.pids[i]) == V_WRITE:
             nwrite += 1
         else:
             io.lens[i] = 0
@@ -720,6 +797,7 @@ cdef int ff_rx_burst(ff_state *st, int *stage, unsigned int *got) noexcept nogil
     cdef unsigned int i, count
     cdef int r, e
     cdef ssize_t w
+    cdef ff_peer_rx *pr
     cdef uint64_t syscalls = 1, packets = 0, nbytes = 0
     for i in range(st.batch):
         io.msgs[i].msg_hdr.msg_namelen = sizeof(io.addrs[0])
@@ -741,6 +819,7 @@ cdef int ff_rx_burst(ff_state *st, int *stage, unsigned int *got) noexcept nogil
     count = <unsigned int>r
     got[0] = count
     ff_add(&st.c[C_RX_BATCHES], 1)
+    ff_count_batch(st, C_RX_BATCH_PACKETS, count)
     for i in range(count):
         io.lens[i] = io.msgs[i].msg_len
         if io.msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
@@ -756,6 +835,9 @@ cdef int ff_rx_burst(ff_state *st, int *stage, unsigned int *got) noexcept nogil
             if w >= 0:
                 packets += 1
                 nbytes += io.lens[i]
+                pr = ff_prx(st, io.pids[i])
+                ff_add(&pr.packets, 1)
+                ff_add(&pr.bytes, io.lens[i])
                 break
             e = errno
             if e == EINTR:
@@ -792,6 +874,7 @@ cdef int ff_send_slow(ff_state *st, unsigned int m, uint64_t *syscalls, uint64_t
     cdef size_t left = io.giov[m].iov_len, seg = io.gseglen[m], l
     cdef ssize_t w
     cdef int e, r
+    cdef ff_peer_tx *pt = ff_ptx(st, io.gpids[m])
     while left > 0:
         l = left if left < seg else seg
         w = sendto(st.udp_fd, base, l, MSG_DONTWAIT, &io.gaddrs[m], sizeof(sockaddr_in))
@@ -810,9 +893,12 @@ cdef int ff_send_slow(ff_state *st, unsigned int m, uint64_t *syscalls, uint64_t
             if ff_fatal(e):
                 return -e
             ff_add(&st.c[C_TX_DROP_SEND], 1)
+            ff_add(&pt.drop_send, 1)
         else:
             packets[0] += 1
             nbytes[0] += l
+            ff_add(&pt.packets, 1)
+            ff_add(&pt.bytes, l)
         base += l
         left -= l
     return 0
@@ -825,6 +911,7 @@ cdef int ff_tx_flush(ff_state *st, int *stage, uint64_t *syscalls) noexcept nogi
     cdef int r, e
     cdef cmsghdr *cm
     cdef uint16_t segsz
+    cdef ff_peer_tx *pt
     cdef uint64_t packets = 0, nbytes = 0, gsends = 0
     for m in range(io.ngmsg):
         if io.gsegs[m] > 1 and st.gso:
@@ -871,11 +958,15 @@ cdef int ff_tx_flush(ff_state *st, int *stage, uint64_t *syscalls) noexcept nogi
                 r = -e
                 break
             ff_add(&st.c[C_TX_DROP_SEND], io.gsegs[sent])
+            ff_add(&ff_ptx(st, io.gpids[sent]).drop_send, io.gsegs[sent])
             sent += 1
             continue
         for k in range(sent, sent + <unsigned int>r):
             packets += io.gsegs[k]
             nbytes += io.giov[k].iov_len
+            pt = ff_ptx(st, io.gpids[k])
+            ff_add(&pt.packets, io.gsegs[k])
+            ff_add(&pt.bytes, io.giov[k].iov_len)
             if io.gsegs[k] > 1 and st.gso:
                 gsends += 1
         sent += <unsigned int>r
@@ -900,10 +991,10 @@ cdef int ff_tx_burst_vnet(ff_state *st, int *stage, unsigned int *got) noexcept 
     cdef uint8_t *p
     cdef uint8_t zero[FF_VNET]
     cdef iovec wv[2]
-    cdef uint32_t nh = 0, l
+    cdef uint32_t nh = 0, pid = 0, l
     cdef size_t ilen = 0
     cdef ff_verdict v
-    cdef uint64_t syscalls = 0
+    cdef uint64_t syscalls = 0, pkts = 0
     cdef bint opn = False
     memset(zero, 0, FF_VNET)
     got[0] = 0
@@ -935,17 +1026,20 @@ cdef int ff_tx_burst_vnet(ff_state *st, int *stage, unsigned int *got) noexcept 
                             FF_SEGS_MAX, &tso)
         if nseg < 0:
             ff_add(&st.c[C_TX_DROP_MALFORMED], 1)
+            pkts += 1
             continue
+        pkts += <uint64_t>nseg
         if tso:
             ff_add(&st.c[C_TX_TSO_READS], 1)
             ff_add(&st.c[C_TX_TSO_SEGMENTS], <uint64_t>nseg)
         p = io.arena + io.arena_used
         for i in range(<unsigned int>nseg):
             l = io.lens[i]
-            v = ff_out_one(st, p, l, &nh, io.icmp, &ilen)
+            v = ff_out_one(st, p, l, &nh, &pid, io.icmp, &ilen)
             if v == V_SEND:
                 m = io.ngmsg - 1
-                if (opn and st.gso and io.gaddrs[m].sin_addr.s_addr == htonl(nh) and l <= io.gseglen[m]
+                if (opn and st.gso and io.gaddrs[m].sin_addr.s_addr == htonl(nh) and io.gpids[m] == pid
+                        and l <= io.gseglen[m]
                         and io.gsegs[m] < FF_GSO_SEGS and io.giov[m].iov_len + l <= FF_GSO_BYTES
                         and <uint8_t *>io.giov[m].iov_base + io.giov[m].iov_len == p):
                     io.giov[m].iov_len += l
@@ -958,6 +1052,7 @@ cdef int ff_tx_burst_vnet(ff_state *st, int *stage, unsigned int *got) noexcept 
                     io.giov[m].iov_base = p
                     io.giov[m].iov_len = l
                     io.gaddrs[m].sin_addr.s_addr = htonl(nh)
+                    io.gpids[m] = pid
                     io.gsegs[m] = 1
                     io.gseglen[m] = l
                     opn = True
@@ -974,6 +1069,7 @@ cdef int ff_tx_burst_vnet(ff_state *st, int *stage, unsigned int *got) noexcept 
     got[0] = reads
     if reads:
         ff_add(&st.c[C_TX_BATCHES], 1)
+        ff_count_batch(st, C_TX_BATCH_PACKETS, pkts)
     r = 0
     if io.ngmsg:
         r = ff_tx_flush(st, stage, &syscalls)
@@ -1014,6 +1110,7 @@ cdef int ff_rx_flush(ff_state *st, int *stage, uint64_t *syscalls) noexcept nogi
     cdef size_t n
     cdef int r = 0
     cdef ff_item *it
+    cdef ff_peer_rx *pr
     cdef uint64_t packets = 0, nbytes = 0, cw = 0, cp = 0
     for k in range(io.nout):
         it = &io.items[k]
@@ -1027,6 +1124,9 @@ cdef int ff_rx_flush(ff_state *st, int *stage, uint64_t *syscalls) noexcept nogi
             break
         packets += it.count
         nbytes += it.in_bytes
+        pr = ff_prx(st, it.pid)
+        ff_add(&pr.packets, it.count)
+        ff_add(&pr.bytes, it.in_bytes)
         if it.count > 1:
             cw += 1
             cp += it.count
@@ -1046,8 +1146,9 @@ cdef int ff_rx_burst_gro(ff_state *st, int *stage, unsigned int *got) noexcept n
     cdef int r, e, gso
     cdef size_t total, seg, off, il
     cdef uint8_t *base
-    cdef uint32_t src
+    cdef uint32_t src, pid = 0
     cdef cmsghdr *cm
+    cdef ff_peer_rx *pr
     cdef uint64_t syscalls = 1, packets = 0, nbytes = 0, dgrams = 0
     got[0] = 0
     for i in range(st.batch):
@@ -1095,13 +1196,13 @@ cdef int ff_rx_burst_gro(ff_state *st, int *stage, unsigned int *got) noexcept n
         while True:
             il = total - off if total - off < seg else seg
             dgrams += 1
-            if ff_in_one(st, src, base + off, il) == V_WRITE:
+            if ff_in_one(st, src, base + off, il, &pid) == V_WRITE:
                 if st.vnet:
-                    if ff_gro_add(io, base + off, il):
+                    if ff_gro_add(io, base + off, il, pid):
                         r = ff_rx_flush(st, stage, &syscalls)
                         if r != 0:
                             break
-                        ff_gro_add(io, base + off, il)
+                        ff_gro_add(io, base + off, il, pid)
                 else:
                     r = ff_tun_write1(st, base + off, il, stage, &syscalls)
                     if r == 2:
@@ -1112,6 +1213,9 @@ cdef int ff_rx_burst_gro(ff_state *st, int *stage, unsigned int *got) noexcept n
                     else:
                         packets += 1
                         nbytes += il
+                        pr = ff_prx(st, pid)
+                        ff_add(&pr.packets, 1)
+                        ff_add(&pr.bytes, il)
             off += il
             if off >= total or total > IPV4_MAX:
                 break
@@ -1119,6 +1223,7 @@ cdef int ff_rx_burst_gro(ff_state *st, int *stage, unsigned int *got) noexcept n
             break
     if r == 0 and st.vnet and io.nout:
         r = ff_rx_flush(st, stage, &syscalls)
+    ff_count_batch(st, C_RX_BATCH_PACKETS, dgrams)
     if st.gro:
         ff_add(&st.c[C_RX_GRO_RECEIVES], count)
         ff_add(&st.c[C_RX_GRO_DATAGRAMS], dgrams)
@@ -1151,7 +1256,7 @@ cdef int ff_ctl(ff_state *st, int ctl_fd, int *stage) noexcept nogil:
             send(ctl_fd, &cmd, sizeof(cmd), MSG_DONTWAIT)  # Python waits for it; its queue has room
             continue
         ff_add_shared(&st.c[C_CTL_COMMANDS], 1)
-        r = ff_apply(st, cmd.cmd, cmd.arg, cmd.value)
+        r = ff_apply(st, cmd.cmd, cmd.arg, cmd.value, cmd.pid)
         if r < 0:
             stage[0] = S_PEERS
             return r
@@ -1244,12 +1349,13 @@ cdef int ff_io_alloc(ff_io *io, unsigned int batch, uint16_t port_be) noexcept n
     io.bufs = <uint8_t *>PyMem_RawMalloc(<size_t>batch * FF_SLOT)
     io.lens = <uint32_t *>PyMem_RawCalloc(batch if batch > FF_SEGS_MAX else FF_SEGS_MAX, sizeof(uint32_t))
     io.srcs = <uint32_t *>PyMem_RawCalloc(batch, sizeof(uint32_t))
+    io.pids = <uint32_t *>PyMem_RawCalloc(batch, sizeof(uint32_t))
     io.msgs = <mmsghdr *>PyMem_RawCalloc(batch, sizeof(mmsghdr))
     io.iov = <iovec *>PyMem_RawCalloc(batch, sizeof(iovec))
     io.addrs = <sockaddr_in *>PyMem_RawCalloc(batch, sizeof(sockaddr_in))
     io.icmp = <uint8_t *>PyMem_RawMalloc(<size_t>batch * FF_ICMP_MAX)
     io.icmp_lens = <uint32_t *>PyMem_RawCalloc(batch, sizeof(uint32_t))
-    if (io.bufs == NULL or io.lens == NULL or io.srcs == NULL or io.msgs == NULL or io.iov == NULL
+    if (io.bufs == NULL or io.lens == NULL or io.srcs == NULL or io.pids == NULL or io.msgs == NULL or io.iov == NULL
             or io.addrs == NULL or io.icmp == NULL or io.icmp_lens == NULL):
         return -ENOMEM
     if ff_offload_alloc(io, batch, port_be) < 0:
@@ -1277,11 +1383,13 @@ cdef int ff_offload_alloc(ff_io *io, unsigned int batch, uint16_t port_be) noexc
     io.gcmsg = <uint8_t *>PyMem_RawCalloc(FF_TXMSG_MAX, FF_CMSG)
     io.gsegs = <uint32_t *>PyMem_RawCalloc(FF_TXMSG_MAX, sizeof(uint32_t))
     io.gseglen = <uint32_t *>PyMem_RawCalloc(FF_TXMSG_MAX, sizeof(uint32_t))
+    io.gpids = <uint32_t *>PyMem_RawCalloc(FF_TXMSG_MAX, sizeof(uint32_t))
     io.rcmsg = <uint8_t *>PyMem_RawCalloc(batch, FF_CMSG)
     io.wslots = <uint8_t *>PyMem_RawMalloc(<size_t>FF_WSLOTS * FF_WSLOT)
     io.items = <ff_item *>PyMem_RawCalloc(FF_WSLOTS, sizeof(ff_item))
     if (io.rbuf == NULL or io.arena == NULL or io.gmsgs == NULL or io.giov == NULL or io.gaddrs == NULL
-            or io.gcmsg == NULL or io.gsegs == NULL or io.gseglen == NULL or io.rcmsg == NULL or io.wslots == NULL
+            or io.gcmsg == NULL or io.gsegs == NULL or io.gseglen == NULL or io.gpids == NULL or io.rcmsg == NULL
+            or io.wslots == NULL
             or io.items == NULL):
         return -ENOMEM
     for i in range(FF_TXMSG_MAX):
@@ -1303,12 +1411,14 @@ cdef void ff_io_free(ff_io *io) noexcept nogil:
     PyMem_RawFree(io.gcmsg)
     PyMem_RawFree(io.gsegs)
     PyMem_RawFree(io.gseglen)
+    PyMem_RawFree(io.gpids)
     PyMem_RawFree(io.rcmsg)
     PyMem_RawFree(io.wslots)
     PyMem_RawFree(io.items)
     PyMem_RawFree(io.bufs)
     PyMem_RawFree(io.lens)
     PyMem_RawFree(io.srcs)
+    PyMem_RawFree(io.pids)
     PyMem_RawFree(io.msgs)
     PyMem_RawFree(io.iov)
     PyMem_RawFree(io.addrs)
@@ -1318,12 +1428,22 @@ cdef void ff_io_free(ff_io *io) noexcept nogil:
 
 
 cdef void ff_state_free(ff_state *st) noexcept nogil:
+    cdef uint32_t i
     if st == NULL:
         return
     ff_io_free(&st.tx)
     ff_io_free(&st.rx)
     PyMem_RawFree(st.table)
+    PyMem_RawFree(st.table_pid)
     PyMem_RawFree(st.peers.keys)
+    PyMem_RawFree(st.peers.pids)
+    for i in range(st.peer_chunks):
+        if st.ptx != NULL:
+            PyMem_RawFree(st.ptx[i])
+        if st.prx != NULL:
+            PyMem_RawFree(st.prx[i])
+    PyMem_RawFree(st.ptx)
+    PyMem_RawFree(st.prx)
     if st.stop_fd >= 0:
         close(st.stop_fd)
     PyMem_RawFree(st)
@@ -1378,10 +1498,17 @@ cdef class Proxy:
         st.gso = udp_gso and tun_offload  # segments to send in runs exist only in offload mode
         st.gro = udp_gro
         st.table = <uint32_t *>PyMem_RawCalloc(st.table_size, sizeof(uint32_t))
+        st.table_pid = <uint32_t *>PyMem_RawCalloc(st.table_size, sizeof(uint32_t))
         st.peers.cap = FF_PEERS_MIN
         st.peers.keys = <uint32_t *>PyMem_RawCalloc(FF_PEERS_MIN, sizeof(uint32_t))
-        if (st.table == NULL or st.peers.keys == NULL or ff_io_alloc(&st.tx, batch, st.port_be) < 0
-                or ff_io_alloc(&st.rx, batch, st.port_be) < 0):
+        st.peers.pids = <uint32_t *>PyMem_RawCalloc(FF_PEERS_MIN, sizeof(uint32_t))
+        st.peer_cap = st.table_size + 1  # ids 1..table_size (never more peers than routes) + 0, the "other" block
+        st.peer_chunks = (st.peer_cap + FF_PEER_CHUNK - 1) >> FF_PEER_SHIFT
+        st.ptx = <ff_peer_tx **>PyMem_RawCalloc(st.peer_chunks, sizeof(ff_peer_tx *))
+        st.prx = <ff_peer_rx **>PyMem_RawCalloc(st.peer_chunks, sizeof(ff_peer_rx *))
+        if (st.table == NULL or st.table_pid == NULL or st.peers.keys == NULL or st.peers.pids == NULL
+                or st.ptx == NULL or st.prx == NULL or self._alloc_chunk(0) < 0
+                or ff_io_alloc(&st.tx, batch, st.port_be) < 0 or ff_io_alloc(&st.rx, batch, st.port_be) < 0):
             raise MemoryError(f"cannot allocate the fast path's buffers (batch {batch}, {st.table_size} routes)")
         st.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if st.stop_fd < 0:
@@ -1401,8 +1528,46 @@ cdef class Proxy:
 
     # --- control ---
 
-    cdef int _apply_direct(self, uint32_t cmd, uint32_t arg, uint32_t value) except -1:
-        cdef int r = ff_apply(self.st, cmd, arg, value)
+    cdef int _alloc_chunk(self, uint32_t chunk) except? -1:
+        """Allocate the (zeroed) tx and rx counter blocks of chunk ``chunk`` if missing; 0 or -1 (no memory).
+
+        Called with the GIL, before any command naming an id of the chunk is sent: the ctl socket orders the pointer
+        stores before the loop's loads. Chunks are never moved or freed before close()."""
+        cdef ff_state *st = self.st
+        if st.ptx[chunk] == NULL:
+            st.ptx[chunk] = <ff_peer_tx *>PyMem_RawCalloc(FF_PEER_CHUNK, sizeof(ff_peer_tx))
+        if st.prx[chunk] == NULL:
+            st.prx[chunk] = <ff_peer_rx *>PyMem_RawCalloc(FF_PEER_CHUNK, sizeof(ff_peer_rx))
+        return 0 if st.ptx[chunk] != NULL and st.prx[chunk] != NULL else -1
+
+    def reset_peer(self, uint32_t pid):
+        """Make peer id ``pid``'s counter blocks exist and zero them. Only for an id that no route and no peer
+        entry uses (the facade calls it before the PEER_ADD that hands the id out): no loop writes it meanwhile."""
+        if self.st == NULL:
+            raise ValueError("FastPath is closed")
+        if not 0 < pid < self.st.peer_cap:
+            raise ValueError(f"peer id {pid} out of range 1..{self.st.peer_cap - 1}")
+        if self._alloc_chunk(pid >> FF_PEER_SHIFT) < 0:
+            raise MemoryError("cannot allocate per-peer counters")
+        memset(ff_ptx(self.st, pid), 0, sizeof(ff_peer_tx))
+        memset(ff_prx(self.st, pid), 0, sizeof(ff_peer_rx))
+
+    def peer_counters(self, uint32_t pid):
+        """Return peer id ``pid``'s counters in _fastpath_py.PEER_COUNTER_NAMES order (relaxed loads; safe while
+        the loops run); zeros for an id whose chunk does not exist."""
+        cdef ff_peer_tx *t
+        cdef ff_peer_rx *r
+        if self.st == NULL:
+            raise ValueError("FastPath is closed")
+        if pid >= self.st.peer_cap or self.st.ptx[pid >> FF_PEER_SHIFT] == NULL:
+            return (0,) * 8
+        t = ff_ptx(self.st, pid)
+        r = ff_prx(self.st, pid)
+        return (ff_load(&t.packets), ff_load(&t.bytes), ff_load(&t.drop_send), ff_load(&r.packets),
+                ff_load(&r.bytes), ff_load(&r.drop_foreign_dest), ff_load(&r.drop_malformed), ff_load(&r.drop_ttl))
+
+    cdef int _apply_direct(self, uint32_t cmd, uint32_t arg, uint32_t value, uint32_t pid) except -1:
+        cdef int r = ff_apply(self.st, cmd, arg, value, pid)
         if r < 0:
             raise fastpath_error(-r, "fast path peer set")
         return 0
@@ -1418,7 +1583,9 @@ cdef class Proxy:
         if self.st == NULL:
             raise ValueError("FastPath is closed")
         pending = {}
-        for cmd, arg, value in cmds:
+        for t in cmds:
+            cmd, arg, value = t[0], t[1], t[2]
+            pid = t[3] if len(t) > 3 else 0
             if cmd not in (CMD_SET_ROUTE, CMD_DEL_ROUTE, CMD_PEER_ADD, CMD_PEER_DEL):
                 raise ValueError(f"unknown command {cmd}")
             if ROLE_BOTH in self._running:
@@ -1428,12 +1595,13 @@ cdef class Proxy:
             else:
                 role = ROLE_RX
             if role not in self._running:
-                self._apply_direct(cmd, arg, value)
+                self._apply_direct(cmd, arg, value, pid)
                 continue
             memset(&c, 0, sizeof(c))
             c.cmd = cmd
             c.arg = arg
             c.value = value
+            c.pid = pid
             pending.setdefault(role, []).append(PyBytes_FromStringAndSize(<char *>&c, sizeof(c)))
         for role, msgs in pending.items():
             sock = self._ctl[role]
@@ -1521,17 +1689,19 @@ cdef class Proxy:
         """Apply the TUN -> UDP rules to one packet; (verdict, bytes to send or write back, next hop)."""
         cdef Py_ssize_t n = PyBytes_GET_SIZE(packet)
         cdef uint8_t *p
-        cdef uint32_t nh = 0
+        cdef uint32_t nh = 0, pid = 0
         cdef size_t ilen = 0
         cdef ff_verdict v
         self._check_idle()
         p = self.st.tx.bufs
         if n <= IPV4_MAX:
             memcpy(p, PyBytes_AS_STRING(packet), n)
-        v = ff_out_one(self.st, p, n, &nh, self.st.tx.icmp, &ilen)
+        v = ff_out_one(self.st, p, n, &nh, &pid, self.st.tx.icmp, &ilen)
         if v == V_SEND:
             ff_add(&self.st.c[C_TX_PACKETS], 1)
             ff_add(&self.st.c[C_TX_BYTES], n)
+            ff_add(&ff_ptx(self.st, pid).packets, 1)
+            ff_add(&ff_ptx(self.st, pid).bytes, n)
             return _py.SEND, PyBytes_FromStringAndSize(<char *>p, n), nh
         if v == V_ICMP:
             return _py.ICMP, PyBytes_FromStringAndSize(<char *>self.st.tx.icmp, ilen), None
@@ -1541,15 +1711,18 @@ cdef class Proxy:
         """Apply the UDP -> TUN rules to one datagram from ``src``; (verdict, bytes to write to the TUN)."""
         cdef Py_ssize_t n = PyBytes_GET_SIZE(datagram)
         cdef uint8_t *p
+        cdef uint32_t pid = 0
         cdef ff_verdict v
         self._check_idle()
         p = self.st.rx.bufs
         if n <= IPV4_MAX:
             memcpy(p, PyBytes_AS_STRING(datagram), n)
-        v = ff_in_one(self.st, src, p, n)
+        v = ff_in_one(self.st, src, p, n, &pid)
         if v == V_WRITE:
             ff_add(&self.st.c[C_RX_PACKETS], 1)
             ff_add(&self.st.c[C_RX_BYTES], n)
+            ff_add(&ff_prx(self.st, pid).packets, 1)
+            ff_add(&ff_prx(self.st, pid).bytes, n)
             return _py.WRITE, PyBytes_FromStringAndSize(<char *>p, n)
         return _VERDICTS[v], None
 
@@ -1583,10 +1756,15 @@ cdef class Proxy:
     cdef unsigned int _tx_phase(self, unsigned int count):
         cdef unsigned int nicmp = 0, nsend, i
         cdef uint64_t nbytes = 0
+        cdef ff_peer_tx *pt
         nsend = ff_tx_process(self.st, count, &nicmp)
         for i in range(nsend):
             nbytes += self.st.tx.iov[i].iov_len
+            pt = ff_ptx(self.st, self.st.tx.pids[i])
+            ff_add(&pt.packets, 1)
+            ff_add(&pt.bytes, self.st.tx.iov[i].iov_len)
         ff_add(&self.st.c[C_TX_BATCHES], 1)
+        ff_count_batch(self.st, C_TX_BATCH_PACKETS, count)
         ff_add(&self.st.c[C_TX_PACKETS], nsend)
         ff_add(&self.st.c[C_TX_BYTES], nbytes)
         return nsend
@@ -1619,10 +1797,16 @@ cdef class Proxy:
     cdef unsigned int _rx_phase(self, unsigned int count):
         cdef unsigned int nwrite, i
         cdef uint64_t nbytes = 0
+        cdef ff_peer_rx *pr
         nwrite = ff_rx_process(self.st, count)
         for i in range(count):
             nbytes += self.st.rx.lens[i]
+            if self.st.rx.lens[i]:
+                pr = ff_prx(self.st, self.st.rx.pids[i])
+                ff_add(&pr.packets, 1)
+                ff_add(&pr.bytes, self.st.rx.lens[i])
         ff_add(&self.st.c[C_RX_BATCHES], 1)
+        ff_count_batch(self.st, C_RX_BATCH_PACKETS, count)
         ff_add(&self.st.c[C_RX_PACKETS], nwrite)
         ff_add(&self.st.c[C_RX_BYTES], nbytes)
         return nwrite
@@ -1699,12 +1883,12 @@ def gro_coalesce(packets):
         for b in packets:
             if PyBytes_GET_SIZE(b) > IPV4_MAX:
                 raise ValueError("packet longer than 65535 bytes")
-            if ff_gro_add(&io, <const uint8_t *>PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b)):
+            if ff_gro_add(&io, <const uint8_t *>PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b), 0):
                 for k in range(io.nout):
                     n = ff_gro_finish(&io, k)
                     res.append(PyBytes_FromStringAndSize(<char *>io.wslots + <size_t>k * FF_WSLOT, n))
                 io.nout = 0
-                ff_gro_add(&io, <const uint8_t *>PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b))
+                ff_gro_add(&io, <const uint8_t *>PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b), 0)
         for k in range(io.nout):
             n = ff_gro_finish(&io, k)
             res.append(PyBytes_FromStringAndSize(<char *>io.wslots + <size_t>k * FF_WSLOT, n))

@@ -71,6 +71,21 @@ COUNTER_NAMES: Tuple[str, ...] = (
     "rx_gro_datagrams",  # inner datagrams they carried
     "rx_coalesced_writes",  # TUN writes of a coalesced TCP run (a GSO packet with a virtio_net_hdr)
     "rx_coalesced_packets",  # inner packets in those writes
+    # batch-size distribution (docs/fastpath.md "Counters"): packets per non-empty burst (tx: packets read, or
+    # segments after the TSO split; rx: datagrams received, or inner datagrams after the GRO split). One bucket
+    # per burst, NOT cumulative: le_1 = 0..1, le_4 = 2..4, le_16 = 5..16, le_64 = 17..64, gt_64 = 65 and more.
+    "tx_batch_packets",  # sum of the burst sizes (the histogram's _sum)
+    "tx_batch_le_1",
+    "tx_batch_le_4",
+    "tx_batch_le_16",
+    "tx_batch_le_64",
+    "tx_batch_gt_64",
+    "rx_batch_packets",
+    "rx_batch_le_1",
+    "rx_batch_le_4",
+    "rx_batch_le_16",
+    "rx_batch_le_64",
+    "rx_batch_gt_64",
 )
 COUNTER_INDEX: Dict[str, int] = {name: i for i, name in enumerate(COUNTER_NAMES)}
 _TX_PACKETS = 0
@@ -106,6 +121,29 @@ _RX_GRO_RECEIVES = 29
 _RX_GRO_DATAGRAMS = 30
 _RX_COALESCED_WRITES = 31
 _RX_COALESCED_PACKETS = 32
+_TX_BATCH_PACKETS = 33  # then the 5 tx buckets
+_RX_BATCH_PACKETS = 39  # then the 5 rx buckets
+BATCH_BUCKETS: Tuple[int, ...] = (1, 4, 16, 64)  # upper bounds; a last bucket takes everything above 64
+
+
+def batch_bucket(n: int) -> int:
+    """Return the bucket (0..4) of a burst of ``n`` packets: <= 1, <= 4, <= 16, <= 64, > 64."""
+    for i, le in enumerate(BATCH_BUCKETS):
+        if n <= le:
+            return i
+    return len(BATCH_BUCKETS)
+
+
+# Per-peer counters (Proxy.peer_counters(pid), FastPath.peer_stats()): tx by the route's next hop, rx by the outer
+# source. Order = the C blocks ff_peer_tx (3) + ff_peer_rx (5). Peer id 0 is the "other" block: datagrams from
+# sources that are not current peers, accepted because check_peer_source is off (and commands without a peer id).
+PEER_COUNTER_NAMES: Tuple[str, ...] = (
+    "tx_packets", "tx_bytes", "tx_drop_send",
+    "rx_packets", "rx_bytes", "rx_drop_foreign_dest", "rx_drop_malformed", "rx_drop_ttl",
+)
+_P_TX_PACKETS, _P_TX_BYTES, _P_TX_DROP_SEND = 0, 1, 2
+_P_RX_PACKETS, _P_RX_BYTES, _P_RX_DROP_FOREIGN_DEST, _P_RX_DROP_MALFORMED, _P_RX_DROP_TTL = 3, 4, 5, 6, 7
+PEER_CHUNK_SHIFT = 8  # peer counter blocks are allocated 256 at a time (never moved, freed by close())
 
 # Verdicts (process_outbound / process_inbound)
 SEND = "send"
@@ -117,10 +155,10 @@ DROP_TTL = "drop:ttl"
 DROP_UNKNOWN_PEER = "drop:unknown_peer"
 DROP_FOREIGN_DEST = "drop:foreign_dest"
 
-# Route/peer commands (Proxy.apply); the wire struct exists only in _fastpath.pxd.
-CMD_SET_ROUTE = 1  # (index, next_hop)
+# Route/peer commands (Proxy.apply: (cmd, arg, value[, peer id])); the wire struct exists only in _fastpath.pxd.
+CMD_SET_ROUTE = 1  # (index, next_hop, peer id of next_hop)
 CMD_DEL_ROUTE = 2  # (index, 0)
-CMD_PEER_ADD = 3  # (0, peer ip)
+CMD_PEER_ADD = 3  # (0, peer ip, peer id)
 CMD_PEER_DEL = 4  # (0, peer ip)
 
 # Loop roles (Proxy.run)
@@ -253,7 +291,11 @@ class Proxy:
         self._check_dest = check_inner_dest
         self._batch = batch
         self._table = array("I", bytes(4 << (subnet_len - net_plen)))
-        self._peers: set = set()
+        self._route_pid = array("I", bytes(4 << (subnet_len - net_plen)))  # peer id per table slot
+        self._peers: Dict[int, int] = {}  # accepted peer address -> peer id
+        self._peer_cap = len(self._table) + 1  # ids 1..table size: never more peers than routes; 0 = "other"
+        self._chunks: set = {0}  # allocated blocks of 256 peer ids (the C side's chunks)
+        self._pc: Dict[int, List[int]] = {}  # peer id -> PEER_COUNTER_NAMES values
         self._c = [0] * len(COUNTER_NAMES)
         self._stop_r, self._stop_w = os.pipe()
         self._sock: Optional[socket.socket] = None
@@ -266,15 +308,20 @@ class Proxy:
         """Apply route/peer commands; effective for the next packet. Python threads share the GIL: no channel."""
         if self._closed:
             raise ValueError("FastPath is closed")
-        for cmd, arg, value in cmds:
+        for c in cmds:
+            cmd, arg, value = c[0], c[1], c[2]
+            pid = self._pid_ok(c[3] if len(c) > 3 else 0)
             if cmd == CMD_SET_ROUTE:
                 self._table[arg] = value
+                self._route_pid[arg] = pid
             elif cmd == CMD_DEL_ROUTE:
                 self._table[arg] = 0
+                self._route_pid[arg] = 0
             elif cmd == CMD_PEER_ADD:
-                self._peers.add(value)
+                if value:
+                    self._peers[value] = pid
             elif cmd == CMD_PEER_DEL:
-                self._peers.discard(value)
+                self._peers.pop(value, None)
             else:
                 raise ValueError(f"unknown command {cmd}")
             if self._running:
@@ -318,43 +365,103 @@ class Proxy:
         """Return a snapshot of the counters."""
         return dict(zip(COUNTER_NAMES, self._c))
 
+    # --- per-peer counters ---
+
+    def _pid_ok(self, pid: int) -> int:
+        """A peer id the loop may count into (its block exists), else 0 (the "other" block), as the C ff_pid_ok."""
+        return pid if 0 <= pid < self._peer_cap and (pid >> PEER_CHUNK_SHIFT) in self._chunks else 0
+
+    def _pcs(self, pid: int) -> List[int]:
+        pc = self._pc.get(pid)
+        if pc is None:
+            pc = self._pc[pid] = [0] * len(PEER_COUNTER_NAMES)
+        return pc
+
+    def reset_peer(self, pid: int) -> None:
+        """Make peer id ``pid``'s counter block exist and zero it; only for an id no route or peer uses."""
+        if self._closed:
+            raise ValueError("FastPath is closed")
+        if not 0 < pid < self._peer_cap:
+            raise ValueError(f"peer id {pid} out of range 1..{self._peer_cap - 1}")
+        self._chunks.add(pid >> PEER_CHUNK_SHIFT)
+        self._pc[pid] = [0] * len(PEER_COUNTER_NAMES)
+
+    def peer_counters(self, pid: int) -> Tuple[int, ...]:
+        """Return peer id ``pid``'s counters (PEER_COUNTER_NAMES order); zeros for an unused id."""
+        if self._closed:
+            raise ValueError("FastPath is closed")
+        return tuple(self._pc.get(pid) or (0,) * len(PEER_COUNTER_NAMES))
+
     # --- per-packet rules ---
 
-    def _out(self, pkt: bytearray) -> Tuple[str, Optional[bytes], int]:
+    def _out(self, pkt: bytearray) -> Tuple[str, Optional[bytes], int, int]:
+        """(verdict, icmp, next hop, peer id of the next hop)."""
         c = self._c
         if malformed(pkt):
             c[_TX_DROP_MALFORMED] += 1
-            return DROP_MALFORMED, None, 0
+            return DROP_MALFORMED, None, 0, 0
         dst = int.from_bytes(pkt[16:20], "big")
-        nh = self._table[(dst - self._net) >> self._shift] if (dst & self._net_mask) == self._net else 0
+        idx = (dst - self._net) >> self._shift
+        nh = self._table[idx] if (dst & self._net_mask) == self._net else 0
         if not nh:
             c[_TX_DROP_NO_ROUTE] += 1
             if icmp_allowed(pkt):
                 c[_TX_ICMP_UNREACH] += 1
-                return ICMP, icmp_net_unreachable(pkt, self._tun_ip), 0
-            return DROP_NO_ROUTE, None, 0
+                return ICMP, icmp_net_unreachable(pkt, self._tun_ip), 0, 0
+            return DROP_NO_ROUTE, None, 0, 0
         if pkt[8] <= 1:
             c[_TX_DROP_TTL] += 1
-            return DROP_TTL, None, 0
+            return DROP_TTL, None, 0, 0
         ttl_decrement(pkt)
-        return SEND, None, nh
+        return SEND, None, nh, self._route_pid[idx]
 
-    def _in(self, src: int, pkt: bytearray) -> str:
+    def _sent(self, pid: int, n: int) -> None:
+        """Count one inner packet of ``n`` bytes accepted by the UDP socket, in total and for its peer."""
         c = self._c
-        if self._check_peer and src not in self._peers:
-            c[_RX_DROP_UNKNOWN_PEER] += 1
-            return DROP_UNKNOWN_PEER
+        c[_TX_PACKETS] += 1
+        c[_TX_BYTES] += n
+        pc = self._pcs(pid)
+        pc[_P_TX_PACKETS] += 1
+        pc[_P_TX_BYTES] += n
+
+    def _written(self, pid: int, n: int) -> None:
+        """Count one inner packet of ``n`` bytes written to the TUN, in total and for the peer it came from."""
+        c = self._c
+        c[_RX_PACKETS] += 1
+        c[_RX_BYTES] += n
+        pc = self._pcs(pid)
+        pc[_P_RX_PACKETS] += 1
+        pc[_P_RX_BYTES] += n
+
+    def _count_batch(self, base: int, n: int) -> None:
+        """Count one burst of ``n`` packets in the batch-size histogram at counter ``base`` (_TX/_RX_BATCH_PACKETS)."""
+        c = self._c
+        c[base] += n
+        c[base + 1 + batch_bucket(n)] += 1
+
+    def _in(self, src: int, pkt: bytearray) -> Tuple[str, int]:
+        """(verdict, peer id of the source: 0 if it is not a current peer)."""
+        c = self._c
+        pid = self._peers.get(src)
+        if pid is None:
+            if self._check_peer:
+                c[_RX_DROP_UNKNOWN_PEER] += 1
+                return DROP_UNKNOWN_PEER, 0
+            pid = 0  # the "other" block: the source check is off, the datagram is not from a current peer
         if malformed(pkt):
             c[_RX_DROP_MALFORMED] += 1
-            return DROP_MALFORMED
+            self._pcs(pid)[_P_RX_DROP_MALFORMED] += 1
+            return DROP_MALFORMED, pid
         if self._check_dest and (int.from_bytes(pkt[16:20], "big") & self._own_mask) != self._own_net:
             c[_RX_DROP_FOREIGN_DEST] += 1
-            return DROP_FOREIGN_DEST
+            self._pcs(pid)[_P_RX_DROP_FOREIGN_DEST] += 1
+            return DROP_FOREIGN_DEST, pid
         if pkt[8] <= 1:
             c[_RX_DROP_TTL] += 1
-            return DROP_TTL
+            self._pcs(pid)[_P_RX_DROP_TTL] += 1
+            return DROP_TTL, pid
         ttl_decrement(pkt)
-        return WRITE
+        return WRITE, pid
 
     def _check_idle(self) -> None:
         if self._running:
@@ -366,10 +473,9 @@ class Proxy:
         """Apply the TUN -> UDP rules to one packet; return (verdict, bytes to send or to write back, next hop)."""
         self._check_idle()
         pkt = bytearray(packet)
-        verdict, icmp, nh = self._out(pkt)
+        verdict, icmp, nh, pid = self._out(pkt)
         if verdict == SEND:
-            self._c[_TX_PACKETS] += 1
-            self._c[_TX_BYTES] += len(pkt)
+            self._sent(pid, len(pkt))
             return verdict, bytes(pkt), nh
         return verdict, icmp, None
 
@@ -377,10 +483,9 @@ class Proxy:
         """Apply the UDP -> TUN rules to one datagram from ``src``; return (verdict, bytes to write to the TUN)."""
         self._check_idle()
         pkt = bytearray(datagram)
-        verdict = self._in(src, pkt)
+        verdict, pid = self._in(src, pkt)
         if verdict == WRITE:
-            self._c[_RX_PACKETS] += 1
-            self._c[_RX_BYTES] += len(pkt)
+            self._written(pid, len(pkt))
             return verdict, bytes(pkt)
         return verdict, None
 
@@ -389,13 +494,17 @@ class Proxy:
         self._check_idle()
         c = self._c
         sent = 0
-        for p in packets:
-            pkt = bytearray(p)
-            if self._out(pkt)[0] == SEND:
-                sent += 1
-                c[_TX_PACKETS] += 1
-                c[_TX_BYTES] += len(pkt)
-        c[_TX_BATCHES] += max(1, -(-len(packets) // self._batch))  # one per loop-sized batch, as the loop
+        packets = list(packets)
+        for start in range(0, max(1, len(packets)), self._batch):  # one batch per loop-sized chunk, as the loop
+            chunk = packets[start:start + self._batch]
+            for p in chunk:
+                pkt = bytearray(p)
+                verdict, _icmp, _nh, pid = self._out(pkt)
+                if verdict == SEND:
+                    sent += 1
+                    self._sent(pid, len(pkt))
+            c[_TX_BATCHES] += 1
+            self._count_batch(_TX_BATCH_PACKETS, len(chunk))
         return sent
 
     def process_inbound_batch(self, src: int, datagrams: Sequence[bytes]) -> int:
@@ -403,13 +512,17 @@ class Proxy:
         self._check_idle()
         c = self._c
         passed = 0
-        for d in datagrams:
-            pkt = bytearray(d)
-            if self._in(src, pkt) == WRITE:
-                passed += 1
-                c[_RX_PACKETS] += 1
-                c[_RX_BYTES] += len(pkt)
-        c[_RX_BATCHES] += max(1, -(-len(datagrams) // self._batch))
+        datagrams = list(datagrams)
+        for start in range(0, max(1, len(datagrams)), self._batch):
+            chunk = datagrams[start:start + self._batch]
+            for d in chunk:
+                pkt = bytearray(d)
+                verdict, pid = self._in(src, pkt)
+                if verdict == WRITE:
+                    passed += 1
+                    self._written(pid, len(pkt))
+            c[_RX_BATCHES] += 1
+            self._count_batch(_RX_BATCH_PACKETS, len(chunk))
         return passed
 
     # --- the loop ---
@@ -473,10 +586,11 @@ class Proxy:
         if not pkts:
             return
         c[_TX_BATCHES] += 1
+        self._count_batch(_TX_BATCH_PACKETS, len(pkts))
         sock = self._sock
         assert sock is not None
         for pkt in pkts:
-            verdict, icmp, nh = self._out(pkt)
+            verdict, icmp, nh, pid = self._out(pkt)
             if verdict == SEND:
                 addr = (str(socket.inet_ntoa(nh.to_bytes(4, "big"))), self._port)
                 while True:
@@ -493,9 +607,9 @@ class Proxy:
                         if e.errno in FATAL_ERRNOS:
                             raise fastpath_error(e.errno, f"tx loop: send on udp fd {self._udp_fd}") from None
                         c[_TX_DROP_SEND] += 1
+                        self._pcs(pid)[_P_TX_DROP_SEND] += 1
                     else:
-                        c[_TX_PACKETS] += 1
-                        c[_TX_BYTES] += len(pkt)
+                        self._sent(pid, len(pkt))
                     break
             elif verdict == ICMP:
                 c[_TX_SYSCALLS] += 1
@@ -524,9 +638,11 @@ class Proxy:
         if not got:
             return
         c[_RX_BATCHES] += 1
+        self._count_batch(_RX_BATCH_PACKETS, len(got))
         tun = self._tun_fd
         for src, pkt in got:
-            if self._in(src, pkt) != WRITE:
+            verdict, pid = self._in(src, pkt)
+            if verdict != WRITE:
                 continue
             while True:
                 c[_RX_SYSCALLS] += 1
@@ -543,8 +659,7 @@ class Proxy:
                         raise fastpath_error(e.errno, f"rx loop: write to tun fd {tun}") from None
                     c[_RX_DROP_TUN_WRITE] += 1
                 else:
-                    c[_RX_PACKETS] += 1
-                    c[_RX_BYTES] += len(pkt)
+                    self._written(pid, len(pkt))
                 break
 
 
@@ -707,4 +822,5 @@ def gro_coalesce(packets: Sequence[bytes]) -> List[bytes]:
 
 IMPLEMENTATION = "python"
 
-__all__ = ["gso_split", "gro_coalesce", "Proxy", "FastPathError", "fastpath_error", "COUNTER_NAMES", "IMPLEMENTATION"]
+__all__ = ["gso_split", "gro_coalesce", "Proxy", "FastPathError", "fastpath_error", "COUNTER_NAMES",
+           "PEER_COUNTER_NAMES", "BATCH_BUCKETS", "batch_bucket", "IMPLEMENTATION"]

@@ -13,6 +13,7 @@ after ``close()``. ``start()`` puts both fds in non-blocking mode (the loop drai
 from __future__ import annotations
 
 import errno
+import heapq
 import logging
 import os
 import socket
@@ -29,6 +30,7 @@ from fastflannel._fastpath_py import (
     CMD_PEER_DEL,
     CMD_SET_ROUTE,
     COUNTER_NAMES,
+    PEER_COUNTER_NAMES,
     ROLE_BOTH,
     ROLE_NAMES,
     ROLE_RX,
@@ -191,6 +193,11 @@ class FastPath:
         self._lock = threading.Lock()
         self._routes: Dict[IPv4Network, IPv4Address] = {}
         self._peer_refs: Dict[int, int] = {}
+        # per-peer counters: each accepted peer holds a peer id (1..table entries) naming its counter blocks in the
+        # loop; ids are reused smallest first once a peer's last route is gone (its counters then vanish)
+        self._peer_ids: Dict[int, int] = {}
+        self._free_ids: List[int] = []
+        self._next_id = 1
         self._threads: List[threading.Thread] = []
         self._errors: List[BaseException] = []
         self._started = False
@@ -304,17 +311,37 @@ class FastPath:
             old = self._routes.get(subnet)
             if old == nh:
                 return
-            cmds: List[Tuple[int, int, int]] = []
+            cmds: List[Tuple[int, ...]] = []
+            new_id = 0
             if self._peer_refs.get(int(nh), 0) == 0:
-                cmds.append((CMD_PEER_ADD, 0, int(nh)))  # accept the peer before routing to it
-            cmds.append((CMD_SET_ROUTE, idx, int(nh)))
+                new_id = self._alloc_id()
+                cmds.append((CMD_PEER_ADD, 0, int(nh), new_id))  # accept the peer before routing to it
+            pid = new_id or self._peer_ids[int(nh)]
+            cmds.append((CMD_SET_ROUTE, idx, int(nh), pid))
             if old is not None and self._peer_refs[int(old)] == 1:
                 cmds.append((CMD_PEER_DEL, 0, int(old)))
-            self._apply(cmds)
+            try:
+                self._apply(cmds)
+            except BaseException:
+                if new_id:
+                    heapq.heappush(self._free_ids, new_id)
+                raise
             self._routes[subnet] = nh
             self._peer_refs[int(nh)] = self._peer_refs.get(int(nh), 0) + 1
+            self._peer_ids[int(nh)] = pid
             if old is not None:
                 self._unref(int(old))
+
+    def _alloc_id(self) -> int:
+        """A free peer id with zeroed counter blocks (the loop no longer writes a freed id: its route and peer
+        entry were removed, and synced, before it was freed)."""
+        pid = self._free_ids[0] if self._free_ids else self._next_id
+        self._proxy.reset_peer(pid)
+        if self._free_ids:
+            heapq.heappop(self._free_ids)
+        else:
+            self._next_id += 1
+        return pid
 
     def _unref(self, ip: int) -> None:
         n = self._peer_refs[ip] - 1
@@ -322,6 +349,7 @@ class FastPath:
             self._peer_refs[ip] = n
         else:
             del self._peer_refs[ip]
+            heapq.heappush(self._free_ids, self._peer_ids.pop(ip))
 
     def del_route(self, subnet: IPv4Network) -> None:
         """Remove the route for ``subnet``; idempotent. Its traffic then gets ICMP net-unreachable."""
@@ -356,6 +384,24 @@ class FastPath:
         """Return the counters (names in _fastpath_py.COUNTER_NAMES); safe while running, no lock."""
         return self._proxy.stats()
 
+    def peer_stats(self) -> Dict[IPv4Address, Dict[str, int]]:
+        """Return the per-peer counters (names in _fastpath_py.PEER_COUNTER_NAMES) of every accepted peer.
+
+        tx is keyed by the route's next hop, rx by the outer source. A peer's counters start at 0 when it is
+        accepted (its first route) and vanish when its last route is deleted. Datagrams accepted from a source
+        that is not a current peer (only with check_peer_source off) are counted under 0.0.0.0, present only
+        when non-zero. Safe while running (relaxed loads); takes the control lock for a consistent id map.
+        """
+        with self._lock:
+            if self._closed:
+                raise ValueError("FastPath is closed")
+            out = {IPv4Address(ip): dict(zip(PEER_COUNTER_NAMES, self._proxy.peer_counters(pid)))
+                   for ip, pid in sorted(self._peer_ids.items())}
+            other = self._proxy.peer_counters(0)
+            if any(other):
+                out[IPv4Address(0)] = dict(zip(PEER_COUNTER_NAMES, other))
+            return out
+
     # --- pure per-packet entry points (loop not running) ---
 
     def process_outbound(self, packet: bytes) -> Tuple[str, Optional[bytes], Optional[IPv4Address]]:
@@ -380,5 +426,6 @@ class FastPath:
         return self._proxy.process_inbound_batch(int(IPv4Address(src)), datagrams)
 
 
-__all__ = ["FastPath", "FastPathOptions", "FastPathError", "IMPLEMENTATION", "COUNTER_NAMES", "tune_socket",
+__all__ = ["FastPath", "FastPathOptions", "FastPathError", "IMPLEMENTATION", "COUNTER_NAMES", "PEER_COUNTER_NAMES",
+           "tune_socket",
            "implementation_module", "UDP_ENCAP_OVERHEAD", "MAX_TABLE_ENTRIES", "GRO_RCVBUF_BYTES"]

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from test_packets import ipv4_packet
 
 from fastflannel import fastpath
-from fastflannel.fastpath import COUNTER_NAMES, FastPath, FastPathError, FastPathOptions
+from fastflannel._fastpath_py import batch_bucket
+from fastflannel.fastpath import COUNTER_NAMES, PEER_COUNTER_NAMES, FastPath, FastPathError, FastPathOptions
 
 NETWORK = IPv4Network("10.244.0.0/16")
 OWN = IPv4Network("10.244.1.0/24")
@@ -29,7 +30,9 @@ OTHER = IPv4Network("10.244.3.0/24")
 TUN_IP = IPv4Address("10.244.1.0")
 PEER = IPv4Address("127.0.0.2")
 STRANGER = IPv4Address("127.0.0.3")
+PEER2 = IPv4Address("127.0.0.4")
 TIMEOUT = 2.0
+BUCKETS = ("le_1", "le_4", "le_16", "le_64", "gt_64")
 
 
 def _have_cython() -> Tuple[bool, str]:
@@ -222,6 +225,68 @@ def test_stats_keys(impl: str) -> None:
         assert key in s
 
 
+def test_peer_counters_rules(impl: str) -> None:
+    """Per-peer counters: tx by next hop, rx by outer source, drops by reason; a deleted peer's counters vanish,
+    a returning peer starts from 0; unknown sources accepted with the check off land under 0.0.0.0."""
+    with make(impl) as fp:
+        fp.set_route(REMOTE, PEER)
+        fp.set_route(OTHER, PEER2)
+        fp.set_route(IPv4Network("10.244.4.0/24"), PEER2)
+        to_remote = ipv4_packet("10.244.1.5", "10.244.2.7", payload=b"a" * 10)
+        to_other = ipv4_packet("10.244.1.5", "10.244.3.7", payload=b"b" * 30)
+        to_4 = ipv4_packet("10.244.1.5", "10.244.4.7", payload=b"c" * 50)
+        for pkt in (to_remote, to_other, to_other, to_4):
+            assert fp.process_outbound(pkt)[0] == "send"
+        assert fp.process_outbound(ipv4_packet("10.244.1.5", "10.244.2.7", ttl=1))[0] == "drop:ttl"  # total only
+        back = ipv4_packet("10.244.2.7", "10.244.1.5", payload=b"d" * 20)
+        assert fp.process_inbound(PEER, back)[0] == "write"
+        assert fp.process_inbound(PEER, ipv4_packet("10.244.2.7", "10.244.9.9"))[0] == "drop:foreign_dest"
+        assert fp.process_inbound(PEER2, ipv4_packet("10.244.3.7", "10.244.1.5", ttl=1))[0] == "drop:ttl"
+        assert fp.process_inbound(PEER2, b"\x45\x00")[0] == "drop:malformed"
+        assert fp.process_inbound(STRANGER, back)[0] == "drop:unknown_peer"  # no peer: the total only
+        ps = fp.peer_stats()
+        assert set(ps) == {PEER, PEER2} and list(ps[PEER]) == list(PEER_COUNTER_NAMES)
+        assert ps[PEER] == {"tx_packets": 1, "tx_bytes": len(to_remote), "tx_drop_send": 0, "rx_packets": 1,
+                            "rx_bytes": len(back), "rx_drop_foreign_dest": 1, "rx_drop_malformed": 0,
+                            "rx_drop_ttl": 0}
+        assert ps[PEER2] == {"tx_packets": 3, "tx_bytes": 2 * len(to_other) + len(to_4), "tx_drop_send": 0,
+                             "rx_packets": 0, "rx_bytes": 0, "rx_drop_foreign_dest": 0, "rx_drop_malformed": 1,
+                             "rx_drop_ttl": 1}
+        fp.del_route(OTHER)  # PEER2 keeps a route: its counters stay
+        assert fp.peer_stats()[PEER2]["tx_packets"] == 3
+        fp.del_route(IPv4Network("10.244.4.0/24"))  # its last route: it vanishes
+        assert set(fp.peer_stats()) == {PEER}
+        fp.set_route(OTHER, PEER2)  # back, with fresh counters (its id may be reused)
+        assert fp.peer_stats()[PEER2]["tx_packets"] == 0
+        fp.set_route(REMOTE, PEER2)  # REMOTE moves: PEER's last route, PEER2 counts what goes to REMOTE now
+        assert fp.process_outbound(to_remote)[2] == PEER2
+        assert set(fp.peer_stats()) == {PEER2} and fp.peer_stats()[PEER2]["tx_packets"] == 1
+    with make(impl, check_peer_source=False) as fp:
+        fp.set_route(REMOTE, PEER)
+        assert fp.process_inbound(STRANGER, back)[0] == "write"
+        assert fp.process_inbound(PEER, back)[0] == "write"
+        ps = fp.peer_stats()
+        assert ps[IPv4Address(0)]["rx_packets"] == 1 and ps[PEER]["rx_packets"] == 1
+    with pytest.raises(ValueError, match="closed"):
+        fp.peer_stats()
+
+
+def test_batch_histogram(impl: str) -> None:
+    """process_*_batch counts one burst per loop-sized chunk, in buckets <=1, <=4, <=16, <=64, >64 (not cumulative)."""
+    assert [batch_bucket(n) for n in (0, 1, 2, 4, 5, 16, 17, 64, 65, 4096)] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    with make(impl, batch=100) as fp:
+        fp.set_route(REMOTE, PEER)
+        good = ipv4_packet("10.244.1.5", "10.244.2.7")
+        for n in (1, 3, 4, 10, 40, 64, 65, 100, 150):  # 150: chunks of 100 and 50
+            fp.process_outbound_batch([good] * n)
+        fp.process_inbound_batch(PEER, [ipv4_packet("10.244.2.7", "10.244.1.5")] * 2)
+        s = fp.stats()
+    assert [s[f"tx_batch_{b}"] for b in BUCKETS] == [1, 2, 1, 3, 3]
+    assert s["tx_batch_packets"] == 1 + 3 + 4 + 10 + 40 + 64 + 65 + 100 + 150 == s["tx_packets"]
+    assert [s[f"rx_batch_{b}"] for b in BUCKETS] == [0, 1, 0, 0, 0] and s["rx_batch_packets"] == 2
+    check_histogram(s)
+
+
 # --- the oracle: cython and python agree on bytes and counters ----------------------------------------------
 
 ADDRS = st.one_of(
@@ -276,8 +341,12 @@ def test_oracle_outbound(pkts: List[bytes]) -> None:
         for pkt in pkts:
             assert c.process_outbound(pkt) == p.process_outbound(pkt), pkt.hex()
         assert c.stats() == p.stats()
+        assert c.peer_stats() == p.peer_stats()
         assert c.process_outbound_batch(pkts) == p.process_outbound_batch(pkts)
         assert c.stats() == p.stats()
+        assert c.peer_stats() == p.peer_stats()
+        check_histogram(c.stats())
+        check_peer_sums(c)
 
 
 @needs_cython
@@ -290,9 +359,58 @@ def test_oracle_inbound(items: List[Tuple[IPv4Address, bytes]], check_peer: bool
         for src, pkt in items:
             assert c.process_inbound(src, pkt) == p.process_inbound(src, pkt), pkt.hex()
         assert c.stats() == p.stats()
+        assert c.peer_stats() == p.peer_stats()
         src = items[0][0]
         assert c.process_inbound_batch(src, [x for _, x in items]) == p.process_inbound_batch(src, [x for _, x in items])
         assert c.stats() == p.stats()
+        assert c.peer_stats() == p.peer_stats()
+        check_histogram(c.stats())
+        check_peer_sums(c)
+
+
+def check_histogram(s: dict) -> None:
+    """The batch-size buckets add up to the batches, per direction."""
+    for d in ("tx", "rx"):
+        assert sum(s[f"{d}_batch_{b}"] for b in BUCKETS) == s[f"{d}_batches"], s
+
+
+def check_peer_sums(fp: FastPath) -> None:
+    """The per-peer counters (other bucket included) add up to the totals they break down."""
+    s, ps = fp.stats(), fp.peer_stats()
+    for name in PEER_COUNTER_NAMES:
+        assert sum(p[name] for p in ps.values()) == s[name], (name, s, ps)
+
+
+@needs_cython
+@oracle_settings
+@given(st.lists(st.tuples(st.booleans(), st.sampled_from([PEER, STRANGER, PEER2, IPv4Address("127.0.0.9")]),
+                          packets()), min_size=1, max_size=12),
+       st.lists(st.tuples(st.sampled_from(["10.244.2.0/24", "10.244.3.0/24", "10.244.255.0/24"]),
+                          st.sampled_from([None, PEER, STRANGER, PEER2])), max_size=4),
+       st.booleans(), st.integers(1, 4))
+def test_oracle_peer_counters(items: List[Tuple[bool, IPv4Address, bytes]],
+                              changes: List[Tuple[str, IPv4Address | None]], check_peer: bool, batch: int) -> None:
+    """Both directions, route changes between packets (peers come, go and come back with fresh counters)."""
+    c, p = _pair(check_peer_source=check_peer, batch=batch)
+    with c, p:
+        for i, (outbound, src, pkt) in enumerate(items):
+            if i < len(changes):
+                subnet, nh = changes[i]
+                for fp in (c, p):
+                    fp.del_route(IPv4Network(subnet)) if nh is None else fp.set_route(IPv4Network(subnet), nh)
+                assert c.peers() == p.peers()
+            if outbound:
+                assert c.process_outbound(pkt) == p.process_outbound(pkt), pkt.hex()
+            else:
+                assert c.process_inbound(src, pkt) == p.process_inbound(src, pkt), pkt.hex()
+            assert c.peer_stats() == p.peer_stats()
+        outs = [x for o, _, x in items if o]
+        assert c.process_outbound_batch(outs) == p.process_outbound_batch(outs)
+        ins = [x for o, _, x in items if not o]
+        assert c.process_inbound_batch(items[0][1], ins) == p.process_inbound_batch(items[0][1], ins)
+        assert c.stats() == p.stats()
+        assert c.peer_stats() == p.peer_stats()
+        assert set(c.peer_stats()) - {IPv4Address(0)} == set(c.peers())
 
 
 # --- the running loop ---------------------------------------------------------------------------------------
@@ -318,6 +436,103 @@ def test_forward_both_ways(rig: Rig) -> None:
     assert s["tx_bytes"] == sum(map(len, out)) and s["rx_bytes"] == sum(map(len, back))
     assert s["tx_batches"] >= 1 and s["rx_batches"] >= 1 and s["tx_syscalls"] >= 2 and s["polls"] >= 2
     rig.fp.check()
+
+
+def test_peer_counters_in_loop(rig: Rig) -> None:
+    """Traffic to and from two peers: each peer's counters move by exactly what was sent to it / came from it."""
+    peer2 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        peer2.bind((str(PEER2), rig.port))
+        peer2.settimeout(TIMEOUT)
+        rig.fp.set_route(REMOTE, PEER)
+        rig.fp.set_route(OTHER, PEER2)
+        rig.fp.start()
+        n1, n2 = 37, 90
+        to1 = [ipv4_packet("10.244.1.5", "10.244.2.7", payload=bytes(i % 200)) for i in range(n1)]
+        to2 = [ipv4_packet("10.244.1.5", "10.244.3.7", payload=bytes(2 * i % 300)) for i in range(n2)]
+        for i in range(max(n1, n2)):
+            for lst in (to1, to2):
+                if i < len(lst):
+                    rig.tun.send(lst[i])
+        for _ in range(n1):
+            rig.peer.recvfrom(70000)
+        for _ in range(n2):
+            peer2.recvfrom(70000)
+        from1 = [ipv4_packet("10.244.2.7", "10.244.1.5", payload=bytes(i)) for i in range(25)]
+        from2 = [ipv4_packet("10.244.3.7", "10.244.1.5", payload=bytes(i + 1)) for i in range(15)]
+        for pkt in from1:
+            rig.from_peer(pkt)
+        for pkt in from2:
+            rig.from_peer(pkt, sender=peer2)
+        rig.from_peer(ipv4_packet("10.244.3.7", "10.244.8.1"), sender=peer2)  # foreign destination: a drop of PEER2
+        for _ in range(len(from1) + len(from2)):
+            rig.tun.recv(70000)
+        rig.wait_for(lambda: rig.fp.stats()["rx_packets"] == 40 and rig.fp.stats()["rx_drop_foreign_dest"] == 1,
+                     "rx counted")
+        ps = rig.fp.peer_stats()
+        assert (ps[PEER]["tx_packets"], ps[PEER]["tx_bytes"]) == (n1, sum(map(len, to1)))
+        assert (ps[PEER2]["tx_packets"], ps[PEER2]["tx_bytes"]) == (n2, sum(map(len, to2)))
+        assert (ps[PEER]["rx_packets"], ps[PEER]["rx_bytes"]) == (len(from1), sum(map(len, from1)))
+        assert (ps[PEER2]["rx_packets"], ps[PEER2]["rx_bytes"]) == (len(from2), sum(map(len, from2)))
+        assert ps[PEER2]["rx_drop_foreign_dest"] == 1 and ps[PEER]["rx_drop_foreign_dest"] == 0
+        s = rig.fp.stats()
+        check_histogram(s)
+        assert s["tx_batch_packets"] == n1 + n2 and s["rx_batch_packets"] == 41  # every packet read is in a burst
+        check_peer_sums(rig.fp)
+    finally:
+        peer2.close()
+
+
+@needs_cython
+def test_peer_counters_in_offload_loop() -> None:
+    """The offload loop (virtio headers on the TUN socketpair, a TSO super-packet split and sent with UDP_SEGMENT,
+    UDP_GRO on the socket) counts per peer and per burst like the plain one."""
+    from test_offload import tso_read  # 10.5.1.7 -> 10.5.2.9
+
+    tun_loop, tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    port = udp.getsockname()[1]
+    peers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    tun.settimeout(TIMEOUT)
+    fp = FastPath(tun_loop.fileno(), udp.fileno(), network=IPv4Network("10.5.0.0/16"), subnet_len=24,
+                  own_subnet=IPv4Network("10.5.1.0/24"), tun_ip=IPv4Address("10.5.1.0"), mtu=1472, port=port,
+                  options=FastPathOptions(implementation="cython", tun_offload=True, udp_gro=True, threads=1))
+    try:
+        for s_, ip in zip(peers, (PEER, PEER2)):
+            s_.bind((str(ip), port))
+            s_.settimeout(TIMEOUT)
+        fp.set_route(IPv4Network("10.5.2.0/24"), PEER)
+        fp.set_route(IPv4Network("10.5.3.0/24"), PEER2)
+        fp.start()
+        payload = bytes(range(256)) * 40  # 10240 bytes: 8 segments of 1400 (last shorter)
+        tun.send(tso_read(payload, 1400, seq=1000, flags=0x18, ip_id=7, options=b"", bogus_hdr_len=False))
+        small = [ipv4_packet("10.5.1.7", "10.5.3.9", payload=bytes(i)) for i in range(5)]
+        for pkt in small:
+            tun.send(bytes(10) + pkt)
+        got1 = [peers[0].recvfrom(70000)[0] for _ in range(8)]
+        got2 = [peers[1].recvfrom(70000)[0] for _ in range(5)]
+        for pkt in [ipv4_packet("10.5.2.9", "10.5.1.7", payload=bytes(i)) for i in range(6)]:
+            peers[0].sendto(pkt, ("127.0.0.1", port))
+        peers[1].sendto(ipv4_packet("10.5.3.9", "10.5.1.7", ttl=1), ("127.0.0.1", port))
+        for _ in range(6):
+            assert tun.recv(70000)[:10] == bytes(10)
+        deadline = time.monotonic() + TIMEOUT
+        while fp.stats()["rx_packets"] < 6 or fp.stats()["rx_drop_ttl"] < 1:
+            fp.check()
+            assert time.monotonic() < deadline, fp.stats()
+            time.sleep(0.002)
+        ps, s = fp.peer_stats(), fp.stats()
+        assert (ps[PEER]["tx_packets"], ps[PEER]["tx_bytes"]) == (8, sum(map(len, got1)))
+        assert (ps[PEER2]["tx_packets"], ps[PEER2]["tx_bytes"]) == (5, sum(map(len, small)))
+        assert ps[PEER]["rx_packets"] == 6 and ps[PEER2]["rx_drop_ttl"] == 1 and ps[PEER2]["rx_packets"] == 0
+        check_histogram(s)
+        assert s["tx_tso_segments"] == 8 and s["tx_batch_packets"] == 13 and s["rx_batch_packets"] == 7
+        check_peer_sums(fp)
+    finally:
+        fp.close()
+        for s_ in (tun_loop, tun, udp, *peers):
+            s_.close()
 
 
 def test_inbound_drops_in_loop(rig: Rig) -> None:
