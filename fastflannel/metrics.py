@@ -9,10 +9,12 @@ Sources, so no other module needs to know about Prometheus:
 - the udp fast path's counters are read at scrape time (``network.stats()``, lock-free) by a custom collector, so
   the data path does no extra work for metrics.
 
-Per-peer udp figures: the fast path keeps totals only (no per-route counters), so packets, bytes and drops are
-per direction and reason; per peer there is the number of routes (subnets) each peer address carries.
-Batch sizes: the loop counts batches and packets, not a distribution; the mean batch size is
-``rate(fastflannel_udp_packets_total) / rate(fastflannel_udp_batches_total)`` per direction.
+Per-peer udp figures (``network.fastpath.peer_stats()``, lock-free loads too): packets, bytes and drops by reason per
+peer PublicIP and direction (tx: by the route's next hop; rx: by the outer source), plus the number of routes each
+peer carries. Datagrams accepted from a source that is not a current peer (only with the source check off) are
+labelled ``peer="other"``. A peer's series start at 0 when it is accepted and disappear when its last route goes.
+Batch sizes: ``fastflannel_udp_batch_size`` is a Prometheus histogram of packets per non-empty burst (buckets 1, 4,
+16, 64, +Inf; cumulative ``le`` buckets, ``_count`` = bursts, ``_sum`` = packets in them), per direction.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import re
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 try:  # generate_latest writes text format 0.0.4; prometheus-client >= 0.22 calls 1.0.0 "latest"
     from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as CONTENT_TYPE
@@ -47,6 +49,17 @@ KERNEL_ERROR_EVENTS = frozenset({
 RECONNECT_EVENTS = {"store_available": "recovered", "etcd_failover": "failover", "watch_compacted": "relist"}
 
 _DROP_PREFIXES = (("tx_drop_", "tx"), ("rx_drop_", "rx"))
+# the fast path's batch-size buckets (stats() keys {d}_batch_<bucket>, one bucket per burst) and their le bounds
+_BATCH_BUCKETS = (("le_1", "1.0"), ("le_4", "4.0"), ("le_16", "16.0"), ("le_64", "64.0"), ("gt_64", "+Inf"))
+_BATCH_KEYS = frozenset(f"{d}_batch_{b}" for d in ("tx", "rx") for b, _ in _BATCH_BUCKETS) | {
+    "tx_batch_packets", "rx_batch_packets"}
+# per-peer counters (fastpath.PEER_COUNTER_NAMES) -> (metric, direction, drop reason)
+_PEER_FIELDS = {
+    "tx_packets": ("packets", "tx", None), "tx_bytes": ("bytes", "tx", None), "tx_drop_send": ("drops", "tx", "send"),
+    "rx_packets": ("packets", "rx", None), "rx_bytes": ("bytes", "rx", None),
+    "rx_drop_foreign_dest": ("drops", "rx", "foreign_dest"), "rx_drop_malformed": ("drops", "rx", "malformed"),
+    "rx_drop_ttl": ("drops", "rx", "ttl"),
+}
 
 
 class _EventHandler(logging.Handler):
@@ -91,7 +104,8 @@ class _FastPathCollector:
             nbytes.add_metric([d], stats.get(f"{d}_bytes", 0))
             batches.add_metric([d], stats.get(f"{d}_batches", 0))
         for name, value in sorted(stats.items()):
-            if name in ("tx_packets", "rx_packets", "tx_bytes", "rx_bytes", "tx_batches", "rx_batches"):
+            if name in ("tx_packets", "rx_packets", "tx_bytes", "rx_bytes", "tx_batches", "rx_batches") or (
+                    name in _BATCH_KEYS):
                 continue
             for prefix, d in _DROP_PREFIXES:
                 if name.startswith(prefix):
@@ -100,7 +114,19 @@ class _FastPathCollector:
             else:
                 other.add_metric([name], value)
         yield from (packets, nbytes, batches, drops, other)
+        if all(f"{d}_batch_{b}" in stats for d in ("tx", "rx") for b, _ in _BATCH_BUCKETS):
+            hist = HistogramMetricFamily("fastflannel_udp_batch_size", "Packets per non-empty burst of the udp fast "
+                                         "path (tx: packets read from the TUN, TSO segments counted one by one; rx: "
+                                         "datagrams received, GRO segments counted one by one)", labels=["direction"])
+            for d in ("tx", "rx"):
+                acc, buckets = 0, []
+                for b, le in _BATCH_BUCKETS:  # the fast path counts one bucket per burst; Prometheus wants le sums
+                    acc += stats[f"{d}_batch_{b}"]
+                    buckets.append((le, acc))
+                hist.add_metric([d], buckets, stats.get(f"{d}_batch_packets", 0))
+            yield hist
         fastpath = getattr(network, "fastpath", None)
+        yield from self._per_peer(fastpath)
         peers_fn = getattr(fastpath, "peers", None)
         if peers_fn is not None:
             try:
@@ -113,6 +139,36 @@ class _FastPathCollector:
                 per_peer.add_metric([str(ip)], n)
             yield per_peer
             yield GaugeMetricFamily("fastflannel_udp_peers", "Peers the udp fast path accepts", value=len(peers))
+
+
+    @staticmethod
+    def _per_peer(fastpath: object) -> Iterator[object]:
+        fn = getattr(fastpath, "peer_stats", None)
+        if fn is None:
+            return
+        try:
+            per_peer = fn()
+        except Exception:  # noqa: BLE001 - closed between the two reads
+            return
+        fams = {
+            "packets": CounterMetricFamily("fastflannel_udp_peer_packets", "Inner packets forwarded by the udp fast "
+                                           "path per peer (tx: routed to its PublicIP, rx: from it)",
+                                           labels=["direction", "peer"]),
+            "bytes": CounterMetricFamily("fastflannel_udp_peer_bytes", "Inner IP bytes forwarded by the udp fast path "
+                                         "per peer", labels=["direction", "peer"]),
+            "drops": CounterMetricFamily("fastflannel_udp_peer_drops", "Packets dropped by the udp fast path per peer "
+                                         "and reason (unknown_peer drops have no peer: see fastflannel_udp_drops)",
+                                         labels=["direction", "peer", "reason"]),
+        }
+        for ip, counters in sorted(per_peer.items()):
+            peer = "other" if int(ip) == 0 else str(ip)
+            for name, value in counters.items():
+                field = _PEER_FIELDS.get(name)
+                if field is None:
+                    continue
+                metric, d, reason = field
+                fams[metric].add_metric([d, peer] if reason is None else [d, peer, reason], value)
+        yield from fams.values()
 
 
 class Metrics:
@@ -153,7 +209,7 @@ class Metrics:
         return lambda: logger.removeHandler(self.handler)
 
     def set_network(self, network: Optional[object]) -> None:
-        """Export ``network.stats()`` (and ``network.fastpath.peers()`` if present) at every scrape."""
+        """Export ``network.stats()`` (and ``network.fastpath.peers()``/``peer_stats()`` if present) at every scrape."""
         self._network = network
 
     # -- events ----------------------------------------------------------------------------------------------------
