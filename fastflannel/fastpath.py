@@ -41,7 +41,7 @@ from fastflannel._fastpath_py import (
 
 log = logging.getLogger(__name__)
 
-MAX_TABLE_ENTRIES = 1 << 22  # 16 MiB of uint32 next hops: a /8 network cut into /30 subnets
+MAX_TABLE_ENTRIES = 1 << 22  # 16 MiB of uint32 next hops (+ 16 MiB of peer ids): a /8 cut into /30 subnets
 MAX_BATCH = 1024  # recvmmsg/sendmmsg vlen limit (UIO_MAXIOV)
 SOCKET_BUFFER_BYTES = 4 << 20  # fastpath.md section 2: 4-8 MiB socket buffers absorb bursts
 # With UDP_GRO every queued skb is a ~64 KB train of up to 64 datagrams, and the receive buffer is charged the
