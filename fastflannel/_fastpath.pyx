@@ -681,6 +681,37 @@ cdef int ff_wait_writable(ff_state *st, int fd) noexcept nogil:
         return 1
 
 
+cdef enum:
+    FF_IO_RETRY = 0  # EINTR, or EAGAIN and the fd became writable: issue the syscall again
+    FF_IO_DROP = 1  # a per-packet error (EPERM, ENETUNREACH, EMSGSIZE, EIO...): the site counts its drop
+    FF_IO_STOP = 2  # stop was asked (rc 1), poll failed (rc -errno) or errno is fatal (rc -errno)
+
+
+cdef inline int ff_io_error(ff_state *st, int fd, int wait_counter, uint64_t *syscalls, int *rc) noexcept nogil:
+    """Decide what a write-side site does after its syscall on ``fd`` failed (call it first: it reads errno).
+
+    EINTR: FF_IO_RETRY. EAGAIN: count ``wait_counter`` and the poll in ``syscalls``, wait until ``fd`` is
+    writable (FF_IO_RETRY) or stop/poll failure (FF_IO_STOP, rc 1 or -errno). Fatal errno: FF_IO_STOP, rc
+    -errno. Anything else: FF_IO_DROP, rc -errno. rc is 0 on FF_IO_RETRY. Read sites, where EAGAIN means
+    "nothing more to read", do not use this.
+    """
+    cdef int e = errno
+    cdef int r
+    rc[0] = 0
+    if e == EINTR:
+        return FF_IO_RETRY
+    if e == EAGAIN:
+        ff_add(&st.c[wait_counter], 1)
+        syscalls[0] += 1
+        r = ff_wait_writable(st, fd)
+        if r <= 0:
+            rc[0] = r if r < 0 else 1
+            return FF_IO_STOP
+        return FF_IO_RETRY
+    rc[0] = -e
+    return FF_IO_STOP if ff_fatal(e) else FF_IO_DROP
+
+
 cdef unsigned int ff_tx_process(ff_state *st, unsigned int count, unsigned int *nicmp) noexcept nogil:
     """Decide every read slot: fill msgs[0:nsend] for sendmmsg, icmp[0:nicmp] for the TUN; return nsend."""
     cdef ff_io *io = &st.tx
@@ -710,7 +741,7 @@ cdef int ff_tx_burst(ff_state *st, int *stage, unsigned int *got) noexcept nogil
     cdef ff_io *io = &st.tx
     cdef unsigned int count = 0, nsend, nicmp = 0, sent = 0, i
     cdef ssize_t n
-    cdef int r, e
+    cdef int r, e, a, rc
     cdef ff_peer_tx *pt
     cdef uint64_t syscalls = 0, packets = 0, nbytes = 0
     while count < st.batch:
@@ -745,22 +776,13 @@ cdef int ff_tx_burst(ff_state *st, int *stage, unsigned int *got) noexcept nogil
         r = sendmmsg(st.udp_fd, io.msgs + sent, nsend - sent, MSG_DONTWAIT)
         syscalls += 1
         if r < 0:
-            e = errno
-            if e == EINTR:
+            a = ff_io_error(st, st.udp_fd, C_TX_SEND_WAITS, &syscalls, &rc)
+            if a == FF_IO_RETRY:
                 continue
-            if e == EAGAIN:
-                ff_add(&st.c[C_TX_SEND_WAITS], 1)
-                syscalls += 1
-                r = ff_wait_writable(st, st.udp_fd)
-                if r <= 0:
-                    ff_add(&st.c[C_TX_SYSCALLS], syscalls)
-                    stage[0] = S_UDP_SEND
-                    return r if r < 0 else 1
-                continue
-            if ff_fatal(e):
+            if a == FF_IO_STOP:
                 ff_add(&st.c[C_TX_SYSCALLS], syscalls)
                 stage[0] = S_UDP_SEND
-                return -e
+                return rc
             ff_add(&st.c[C_TX_DROP_SEND], 1)  # this datagram only (EPERM, ENETUNREACH, EMSGSIZE...)
             ff_add(&ff_ptx(st, io.pids[sent]).drop_send, 1)
             sent += 1
@@ -795,7 +817,7 @@ cdef int ff_rx_burst(ff_state *st, int *stage, unsigned int *got) noexcept nogil
     got: datagrams received."""
     cdef ff_io *io = &st.rx
     cdef unsigned int i, count
-    cdef int r, e
+    cdef int r, e, a, rc
     cdef ssize_t w
     cdef ff_peer_rx *pr
     cdef uint64_t syscalls = 1, packets = 0, nbytes = 0
@@ -839,22 +861,13 @@ cdef int ff_rx_burst(ff_state *st, int *stage, unsigned int *got) noexcept nogil
                 ff_add(&pr.packets, 1)
                 ff_add(&pr.bytes, io.lens[i])
                 break
-            e = errno
-            if e == EINTR:
+            a = ff_io_error(st, st.tun_fd, C_RX_TUN_WRITE_WAITS, &syscalls, &rc)
+            if a == FF_IO_RETRY:
                 continue
-            if e == EAGAIN:
-                ff_add(&st.c[C_RX_TUN_WRITE_WAITS], 1)
-                syscalls += 1
-                r = ff_wait_writable(st, st.tun_fd)
-                if r <= 0:
-                    ff_add(&st.c[C_RX_SYSCALLS], syscalls)
-                    stage[0] = S_TUN_WRITE
-                    return r if r < 0 else 1
-                continue
-            if ff_fatal(e):
+            if a == FF_IO_STOP:
                 ff_add(&st.c[C_RX_SYSCALLS], syscalls)
                 stage[0] = S_TUN_WRITE
-                return -e
+                return rc
             ff_add(&st.c[C_RX_DROP_TUN_WRITE], 1)
             break
     ff_add(&st.c[C_RX_SYSCALLS], syscalls)
@@ -873,25 +886,18 @@ cdef int ff_send_slow(ff_state *st, unsigned int m, uint64_t *syscalls, uint64_t
     cdef uint8_t *base = <uint8_t *>io.giov[m].iov_base
     cdef size_t left = io.giov[m].iov_len, seg = io.gseglen[m], l
     cdef ssize_t w
-    cdef int e, r
+    cdef int a, rc
     cdef ff_peer_tx *pt = ff_ptx(st, io.gpids[m])
     while left > 0:
         l = left if left < seg else seg
         w = sendto(st.udp_fd, base, l, MSG_DONTWAIT, &io.gaddrs[m], sizeof(sockaddr_in))
         syscalls[0] += 1
         if w < 0:
-            e = errno
-            if e == EINTR:
+            a = ff_io_error(st, st.udp_fd, C_TX_SEND_WAITS, syscalls, &rc)
+            if a == FF_IO_RETRY:
                 continue
-            if e == EAGAIN:
-                ff_add(&st.c[C_TX_SEND_WAITS], 1)
-                syscalls[0] += 1
-                r = ff_wait_writable(st, st.udp_fd)
-                if r <= 0:
-                    return r if r < 0 else 1
-                continue
-            if ff_fatal(e):
-                return -e
+            if a == FF_IO_STOP:
+                return rc
             ff_add(&st.c[C_TX_DROP_SEND], 1)
             ff_add(&pt.drop_send, 1)
         else:
@@ -908,7 +914,7 @@ cdef int ff_tx_flush(ff_state *st, int *stage, uint64_t *syscalls) noexcept nogi
     """sendmmsg the queued messages (UDP_SEGMENT cmsg on multi-segment ones); 0, 1 (stop) or -errno."""
     cdef ff_io *io = &st.tx
     cdef unsigned int m, sent = 0, k
-    cdef int r, e
+    cdef int r, a, rc
     cdef cmsghdr *cm
     cdef uint16_t segsz
     cdef ff_peer_tx *pt
@@ -937,26 +943,17 @@ cdef int ff_tx_flush(ff_state *st, int *stage, uint64_t *syscalls) noexcept nogi
         r = sendmmsg(st.udp_fd, io.gmsgs + sent, io.ngmsg - sent, MSG_DONTWAIT)
         syscalls[0] += 1
         if r < 0:
-            e = errno
             r = 0
-            if e == EINTR:
+            a = ff_io_error(st, st.udp_fd, C_TX_SEND_WAITS, syscalls, &rc)
+            if a == FF_IO_RETRY:
                 continue
-            if e == EAGAIN:
-                ff_add(&st.c[C_TX_SEND_WAITS], 1)
-                syscalls[0] += 1
-                r = ff_wait_writable(st, st.udp_fd)
-                if r <= 0:
-                    r = r if r < 0 else 1
-                    break
-                r = 0
-                continue
-            if e == EIO and io.gsegs[sent] > 1 and st.gso:  # no TX checksum offload under us: GSO off, resend
+            if a == FF_IO_STOP:
+                r = rc
+                break
+            if rc == -EIO and io.gsegs[sent] > 1 and st.gso:  # no TX checksum offload under us: GSO off, resend
                 st.gso = 0
                 ff_add(&st.c[C_TX_GSO_ERRORS], 1)
                 continue
-            if ff_fatal(e):
-                r = -e
-                break
             ff_add(&st.c[C_TX_DROP_SEND], io.gsegs[sent])
             ff_add(&ff_ptx(st, io.gpids[sent]).drop_send, io.gsegs[sent])
             sent += 1
@@ -1080,26 +1077,18 @@ cdef int ff_tx_burst_vnet(ff_state *st, int *stage, unsigned int *got) noexcept 
 cdef int ff_tun_write1(ff_state *st, const uint8_t *buf, size_t n, int *stage, uint64_t *syscalls) noexcept nogil:
     """Write one buffer to the TUN, waiting while it is full; 0 written, 2 dropped, 1 stop, -errno fatal."""
     cdef ssize_t w
-    cdef int e, r
+    cdef int a, rc
     while True:
         w = write(st.tun_fd, buf, n)
         syscalls[0] += 1
         if w >= 0:
             return 0
-        e = errno
-        if e == EINTR:
+        a = ff_io_error(st, st.tun_fd, C_RX_TUN_WRITE_WAITS, syscalls, &rc)
+        if a == FF_IO_RETRY:
             continue
-        if e == EAGAIN:
-            ff_add(&st.c[C_RX_TUN_WRITE_WAITS], 1)
-            syscalls[0] += 1
-            r = ff_wait_writable(st, st.tun_fd)
-            if r <= 0:
-                stage[0] = S_TUN_WRITE
-                return r if r < 0 else 1
-            continue
-        if ff_fatal(e):
+        if a == FF_IO_STOP:
             stage[0] = S_TUN_WRITE
-            return -e
+            return rc
         return 2
 
 
