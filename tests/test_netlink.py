@@ -85,3 +85,34 @@ def test_udp_backend_tun_setup(rig):
         assert (info.kind, info.mtu, info.up) == ("tun", 1472, True)
         routes = [r for r in nl.routes() if r.dst == IPv4Network("100.96.0.0/16")]
         assert len(routes) == 1 and routes[0].gateway is None and routes[0].oif == info.index
+
+
+@netns_marks
+def test_no_messages_pile_up_on_the_command_socket(rig):
+    """pyroute2 0.9 leaves the kernel's ACK of every ``get`` request (link by index/name, route get) on its root
+    queue, which nothing reads: one message per lookup forever (the vxlan daemon's RSS grew ~10 KiB per peer
+    add+remove). After peer churn through the real kernel, nothing must be left queued."""
+    from fakes import FakeManager, added, ext_iface, removed, vxlan_lease
+
+    from fastflannel.backend.vxlan import VxlanBackend
+    from fastflannel.config import parse_config
+
+    ns = rig.host("h", "10.168.0.2/24")
+    with Netlink(netns=ns) as nl:
+        net = VxlanBackend(FakeManager(), ext_iface(index=nl.link_index("eth0")), nl, watch_links=False) \
+            .register_network(parse_config('{"Network": "100.96.0.0/16", "Backend": {"Type": "vxlan"}}'))
+        queued = lambda: nl._ipr.asyncore.local.msg_queue.root.qsize()  # noqa: E731 - this thread's (pyroute2)
+
+        def churn(n: int) -> None:
+            for i in range(n):
+                peer = vxlan_lease(f"100.96.{2 + i % 50}.0/24", f"10.168.0.{3 + i % 50}",
+                                   f"0a:58:00:00:01:{i % 256:02x}")
+                net.handle_events(added(peer))
+                net.reconcile({peer.subnet: peer})
+                net.handle_events(removed(peer))
+
+        churn(30)
+        nl.route_get("10.168.0.3")
+        nl.addr_list("eth0")
+        assert queued() == 0
+        net.close()
