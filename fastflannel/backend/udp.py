@@ -148,7 +148,7 @@ class UdpNetwork:
             self.close()
             raise
         o = self.fastpath.options
-        log.info("event=device_ready device=%s addr=%s/32 mtu=%d udp=%s:%d fastpath=%s tun_offload=%s udp_gso=%s "
+        log.info("event=device_ready dev=%s type=tun addr=%s/32 mtu=%d udp=%s:%d fastpath=%s tun_offload=%s udp_gso=%s "
                  "udp_gro=%s threads=%d", self.tun_name, lease.subnet.network_address, self.mtu, ext.iface_addr, port,
                  self.fastpath.implementation, o.tun_offload, o.udp_gso and o.tun_offload, o.udp_gro, o.threads)
 
