@@ -26,7 +26,7 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(VENV)/.installed: pyproject.toml setup.py fastflannel/_fastpath.pyx $(wildcard fastflannel/*.pxd fastflannel/includes/*)
+$(VENV)/.installed: pyproject.toml setup.py fastflannel/datapath/_fastpath.pyx $(wildcard fastflannel/datapath/*.pxd fastflannel/datapath/includes/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -48,11 +48,11 @@ test-noext: setup
 	FASTFLANNEL_NO_EXTENSIONS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m fastflannel.tools demo
+	$(PY) -m fastflannel.lab.cli demo
 
 bench: setup
 	$(PY) -m pytest bench --benchmark-only
-	$(PY) -m fastflannel.tools bench
+	$(PY) -m fastflannel.lab.cli bench
 
 bench-smoke: setup
 	$(PY) -m pytest bench --benchmark-disable -q
@@ -67,14 +67,14 @@ fuzz: compile
 # Soak (not part of `make test`): mixed traffic over each backend, daemons' RSS and fds sampled (docs/soak.md).
 SOAK_MINUTES ?= 10
 soak: setup
-	mkdir -p build && $(PY) -m fastflannel.soak --minutes $(SOAK_MINUTES) --json build/soak.json
+	mkdir -p build && $(PY) -m fastflannel.lab.soak --minutes $(SOAK_MINUTES) --json build/soak.json
 
 wheel: venv
 	$(PY) -m pip install -q build
 	$(PY) -m build --wheel
 
 clean:
-	rm -rf build dist *.egg-info fastflannel/*.so fastflannel/_fastpath.c fastflannel/_fastpath.html .pytest_cache
+	rm -rf build dist *.egg-info fastflannel/datapath/*.so fastflannel/datapath/_fastpath.c fastflannel/datapath/_fastpath.html .pytest_cache
 
 distclean: clean
 	rm -rf $(VENV)

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Build the one Cython extension, fastflannel._fastpath.
+"""Build the one Cython extension, fastflannel.datapath._fastpath.
 
 Knobs (uvloop's recipe):
 - ``FASTFLANNEL_NO_EXTENSIONS=1``: build nothing; the pure-Python twin is used at run time.
@@ -27,13 +27,13 @@ def extensions():
     Options.warning_errors = True
     macros = [("FASTFLANNEL_DEBUG", "1" if DEBUG else "0")]
     ext = Extension(
-        "fastflannel._fastpath",
-        ["fastflannel/_fastpath.pyx"],
+        "fastflannel.datapath._fastpath",
+        ["fastflannel/datapath/_fastpath.pyx"],
         extra_compile_args=CFLAGS + (["-g", "-O0"] if DEBUG else []),
         define_macros=macros,
-        include_dirs=["fastflannel/includes"],  # fastpath.h
-        depends=["fastflannel/_fastpath.pxd", "fastflannel/includes/system.pxd", "fastflannel/includes/fastpath.pxd",
-                 "fastflannel/includes/fastpath.h"],
+        include_dirs=["fastflannel/datapath/includes"],  # fastpath.h
+        depends=["fastflannel/datapath/_fastpath.pxd", "fastflannel/datapath/includes/system.pxd", "fastflannel/datapath/includes/fastpath.pxd",
+                 "fastflannel/datapath/includes/fastpath.h"],
     )
     return cythonize(
         [ext],

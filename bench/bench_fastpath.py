@@ -20,8 +20,8 @@ from typing import Dict, List, Tuple
 import pytest
 from conftest import IMPLS
 
-from fastflannel._fastpath_py import ip_checksum
-from fastflannel.fastpath import FastPath, FastPathOptions
+from fastflannel.datapath.twin import ip_checksum
+from fastflannel.datapath.fastpath import FastPath, FastPathOptions
 
 NETWORK = IPv4Network("10.244.0.0/16")
 OWN = IPv4Network("10.244.1.0/24")
@@ -168,7 +168,7 @@ def test_loop_tx_only(benchmark, pps, impl: str, threads: int, size: int) -> Non
 # Variants side by side on real testbeds (not a pytest benchmark): docs/fastpath.md "Goal A"/"Goal B".
 #   cd /tmp && python /work/main/bench/bench_fastpath.py --variants SECONDS REPS name=backend[:ENV=V,ENV=V] ...
 # e.g. vxlan=vxlan udp=udp: plain=udp:FASTFLANNEL_UDP_TUN_OFFLOAD=0 base=udp:PYTHONPATH=/tmp/ffbase
-# Each variant is a 2-host testbed (fastflannel.bench.ModeCluster), all up at once, measured in rotated order.
+# Each variant is a 2-host testbed (fastflannel.lab.bench.ModeCluster), all up at once, measured in rotated order.
 # Run from a directory other than the checkout, so that PYTHONPATH=<other checkout> can select older code.
 
 
@@ -178,8 +178,8 @@ def _variants_main(argv):  # pragma: no cover - needs root and namespaces
     import statistics
     import sys
 
-    from fastflannel import bench
-    from fastflannel.tools import Progress
+    from fastflannel.lab import bench
+    from fastflannel.lab.progress import Progress
 
     seconds = float(argv[0])
     reps = int(argv[1])

@@ -20,8 +20,8 @@ from typing import Dict, Tuple
 import pytest
 from conftest import IMPLS
 
-from fastflannel._fastpath_py import ip_checksum
-from fastflannel.fastpath import FastPath, FastPathOptions
+from fastflannel.datapath.twin import ip_checksum
+from fastflannel.datapath.fastpath import FastPath, FastPathOptions
 
 NETWORK = IPv4Network("10.0.0.0/8")
 SUBNET_LEN = 24

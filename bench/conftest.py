@@ -23,7 +23,7 @@ def pytest_collect_file(parent: pytest.Collector, file_path: Path) -> Optional[p
 
 
 def cython_unavailable() -> Optional[str]:
-    from fastflannel import fastpath
+    from fastflannel.datapath import fastpath
 
     try:
         fastpath.implementation_module("cython")

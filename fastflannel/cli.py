@@ -11,41 +11,15 @@ import argparse
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from fastflannel import __version__
-
-DEFAULT_ENDPOINTS = "http://127.0.0.1:4001,http://127.0.0.1:2379"
-DEFAULT_PREFIX = "/coreos.com/network"
-DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
-RENEW_MARGIN_MIN, RENEW_MARGIN_MAX = 1, 1439  # minutes; flanneld rejects values outside 1..1439
+from fastflannel.options import (DEFAULT_ENDPOINTS, DEFAULT_PREFIX, DEFAULT_SUBNET_FILE, RENEW_MARGIN_MAX,
+                                 RENEW_MARGIN_MIN, DaemonOptions)
 
 
 class UsageError(ValueError):
     """A flag value is invalid; the message names the flag."""
-
-
-@dataclass
-class DaemonOptions:
-    etcd_endpoints: List[str] = field(default_factory=lambda: DEFAULT_ENDPOINTS.split(","))
-    etcd_prefix: str = DEFAULT_PREFIX
-    etcd_keyfile: str = ""
-    etcd_certfile: str = ""
-    etcd_cafile: str = ""
-    etcd_username: str = ""
-    etcd_password: str = ""
-    iface: List[str] = field(default_factory=list)
-    iface_regex: List[str] = field(default_factory=list)
-    public_ip: str = ""
-    subnet_file: str = DEFAULT_SUBNET_FILE
-    subnet_lease_renew_margin: int = 60  # minutes
-    ip_masq: bool = False
-    iptables_resync: int = 5  # seconds
-    iptables_forward_rules: bool = True
-    healthz_ip: str = "0.0.0.0"
-    healthz_port: int = 0
-    verbosity: int = 0
 
 
 def _bool(text: str) -> bool:

@@ -24,7 +24,7 @@ import time
 from contextlib import ExitStack
 from typing import Callable, List, Optional
 
-from fastflannel.cli import DaemonOptions
+from fastflannel.options import DaemonOptions
 from fastflannel.config import ConfigError, NetworkConfig
 from fastflannel.subnet import ConfigNotFoundError, StoreUnavailableError, SubnetError
 
@@ -141,8 +141,8 @@ class Daemon:
     def run(self) -> int:
         self.failed = False
         self._install_signals()
-        from fastflannel.backend import BackendError
-        from fastflannel.iface import InterfaceError
+        from fastflannel.errors import BackendError
+        from fastflannel.kernel.iface import InterfaceError
 
         try:
             with ExitStack() as stack:
@@ -155,13 +155,13 @@ class Daemon:
 
     def _run(self, stack: ExitStack) -> int:
         from fastflannel.backend import get_backend, run_network
-        from fastflannel.healthz import HealthServer
-        from fastflannel.iface import select_interface
-        from fastflannel.netlink import Netlink
+        from fastflannel.service.healthz import HealthServer
+        from fastflannel.kernel.iface import select_interface
+        from fastflannel.kernel.netlink import Netlink
         from fastflannel.subnet.etcd import EtcdRegistry
         from fastflannel.subnet.manager import LocalManager
         from fastflannel.subnet.subnetfile import read_previous_network_and_subnet, write_subnet_file
-        from fastflannel.traffic import TrafficManager
+        from fastflannel.kernel.iptables import TrafficManager
 
         opts = self.opts
         prev_network, prev_subnet = read_previous_network_and_subnet(opts.subnet_file)
@@ -184,7 +184,7 @@ class Daemon:
             renew_margin_s=margin,
         )
         if opts.healthz_port:
-            from fastflannel.metrics import Metrics
+            from fastflannel.service.metrics import Metrics
 
             self.metrics = Metrics()
             stack.callback(self.metrics.install("fastflannel"))

@@ -17,8 +17,8 @@ from ipaddress import IPv4Address, IPv4Network
 import atheris
 
 with atheris.instrument_imports():
-    from fastflannel import _fastpath_py  # noqa: F401  (instrumented: the twin's branches guide the search)
-    from fastflannel.fastpath import FastPath, FastPathOptions
+    from fastflannel.datapath import twin as _fastpath_py  # noqa: F401  (instrumented: the twin's branches guide the search)
+    from fastflannel.datapath.fastpath import FastPath, FastPathOptions
 
 PEER, STRANGER = IPv4Address("192.0.2.2"), IPv4Address("192.0.2.3")
 GEOMETRIES = [  # (network, subnet_len, own subnet, routed subnets)

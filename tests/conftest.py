@@ -4,7 +4,7 @@
 Tiers (design A2 rule 11) are pytest markers, skipped with a reason when the machine cannot run them:
 - ``netns``: needs root and a working ``ip netns`` (probed once by creating and deleting a namespace);
 - ``etcd``: needs Debian's etcd-server (``/usr/bin/etcd`` or ``etcd`` on PATH) and ``etcdctl``;
-- ``ext``: needs the compiled ``fastflannel._fastpath`` (and ``FASTFLANNEL_NO_EXTENSIONS`` unset).
+- ``ext``: needs the compiled ``fastflannel.datapath._fastpath`` (and ``FASTFLANNEL_NO_EXTENSIONS`` unset).
 
 The ``make_testbed`` fixture also performs the netns/etcd checks, so a test that forgets a marker skips rather
 than errors. A session-level guard compares ``ip netns list`` before and after the run: namespaces this session
@@ -93,9 +93,9 @@ def ext_unavailable() -> str | None:
     if os.environ.get("FASTFLANNEL_NO_EXTENSIONS", "") not in ("", "0"):
         return "FASTFLANNEL_NO_EXTENSIONS is set"
     try:
-        import fastflannel._fastpath  # noqa: F401
+        import fastflannel.datapath._fastpath  # noqa: F401
     except ImportError as e:
-        return f"extension fastflannel._fastpath is not built ({e}); run 'make compile'"
+        return f"extension fastflannel.datapath._fastpath is not built ({e}); run 'make compile'"
     return None
 
 
@@ -135,7 +135,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        from fastflannel.testbed import install_signal_handlers
+        from fastflannel.lab.testbed import install_signal_handlers
 
         install_signal_handlers(sigterm=KeyboardInterrupt)
 
@@ -154,7 +154,7 @@ def _list_netns() -> set[str]:
 
 def _owner_alive_elsewhere(ns: str) -> bool:
     """Return True if ``ns`` provably belongs to another live process (a concurrent test run)."""
-    from fastflannel.testbed import MARKER_DIR, owned_prefixes, pid_alive
+    from fastflannel.lab.testbed import MARKER_DIR, owned_prefixes, pid_alive
 
     prefix = ns.split("-", 1)[0]
     if prefix in owned_prefixes() or prefix == SESSION_NETNS_PREFIX:
@@ -178,14 +178,14 @@ def _owner_alive_elsewhere(ns: str) -> bool:
 
 
 def _remove_netns(names: list[str]) -> None:
-    from fastflannel.testbed import remove_namespaces
+    from fastflannel.lab.testbed import remove_namespaces
 
-    remove_namespaces(names, log=logging.getLogger("fastflannel.testbed").warning)
+    remove_namespaces(names, log=logging.getLogger("fastflannel.lab.testbed").warning)
 
 
 def _remove_own_markers(prefixes: set[str]) -> None:
     """Remove testbed markers (and temp workdirs) of leaked testbeds this process created."""
-    from fastflannel.testbed import MARKER_DIR, owned_prefixes
+    from fastflannel.lab.testbed import MARKER_DIR, owned_prefixes
 
     for prefix in prefixes & owned_prefixes():
         marker = MARKER_DIR / f"{prefix}.pid"
@@ -255,9 +255,9 @@ class TestbedFactory:
 
     def __call__(self, n_hosts: int = 3, **kw: Any) -> Any:
         require("netns", "etcd")
-        from fastflannel.testbed import Testbed
+        from fastflannel.lab.testbed import Testbed
 
-        kw.setdefault("log", logging.getLogger("fastflannel.testbed").info)
+        kw.setdefault("log", logging.getLogger("fastflannel.lab.testbed").info)
         tb = Testbed(n_hosts, **kw)
         self.beds.append(tb)
         tb.start()

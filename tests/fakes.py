@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from fastflannel.iface import ExternalInterface
+from fastflannel.kernel.iface import ExternalInterface
 from fastflannel.lease import Event, EventType, Lease, LeaseAttrs
 
 IS_ROOT = os.geteuid() == 0
@@ -96,7 +96,7 @@ class FakeNetlink:
             raise exc
 
     def link_info(self, name):
-        from fastflannel.netlink import LinkInfo, VxlanAttrs
+        from fastflannel.kernel.netlink import LinkInfo, VxlanAttrs
 
         li = self.links.get(name)
         if li is None:
@@ -133,7 +133,7 @@ class FakeNetlink:
         self.addrs.setdefault(ifname, set()).add(IPv4Interface(cidr))
 
     def addr_list(self, ifname=None):
-        from fastflannel.netlink import AddrInfo
+        from fastflannel.kernel.netlink import AddrInfo
 
         idx = self.link_index(ifname)
         return [AddrInfo(idx, a, 0, 0x80) for a in sorted(self.addrs.get(ifname, ()))]
@@ -150,13 +150,13 @@ class FakeNetlink:
         return self.route_table.pop(IPv4Network(dst), None) is not None
 
     def routes(self, oif=None, table=254):
-        from fastflannel.netlink import Route
+        from fastflannel.kernel.netlink import Route
 
         return [Route(dst=d, gateway=g, oif=o, onlink=ol) for d, (g, o, ol) in self.route_table.items()
                 if oif is None or o == oif]
 
     def route_get(self, ip):
-        from fastflannel.netlink import Route
+        from fastflannel.kernel.netlink import Route
 
         ip = IPv4Address(ip)
         gw = None if ip in self.direct else IPv4Address("10.168.0.1")
@@ -171,7 +171,7 @@ class FakeNetlink:
         return self.neigh_table.pop((ifindex, IPv4Address(ip)), None) is not None
 
     def neighs(self, ifindex):
-        from fastflannel.netlink import Neigh
+        from fastflannel.kernel.netlink import Neigh
 
         return [Neigh(i, ip, mac, 0x80) for (i, ip), mac in self.neigh_table.items() if i == ifindex]
 
@@ -184,7 +184,7 @@ class FakeNetlink:
         return self.fdb_table.pop((ifindex, mac), None) is not None
 
     def fdbs(self, ifindex):
-        from fastflannel.netlink import Fdb
+        from fastflannel.kernel.netlink import Fdb
 
         return [Fdb(i, mac, dst, 0x80, 0x02) for (i, mac), dst in self.fdb_table.items() if i == ifindex]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from fastflannel.bench import (
+from fastflannel.lab.bench import (
     MODE_SPECS,
     counter_delta,
     fastpath_figures,
@@ -141,7 +141,7 @@ def _run(cmd: list, timeout: float, **kw) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_bench_quick_host_gw_and_udp(tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    r = _run([sys.executable, "-m", "fastflannel.tools", "bench", "--quick", "--modes", "host-gw,udp",
+    r = _run([sys.executable, "-m", "fastflannel.lab.cli", "bench", "--quick", "--modes", "host-gw,udp",
               "--seconds", "1", "--out", str(out)], timeout=150)
     assert r.returncode == 0, r.stdout[-5000:]
     assert "rep 1/1" in r.stdout and "ratio to" not in r.stdout  # no vxlan in this run: no ratio table

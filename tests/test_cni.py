@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from fastflannel import cni
+from fastflannel.cni import plugin as cni
 
 DEBIAN_CNI_DIR = "/usr/lib/cni"
 SUBNET_ENV = "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.17.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
@@ -206,11 +206,11 @@ def test_delegate_error_is_passed_through(tmp_path):
 def test_plugin_process_exit_status_and_about(tmp_path):
     """The console entry point as a process: error JSON on stdout, exit 1; bare invocation prints the about line."""
     env = {**os.environ, **run_env(CNI_COMMAND="ADD")}
-    p = subprocess.run([sys.executable, "-m", "fastflannel.cni"], input=json.dumps(netconf(tmp_path)).encode(),
+    p = subprocess.run([sys.executable, "-m", "fastflannel.cni.plugin"], input=json.dumps(netconf(tmp_path)).encode(),
                        env=env, capture_output=True, timeout=30)
     assert p.returncode == 1 and json.loads(p.stdout)["code"] == 999
     env.pop("CNI_COMMAND")
-    p = subprocess.run([sys.executable, "-m", "fastflannel.cni"], stdin=subprocess.DEVNULL, env=env,
+    p = subprocess.run([sys.executable, "-m", "fastflannel.cni.plugin"], stdin=subprocess.DEVNULL, env=env,
                        capture_output=True, timeout=30)
     assert p.returncode == 0 and b"CNI Plugin fastflannel version" in p.stderr
 
@@ -230,7 +230,7 @@ def _plugin_dir(tmp_path: Path) -> Path:
     if script.exists():
         target.symlink_to(script)
     else:  # an editable install older than the entry point: same code, same process boundary
-        target.write_text(f"#!/bin/sh\nexec {sys.executable} -m fastflannel.cni \"$@\"\n")
+        target.write_text(f"#!/bin/sh\nexec {sys.executable} -m fastflannel.cni.plugin \"$@\"\n")
         target.chmod(0o755)
     return d
 
@@ -267,7 +267,7 @@ def container_netns(netns_name):
         return name
 
     yield make
-    from fastflannel.testbed import remove_namespaces
+    from fastflannel.lab.testbed import remove_namespaces
     remove_namespaces(made)
 
 

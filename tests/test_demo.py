@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from fastflannel.testbed import list_netns
+from fastflannel.lab.testbed import list_netns
 
 pytestmark = [pytest.mark.netns, pytest.mark.etcd]
 
-DEMO = [sys.executable, "-m", "fastflannel.tools", "demo"]
+DEMO = [sys.executable, "-m", "fastflannel.lab.cli", "demo"]
 
 
 def _prefixes(output: str) -> set:

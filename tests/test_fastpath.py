@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_packets import ipv4_packet
 
-from fastflannel import fastpath
-from fastflannel._fastpath_py import batch_bucket
-from fastflannel.fastpath import COUNTER_NAMES, PEER_COUNTER_NAMES, FastPath, FastPathError, FastPathOptions
+from fastflannel.datapath import fastpath
+from fastflannel.datapath.twin import batch_bucket
+from fastflannel.datapath.fastpath import COUNTER_NAMES, PEER_COUNTER_NAMES, FastPath, FastPathError, FastPathOptions
 
 NETWORK = IPv4Network("10.244.0.0/16")
 OWN = IPv4Network("10.244.1.0/24")

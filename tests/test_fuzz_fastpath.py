@@ -27,8 +27,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastflannel._fastpath_py import ip_checksum
-from fastflannel.fastpath import COUNTER_NAMES, FastPath, FastPathOptions
+from fastflannel.datapath.twin import ip_checksum
+from fastflannel.datapath.fastpath import COUNTER_NAMES, FastPath, FastPathOptions
 from test_fastpath import HAVE_CYTHON, NO_CYTHON_REASON
 
 EXAMPLES = int(os.environ.get("FASTFLANNEL_FUZZ_EXAMPLES") or 300)

@@ -8,11 +8,12 @@ import pytest
 from fakes import (FakeManager, FakeNetlink, Rig, added, ext_iface, hostgw_lease, ipn, netns_marks, nsexec,
                    removed, rig, vxlan_lease)  # noqa: F401
 
-from fastflannel.backend import BackendError, get_backend
+from fastflannel.backend import get_backend
+from fastflannel.errors import BackendError
 from fastflannel.backend.hostgw import NAT_ERROR, HostGwBackend
 from fastflannel.config import parse_config
-from fastflannel.iface import ExternalInterface
-from fastflannel.netlink import Netlink, Route
+from fastflannel.kernel.iface import ExternalInterface
+from fastflannel.kernel.netlink import Netlink, Route
 
 CONFIG = parse_config('{"Network": "100.96.0.0/16", "Backend": {"Type": "host-gw"}}')
 PEER_B = hostgw_lease("100.96.2.0/24", "10.168.0.3")

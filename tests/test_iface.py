@@ -7,8 +7,8 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 import pytest
 from fakes import ipn, netns_marks, rig  # noqa: F401
 
-from fastflannel.iface import InterfaceError, select_interface
-from fastflannel.netlink import AddrInfo, LinkInfo, Netlink, Route
+from fastflannel.kernel.iface import InterfaceError, select_interface
+from fastflannel.kernel.netlink import AddrInfo, LinkInfo, Netlink, Route
 
 
 class StubNetlink:

@@ -27,7 +27,7 @@ import pytest
 
 import e2e
 
-from fastflannel.measure import IperfServer, iperf, ping_rtt, transfer_checksum
+from fastflannel.lab.measure import IperfServer, iperf, ping_rtt, transfer_checksum
 
 pytestmark = [pytest.mark.netns, pytest.mark.etcd]
 

@@ -22,7 +22,7 @@ from ipaddress import IPv4Address, IPv4Interface
 
 import pytest
 
-from fastflannel.metrics import Metrics
+from fastflannel.service.metrics import Metrics
 
 HEALTHZ_PORT = 8472
 

@@ -10,8 +10,8 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 import pytest
 from fakes import ipn, netns_marks, nsexec, rig, sh  # noqa: F401
 
-from fastflannel.backend import BackendError
-from fastflannel.netlink import KernelError, Netlink
+from fastflannel.errors import BackendError
+from fastflannel.kernel.netlink import KernelError, Netlink
 
 
 def test_kernel_error_is_backend_error():

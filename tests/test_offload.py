@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastflannel import _fastpath_py as ref
-from fastflannel._fastpath_py import ip_checksum, tcp_checksum
+from fastflannel.datapath import twin as ref
+from fastflannel.datapath.twin import ip_checksum, tcp_checksum
 
-cy = pytest.importorskip("fastflannel._fastpath")
+cy = pytest.importorskip("fastflannel.datapath._fastpath")
 if getattr(cy, "IMPLEMENTATION", None) != "cython":  # pragma: no cover
     pytest.skip("Cython fast path not built", allow_module_level=True)
 

@@ -10,7 +10,7 @@ from ipaddress import IPv4Address
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastflannel._fastpath_py import (
+from fastflannel.datapath.twin import (
     ICMP_TTL,
     icmp_allowed,
     icmp_net_unreachable,

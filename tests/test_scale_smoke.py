@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Smoke run of the scale benchmark (``python -m fastflannel.scale``), so it does not rot: 100 leases programmed by
+"""Smoke run of the scale benchmark (``python -m fastflannel.lab.scale``), so it does not rot: 100 leases programmed by
 one vxlan daemon (300 kernel entries read back) and by one udp daemon, and one lease propagated to 3 daemons.
 No timing assertion (the figures are for docs/scale.md and vary with the shared machine); only completeness.
 """
@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from fastflannel import scale
+from fastflannel.lab import scale
 
 pytestmark = [pytest.mark.netns, pytest.mark.etcd]
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fastflannel import testbed as tbmod
-from fastflannel.testbed import CommandError, Testbed, TestbedError, cleanup_stale, list_netns
+from fastflannel.lab import testbed as tbmod
+from fastflannel.lab.testbed import CommandError, Testbed, TestbedError, cleanup_stale, list_netns
 
 FAKE_SUBNET_ENV = ("FLANNEL_NETWORK=100.96.0.0/16\nFLANNEL_SUBNET=100.96.1.1/24\n"
                    "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n")
@@ -246,7 +246,7 @@ def test_failure_during_setup_cleans_up(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def _spawn_tool(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "fastflannel.testbed", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "fastflannel.lab.testbed", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 

@@ -11,7 +11,7 @@ from ipaddress import IPv4Network
 import pytest
 from fakes import Rig, ipn, netns_marks, nsexec, rig  # noqa: F401
 
-from fastflannel.traffic import TrafficManager, forward_rules, masq_rules, parse_save
+from fastflannel.kernel.iptables import TrafficManager, forward_rules, masq_rules, parse_save
 
 NET = IPv4Network("10.5.0.0/16")
 POD = IPv4Network("10.5.52.0/24")

@@ -21,8 +21,8 @@ import pytest
 from test_fastpath import IMPLS
 from test_packets import ipv4_packet
 
-from fastflannel.fastpath import FastPath, FastPathOptions
-from fastflannel.tun import TunError, open_tun
+from fastflannel.datapath.fastpath import FastPath, FastPathOptions
+from fastflannel.kernel.tun import TunError, open_tun
 
 pytestmark = pytest.mark.netns
 

@@ -18,7 +18,7 @@ from ipaddress import IPv4Network
 
 import pytest
 
-from fastflannel.measure import IperfServer, iperf, transfer_checksum
+from fastflannel.lab.measure import IperfServer, iperf, transfer_checksum
 from e2e import wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.etcd]
@@ -37,7 +37,7 @@ def _impl_env(impl):
 def _require_ext(impl):
     if impl == "cython":
         try:
-            import fastflannel._fastpath  # noqa: F401
+            import fastflannel.datapath._fastpath  # noqa: F401
         except ImportError as e:
             pytest.skip(f"Cython extension not built: {e}")
 
@@ -126,7 +126,7 @@ def test_lease_events_steer_running_loop_and_icmp_unreachable(make_testbed):
 
 def _has_ext():
     try:
-        import fastflannel._fastpath  # noqa: F401
+        import fastflannel.datapath._fastpath  # noqa: F401
 
         return True
     except ImportError:

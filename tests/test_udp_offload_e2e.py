@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastflannel.measure import transfer_checksum
+from fastflannel.lab.measure import transfer_checksum
 from test_udp_e2e import HEALTHZ_PORT, UDP_CONFIG, fastpath_stats, wait_ping
 
 pytestmark = [pytest.mark.netns, pytest.mark.etcd]
@@ -26,7 +26,7 @@ def _transfer_ok(a, b, size_mb=50):
 
 
 def test_offload_and_per_packet_peers_interoperate(make_testbed):
-    pytest.importorskip("fastflannel._fastpath")
+    pytest.importorskip("fastflannel.datapath._fastpath")
     tb = make_testbed(3)
     tb.put_config(UDP_CONFIG)
     for h, env in zip(tb.hosts, (ON, DEFAULT, OFF)):

@@ -10,13 +10,14 @@ import pytest
 from fakes import (FakeManager, FakeNetlink, Rig, added, ext_iface, hostgw_lease, ipn, netns_marks, nsexec,
                    removed, rig, sh, vxlan_lease)  # noqa: F401
 
-from fastflannel.backend import BackendError, get_backend
+from fastflannel.backend import get_backend
+from fastflannel.errors import BackendError
 from fastflannel.backend.vxlan import VxlanBackend
 from fastflannel.backend.vxlan_device import VXLAN_OVERHEAD, random_mac, vxlan_mtu
 from fastflannel.config import parse_config
-from fastflannel.iface import ExternalInterface
+from fastflannel.kernel.iface import ExternalInterface
 from fastflannel.lease import Lease, LeaseAttrs
-from fastflannel.netlink import Netlink
+from fastflannel.kernel.netlink import Netlink
 
 CONFIG = parse_config('{"Network": "100.96.0.0/16", "Backend": {"Type": "vxlan"}}')
 MAC_B = "0a:58:00:00:00:0b"

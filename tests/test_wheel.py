@@ -57,11 +57,11 @@ def built(tmp_path_factory):
 def test_wheel_contents(built):
     _sdist, whl = built
     names = zipfile.ZipFile(whl).namelist()
-    assert any(n.startswith("fastflannel/_fastpath.") and n.endswith(".so") for n in names), names
-    assert "fastflannel/cni.py" in names and "fastflannel/metrics.py" in names
+    assert any(n.startswith("fastflannel/datapath/_fastpath.") and n.endswith(".so") for n in names), names
+    assert "fastflannel/cni/plugin.py" in names and "fastflannel/service/metrics.py" in names
     entry = zipfile.ZipFile(whl).read(f"fastflannel-{__version__}.dist-info/entry_points.txt").decode()
-    for script in ("fastflanneld = fastflannel.cli:main", "fastflannel = fastflannel.tools:main",
-                   "fastflannel-cni = fastflannel.cni:main"):
+    for script in ("fastflanneld = fastflannel.cli:main", "fastflannel = fastflannel.lab.cli:main",
+                   "fastflannel-cni = fastflannel.cni.plugin:main"):
         assert script in entry
 
 
@@ -91,7 +91,7 @@ def test_wheel_installs_and_runs_without_a_compiler(built, tmp_path):
     p = _run([bindir / "fastflannel-cni"], env={**env, "CNI_COMMAND": "VERSION"}, cwd=tmp_path, input="")
     assert '"supportedVersions"' in p.stdout
     # the compiled fast path (not the twin) and the metrics module load from the installed wheel
-    code = ("import fastflannel, fastflannel.fastpath as f, fastflannel.metrics as m; "
+    code = ("import fastflannel, fastflannel.datapath.fastpath as f, fastflannel.service.metrics as m; "
             "print(fastflannel.__file__); print(f.implementation_module().IMPLEMENTATION); "
             "print(m.Metrics().render()[0])")
     out = _run([bindir / "python", "-c", code], env=env, cwd=tmp_path).stdout.split()

@@ -16,7 +16,8 @@ from ipaddress import IPv4Network
 from typing import Dict, List, Protocol
 
 from fastflannel.config import NetworkConfig
-from fastflannel.iface import ExternalInterface
+from fastflannel.errors import BackendError
+from fastflannel.kernel.iface import ExternalInterface
 from fastflannel.lease import Event, EventType, Lease
 from fastflannel.subnet import SubnetManager
 
@@ -27,10 +28,6 @@ _REGISTRY: Dict[str, str] = {
     "vxlan": "fastflannel.backend.vxlan:VxlanBackend",
     "host-gw": "fastflannel.backend.hostgw:HostGwBackend",
 }
-
-
-class BackendError(Exception):
-    """A backend could not set up its device or program the kernel; the message names the object."""
 
 
 class Network(Protocol):

@@ -21,10 +21,10 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from fastflannel.backend import BackendError
+from fastflannel.errors import BackendError
 from fastflannel.backend.route_network import RouteNetwork, direct_route
 from fastflannel.config import NetworkConfig
-from fastflannel.iface import ExternalInterface
+from fastflannel.kernel.iface import ExternalInterface
 from fastflannel.lease import Lease, LeaseAttrs
 
 log = logging.getLogger("fastflannel.backend.hostgw")

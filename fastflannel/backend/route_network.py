@@ -21,8 +21,8 @@ import logging
 from ipaddress import IPv4Network
 from typing import Dict, Iterable, List, Optional
 
-from fastflannel.backend import BackendError
-from fastflannel.iface import ExternalInterface
+from fastflannel.errors import BackendError
+from fastflannel.kernel.iface import ExternalInterface
 from fastflannel.lease import Event, EventType, Lease
 
 log = logging.getLogger("fastflannel.backend.route")
@@ -32,7 +32,7 @@ ROUTE_CHECK_INTERVAL_S = 10.0  # seconds between reconcile passes (flannel's rou
 
 def direct_route(lease: Lease, ext: ExternalInterface):
     """Return the host-gw style route for ``lease``: ``<subnet> via <PublicIP> dev <ext>``."""
-    from fastflannel.netlink import Route
+    from fastflannel.kernel.netlink import Route
 
     return Route(dst=lease.subnet, gateway=lease.attrs.public_ip, oif=ext.index)
 

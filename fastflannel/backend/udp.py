@@ -21,9 +21,9 @@ import os
 import socket
 from typing import Dict, List, Optional
 
-from fastflannel.backend import BackendError
+from fastflannel.errors import BackendError
 from fastflannel.config import NetworkConfig
-from fastflannel.iface import ExternalInterface
+from fastflannel.kernel.iface import ExternalInterface
 from fastflannel.lease import Event, EventType, Lease, LeaseAttrs
 
 log = logging.getLogger("fastflannel.backend.udp")
@@ -54,7 +54,7 @@ def fastpath_options_from_env():
     """Return the fast path's switches. The inbound checks flanneld lacks are on by default; each can be
     turned off per host (docs/configuration.md): FASTFLANNEL_UDP_CHECK_PEER_SOURCE=0 accepts datagrams
     from any source, FASTFLANNEL_UDP_CHECK_INNER_DEST=0 forwards inner packets for any destination."""
-    from fastflannel.fastpath import FastPathOptions
+    from fastflannel.datapath.fastpath import FastPathOptions
 
     return FastPathOptions(
         check_peer_source=_env_flag("FASTFLANNEL_UDP_CHECK_PEER_SOURCE", True),
@@ -94,8 +94,8 @@ class UdpNetwork:
     def __init__(self, config: NetworkConfig, lease: Lease, ext: ExternalInterface, netlink, port: int):
         from dataclasses import replace
 
-        from fastflannel.fastpath import GRO_RCVBUF_BYTES, FastPath, implementation_module, tune_socket
-        from fastflannel.tun import TunError, open_tun, open_tun_offload
+        from fastflannel.datapath.fastpath import GRO_RCVBUF_BYTES, FastPath, implementation_module, tune_socket
+        from fastflannel.kernel.tun import TunError, open_tun, open_tun_offload
 
         self.config = config
         self.lease = lease
@@ -153,7 +153,7 @@ class UdpNetwork:
                  self.fastpath.implementation, o.tun_offload, o.udp_gso and o.tun_offload, o.udp_gro, o.threads)
 
     def _configure_tun(self) -> None:
-        from fastflannel.netlink import write_sysctl
+        from fastflannel.kernel.netlink import write_sysctl
 
         nl = self.netlink
         nl.set_mtu(self.tun_name, self.mtu)

@@ -36,11 +36,11 @@ import threading
 from ipaddress import IPv4Address, IPv4Network
 from typing import Dict, List, Optional
 
-from fastflannel.backend import BackendError
+from fastflannel.errors import BackendError
 from fastflannel.backend.route_network import ROUTE_CHECK_INTERVAL_S, direct_route, install_route, sync_routes
 from fastflannel.backend.vxlan_device import VxlanDevice, VxlanSpec, vxlan_mtu
 from fastflannel.config import NetworkConfig
-from fastflannel.iface import ExternalInterface
+from fastflannel.kernel.iface import ExternalInterface
 from fastflannel.lease import Event, EventType, Lease, LeaseAttrs, LeaseParseError
 
 log = logging.getLogger("fastflannel.backend.vxlan")
@@ -304,7 +304,7 @@ class VxlanNetwork:
             if self._is_direct(lease.attrs.public_ip):
                 want_routes[subnet] = direct_route(lease, self.ext)
                 continue
-            from fastflannel.netlink import Route
+            from fastflannel.kernel.netlink import Route
 
             want_neigh[subnet.network_address] = mac
             want_fdb[mac] = lease.attrs.public_ip

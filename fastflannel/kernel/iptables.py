@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from fastflannel.backend import BackendError
+from fastflannel.errors import TrafficError
 
-log = logging.getLogger("fastflannel.traffic")
+log = logging.getLogger("fastflannel.kernel.iptables")
 
 MASQ_CHAIN = "FLANNEL-POSTRTG"
 FWD_CHAIN = "FLANNEL-FWD"
@@ -49,10 +49,6 @@ MULTICAST_V4 = "224.0.0.0/4"
 RESYNC_S = 5.0  # seconds between checks (flanneld --iptables-resync default)
 FEATURE_VERSION = (1, 6, 2)  # first iptables with both --random-fully and iptables-restore --wait
 CMD_TIMEOUT_S = 30.0
-
-
-class TrafficError(BackendError):
-    """iptables could not be read or programmed; the message carries iptables' own error."""
 
 
 @dataclass(frozen=True)

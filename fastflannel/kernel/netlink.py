@@ -27,9 +27,9 @@ from pyroute2 import IPRoute
 from pyroute2 import config as _pyroute2_config
 from pyroute2.netlink.exceptions import NetlinkError
 
-from fastflannel.backend import BackendError
+from fastflannel.errors import KernelError
 
-log = logging.getLogger("fastflannel.netlink")
+log = logging.getLogger("fastflannel.kernel.netlink")
 
 # For ``netns=...`` pyroute2 forks a child that enters the namespace, sends back the socket fd, and is then
 # stopped with SIGTERM. A forked child inherits the parent's Python SIGTERM handler; if that handler raises
@@ -68,16 +68,6 @@ VXLAN_DEFAULT_PORT = 8472  # Linux's default (pre-IANA) VXLAN UDP port, used whe
 
 Address = Union[str, IPv4Address]
 Prefix = Union[str, IPv4Network]
-
-
-class KernelError(BackendError):
-    """A netlink request failed; ``errno`` is the kernel's error code (0 if not from the kernel)."""
-
-    def __init__(self, what: str, reason: str, code: int = 0) -> None:
-        super().__init__(f"{what}: {reason}")
-        self.what = what
-        self.reason = reason
-        self.errno = code
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,8 @@ from libc.string cimport memcmp, memcpy, memset
 from posix.uio cimport iovec, writev
 from posix.unistd cimport close, read, write
 
-from fastflannel.includes.fastpath cimport ff_add, ff_add_shared, ff_fold, ff_load, ff_sum_native
-from fastflannel.includes.system cimport (
+from fastflannel.datapath.includes.fastpath cimport ff_add, ff_add_shared, ff_fold, ff_load, ff_sum_native
+from fastflannel.datapath.includes.system cimport (
     AF_INET,
     CMSG_DATA,
     CMSG_FIRSTHDR,
@@ -78,8 +78,8 @@ from fastflannel.includes.system cimport (
 import socket as _socket
 import time as _time
 
-from fastflannel import _fastpath_py as _py
-from fastflannel._fastpath_py import (
+from fastflannel.datapath import twin as _py
+from fastflannel.datapath.twin import (
     COUNTER_NAMES,
     FastPathError,
     fastpath_error,
@@ -141,10 +141,10 @@ _C_SLOTS = {
     "rx_batch_le_64": C_RX_BATCH_LE_64, "rx_batch_gt_64": C_RX_BATCH_GT_64,
 }
 if tuple(_C_SLOTS) != COUNTER_NAMES or list(_C_SLOTS.values()) != list(range(FF_NCOUNTERS)):
-    raise ImportError("fastflannel._fastpath counter layout differs from _fastpath_py.COUNTER_NAMES; rebuild")
+    raise ImportError("fastflannel.datapath._fastpath counter layout differs from _fastpath_py.COUNTER_NAMES; rebuild")
 if (len(_py.PEER_COUNTER_NAMES) != 8 or _py.PEER_CHUNK_SHIFT != FF_PEER_SHIFT
         or _py.BATCH_BUCKETS != (1, 4, 16, 64)):
-    raise ImportError("fastflannel._fastpath per-peer/batch layout differs from _fastpath_py; rebuild")
+    raise ImportError("fastflannel.datapath._fastpath per-peer/batch layout differs from _fastpath_py; rebuild")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``fastflannel``: the tools around the daemon: ``demo``, ``bench`` and ``testbed``.
+"""``fastflannel demo``: the first thing a new user runs.
 
-``demo`` is the first thing a new user runs: a 3-host cluster in network namespaces with a real etcd, the
-classic addressing (underlay 10.168.0.0/24, hosts .2 .3 .4, network 100.96.0.0/16), each backend in turn,
-then a table. Everything it creates is removed at the end, on error and on Ctrl-C.
+A 3-host cluster in network namespaces with a real etcd, the classic addressing (underlay 10.168.0.0/24, hosts .2 .3
+.4, network 100.96.0.0/16), each backend in turn, then a table. Everything it creates is removed at the end, on
+error and on Ctrl-C.
 """
 from __future__ import annotations
 
@@ -11,21 +11,12 @@ import argparse
 import math
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import List
+
+from fastflannel.lab.progress import Progress
 
 DEMO_NETWORK = "100.96.0.0/16"
 ALL_BACKENDS = ("udp", "vxlan", "host-gw")
-
-
-class Progress:
-    """Print numbered progress lines with elapsed time (plain text: works in logs and terminals)."""
-
-    def __init__(self, out=sys.stdout) -> None:
-        self.t0 = time.monotonic()
-        self.out = out
-
-    def __call__(self, msg: str) -> None:
-        print(f"[{time.monotonic() - self.t0:5.1f}s] {msg}", file=self.out, flush=True)
 
 
 def _fmt(v: float, digits: int = 2) -> str:
@@ -34,8 +25,8 @@ def _fmt(v: float, digits: int = 2) -> str:
 
 def demo_backend(backend: str, say: Progress, seconds: float = 3.0, tb_log=None) -> dict:
     """Bring up 3 hosts on ``backend``, prove container reachability, measure; return a table row."""
-    from fastflannel.measure import IperfServer, iperf, ping_rtt
-    from fastflannel.testbed import Testbed
+    from fastflannel.lab.measure import IperfServer, iperf, ping_rtt
+    from fastflannel.lab.testbed import Testbed
 
     row = {"backend": backend}
     with Testbed(3, log=tb_log) as tb:
@@ -99,7 +90,7 @@ def print_table(rows: List[dict], out=sys.stdout) -> None:
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
-    from fastflannel.testbed import install_signal_handlers
+    from fastflannel.lab.testbed import install_signal_handlers
 
     install_signal_handlers(sigterm=KeyboardInterrupt)
     say = Progress()
@@ -116,53 +107,3 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     print()
     print_table(rows)
     return 0 if all(r.get("reachable") for r in rows) else 1
-
-
-def cmd_testbed(ns: argparse.Namespace) -> int:
-    from fastflannel.testbed import cleanup_stale
-
-    if ns.cleanup:
-        removed = cleanup_stale(include_unowned=ns.include_unowned, log=print)
-        print(f"removed {len(removed)} namespaces")
-        return 0
-    from fastflannel.testbed import _main
-
-    return _main([str(ns.hosts)])
-
-
-def cmd_bench(ns: argparse.Namespace) -> int:
-    from fastflannel.bench import run_bench
-
-    return run_bench(ns)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastflannel", description="fastflannel tools: demo, bench, testbed")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="3 hosts in namespaces, each backend in turn, then a table")
-    d.add_argument("--backends", default=",".join(ALL_BACKENDS), help="comma list (default: udp,vxlan,host-gw)")
-    d.add_argument("--seconds", type=float, default=3.0, help="iperf3 duration per backend")
-    d.add_argument("-v", "--verbose", action="store_true", help="also print every testbed step")
-    d.set_defaults(func=cmd_demo)
-    b = sub.add_parser("bench", help="udp vs vxlan vs host-gw, side by side, interleaved")
-    b.add_argument("--quick", action="store_true", help="one short repetition (a CI smoke test)")
-    b.add_argument("--reps", type=int, default=3)
-    b.add_argument("--seconds", type=float, default=5.0)
-    b.add_argument("--modes", default="host-gw,vxlan,udp,udp-plain,udp-python")
-    b.add_argument("--out", default="bench-results", help="directory for the JSON and the PNG")
-    b.set_defaults(func=cmd_bench)
-    t = sub.add_parser("testbed", help="bring up a testbed until Ctrl-C, or clean up stale ones")
-    t.add_argument("--cleanup", action="store_true", help="remove namespaces left by dead runs")
-    t.add_argument("--include-unowned", action="store_true")
-    t.add_argument("hosts", nargs="?", type=int, default=3)
-    t.set_defaults(func=cmd_testbed)
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ns = build_parser().parse_args(argv)
-    return ns.func(ns)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Scale benchmarks in the testbed: ``python -m fastflannel.scale`` (figures in docs/scale.md; no CI assertion).
+"""Scale benchmarks in the testbed: ``python -m fastflannel.lab.scale`` (figures in docs/scale.md; no CI assertion).
 
 1. programming: N simulated remote leases are written to etcd (batched txns of 100 puts from a testbed host) while
    one real daemon runs; the time is measured from the first put to the moment the daemon's state, read back, is
@@ -27,9 +27,9 @@ import time
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Dict, List, Optional
 
-from fastflannel.testbed import Testbed, install_signal_handlers
+from fastflannel.lab.testbed import Testbed, install_signal_handlers
 
-log = logging.getLogger("fastflannel.scale")
+log = logging.getLogger("fastflannel.lab.scale")
 
 NETWORK = IPv4Network("100.64.0.0/10")  # room for 16,384 /24s; does not overlap the underlay
 UNDERLAY = "10.168.0.0/16"
@@ -211,7 +211,7 @@ def run_propagation(n_hosts: int, reps: int = 5, *, log_fn=None) -> Dict[str, An
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastflannel.scale", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fastflannel.lab.scale", description=__doc__.split("\n\n")[0])
     p.add_argument("--leases", type=int, default=1000)
     p.add_argument("--backends", default="vxlan,udp,host-gw")
     p.add_argument("--hosts", type=int, default=10, help="daemons for the propagation figure (0: skip)")

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Type the Cython fast path (fastflannel._fastpath); the facade fastflannel.fastpath is the public API."""
+"""Type the Cython fast path (fastflannel.datapath._fastpath); the facade fastflannel.datapath.fastpath is the public API."""
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 IMPLEMENTATION: str

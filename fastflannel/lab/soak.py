@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Soak: ``python -m fastflannel.soak`` (``make soak``): mixed traffic over each backend for a while, with the
+"""Soak: ``python -m fastflannel.lab.soak`` (``make soak``): mixed traffic over each backend for a while, with the
 daemons' RSS and fd count sampled; prints the samples and a verdict per backend (docs/soak.md).
 
 Per backend, a 3-host testbed with one container per host runs, for ``--minutes`` (default 10):
@@ -30,7 +30,7 @@ import time
 from ipaddress import IPv4Address
 from typing import Any, Dict, List, Optional
 
-from fastflannel.testbed import Testbed, install_signal_handlers
+from fastflannel.lab.testbed import Testbed, install_signal_handlers
 
 NETWORK = "100.96.0.0/16"
 
@@ -159,7 +159,7 @@ def soak_backend(backend: str, seconds: float, interval: float, rss_slack_mib: f
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastflannel.soak", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fastflannel.lab.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=10.0, help="per backend")
     p.add_argument("--backends", default="udp,vxlan,host-gw")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between samples")

@@ -4,7 +4,7 @@
 Design notes
 ------------
 Tool choice. The testbed builds the simulated world with iproute2 (``ip``, ``ip -n``, ``ip netns exec``) run through
-``subprocess``, while the product programs the kernel only through pyroute2 (``fastflannel/netlink.py``). Using an
+``subprocess``, while the product programs the kernel only through pyroute2 (``fastflannel/kernel/netlink.py``). Using an
 independent tool means a bug in our netlink layer cannot also hide itself in the rig that tests it.
 
 Topology (defaults are the classic flannel example)::
@@ -1217,10 +1217,10 @@ def remove_namespaces(namespaces: Sequence[str], *, log: LogFn = None) -> None:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    """Run ``python -m fastflannel.testbed [--cleanup | N]`` (a stop-gap until ``fastflannel testbed`` exists)."""
+    """Run ``python -m fastflannel.lab.testbed [--cleanup | N]`` (a stop-gap until ``fastflannel testbed`` exists)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m fastflannel.testbed")
+    parser = argparse.ArgumentParser(prog="python -m fastflannel.lab.testbed")
     parser.add_argument("--cleanup", action="store_true", help="remove namespaces of dead testbed runs")
     parser.add_argument("--include-unowned", action="store_true")
     parser.add_argument("--dry-run", action="store_true")

@@ -262,7 +262,7 @@ class ModeCluster:
 
     def up(self, stack: contextlib.ExitStack) -> None:
         """Build the testbed inside ``stack`` (so it is torn down on every exit path) and prove reachability."""
-        from fastflannel.testbed import Testbed
+        from fastflannel.lab.testbed import Testbed
 
         t0 = time.monotonic()
         tb = stack.enter_context(Testbed(2))
@@ -283,21 +283,21 @@ class ModeCluster:
                  f"MTU {self.mtu}")
 
     def _start_iperf(self) -> None:
-        from fastflannel.measure import IperfServer
+        from fastflannel.lab.measure import IperfServer
 
         if self.iperf_server is not None:
             self.iperf_server.close()
         self.iperf_server = IperfServer(self.dst)  # tracked by the testbed: killed at teardown
 
     def _iperf(self, **kw):
-        from fastflannel.measure import iperf
+        from fastflannel.lab.measure import iperf
 
         if self.iperf_server is None or self.iperf_server.proc.poll() is not None:
             self._start_iperf()
         return iperf(self.src, self.dst.ip, **kw)
 
     def stats(self) -> List[Dict[str, int]]:
-        from fastflannel.measure import fastpath_stats
+        from fastflannel.lab.measure import fastpath_stats
 
         return [fastpath_stats(h, self.healthz_port) for h in self.tb.hosts]
 
@@ -319,7 +319,7 @@ class ModeCluster:
         return out
 
     def daemon_cpu(self) -> float:
-        from fastflannel.measure import process_cpu_seconds
+        from fastflannel.lab.measure import process_cpu_seconds
 
         return sum(process_cpu_seconds(h.daemon.pid) for h in self.tb.hosts)
 
@@ -331,7 +331,7 @@ class ModeCluster:
 
     def measure(self, seconds: float, pings: int) -> Dict[str, Any]:
         """Run every test once; return one row of figures."""
-        from fastflannel.measure import ping_rtt, softirq_seconds
+        from fastflannel.lab.measure import ping_rtt, softirq_seconds
 
         self.check_daemons()
         row: Dict[str, Any] = {"mode": self.mode, "mtu": self.mtu}
@@ -395,7 +395,7 @@ def machine_info() -> Dict[str, Any]:
                 break
     except OSError:
         pass
-    from fastflannel import fastpath
+    from fastflannel.datapath import fastpath
 
     return {"nproc": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
             "python": platform.python_version(), "fastpath_extension": fastpath.IMPLEMENTATION,
@@ -406,7 +406,7 @@ def code_state() -> Dict[str, Any]:
     """Return what the udp figures depend on: the git commit, whether the tree is dirty, the extension's mtime."""
     import subprocess
 
-    from fastflannel import fastpath
+    from fastflannel.datapath import fastpath
 
     root = Path(__file__).resolve().parent.parent
     state: Dict[str, Any] = {"git_commit": None, "git_dirty": None, "extension": None, "extension_mtime": None}
@@ -499,8 +499,8 @@ def write_chart(summary: Dict[str, Dict[str, Dict[str, float]]], modes: Sequence
 
 def run_bench(ns) -> int:
     """Run the comparison described in the module docstring; return 0 if every requested mode produced figures."""
-    from fastflannel.testbed import install_signal_handlers, restore_signal_handlers
-    from fastflannel.tools import Progress
+    from fastflannel.lab.testbed import install_signal_handlers, restore_signal_handlers
+    from fastflannel.lab.progress import Progress
 
     say = Progress()
     modes = [m.strip() for m in str(getattr(ns, "modes", ",".join(ALL_MODES))).split(",") if m.strip()]

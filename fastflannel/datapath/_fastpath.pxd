@@ -6,7 +6,7 @@ The ctl wire struct ``ff_command`` is defined here and nowhere else; it is packe
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from posix.uio cimport iovec
 
-from fastflannel.includes.system cimport mmsghdr, sockaddr_in
+from fastflannel.datapath.includes.system cimport mmsghdr, sockaddr_in
 
 
 cdef enum:

@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """Forward the udp backend's traffic between a TUN device and a UDP socket (the facade over two implementations).
 
-This is the only module that imports ``fastflannel._fastpath`` (the Cython nogil loop). It falls back to the
-pure-Python twin ``fastflannel._fastpath_py`` when ``FASTFLANNEL_NO_EXTENSIONS=1`` is set or the extension is
+This is the only module that imports ``fastflannel.datapath._fastpath`` (the Cython nogil loop). It falls back to the
+pure-Python twin ``fastflannel.datapath.twin`` when ``FASTFLANNEL_NO_EXTENSIONS=1`` is set or the extension is
 not built; ``IMPLEMENTATION`` says which one is in use. Both have the same surface, rules and counters; the
 design (threads, table layout, control channel, counters, drop reasons and their switches) is in
 ``docs/fastpath.md``.
@@ -23,8 +23,8 @@ from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from fastflannel import _fastpath_py
-from fastflannel._fastpath_py import (
+from fastflannel.datapath import twin as _fastpath_py
+from fastflannel.datapath.twin import (
     CMD_DEL_ROUTE,
     CMD_PEER_ADD,
     CMD_PEER_DEL,
@@ -55,7 +55,7 @@ _impl: Any = _fastpath_py
 _ext_error: Optional[BaseException] = None
 if os.environ.get("FASTFLANNEL_NO_EXTENSIONS", "") in ("", "0"):
     try:
-        from fastflannel import _fastpath as _ext
+        from fastflannel.datapath import _fastpath as _ext
 
         if getattr(_ext, "IMPLEMENTATION", None) == "cython":
             _impl = _ext
@@ -75,10 +75,10 @@ def implementation_module(name: Optional[str] = None) -> Any:
     if name == "python":
         return _fastpath_py
     if name == "cython":
-        from fastflannel import _fastpath as ext
+        from fastflannel.datapath import _fastpath as ext
 
         if getattr(ext, "IMPLEMENTATION", None) != "cython":
-            raise ImportError("fastflannel._fastpath is a placeholder, not the Cython fast path; rebuild it")
+            raise ImportError("fastflannel.datapath._fastpath is a placeholder, not the Cython fast path; rebuild it")
         return ext
     raise ValueError(f"unknown fast path implementation {name!r}")
 

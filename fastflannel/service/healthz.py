@@ -7,7 +7,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Dict, Optional, Tuple
 
-log = logging.getLogger("fastflannel.healthz")
+log = logging.getLogger("fastflannel.service.healthz")
 
 Route = Callable[[], Tuple[int, str, bytes]]  # -> (status, content type, body)
 

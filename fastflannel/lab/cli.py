@@ -1,0 +1,58 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``fastflannel``: the tools around the daemon: ``demo``, ``bench`` and ``testbed`` (argument parsing only)."""
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+from fastflannel.lab.demo import ALL_BACKENDS, cmd_demo
+
+
+def cmd_testbed(ns: argparse.Namespace) -> int:
+    from fastflannel.lab.testbed import cleanup_stale
+
+    if ns.cleanup:
+        removed = cleanup_stale(include_unowned=ns.include_unowned, log=print)
+        print(f"removed {len(removed)} namespaces")
+        return 0
+    from fastflannel.lab.testbed import _main
+
+    return _main([str(ns.hosts)])
+
+
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from fastflannel.lab.bench import run_bench
+
+    return run_bench(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastflannel", description="fastflannel tools: demo, bench, testbed")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="3 hosts in namespaces, each backend in turn, then a table")
+    d.add_argument("--backends", default=",".join(ALL_BACKENDS), help="comma list (default: udp,vxlan,host-gw)")
+    d.add_argument("--seconds", type=float, default=3.0, help="iperf3 duration per backend")
+    d.add_argument("-v", "--verbose", action="store_true", help="also print every testbed step")
+    d.set_defaults(func=cmd_demo)
+    b = sub.add_parser("bench", help="udp vs vxlan vs host-gw, side by side, interleaved")
+    b.add_argument("--quick", action="store_true", help="one short repetition (a CI smoke test)")
+    b.add_argument("--reps", type=int, default=3)
+    b.add_argument("--seconds", type=float, default=5.0)
+    b.add_argument("--modes", default="host-gw,vxlan,udp,udp-plain,udp-python")
+    b.add_argument("--out", default="bench-results", help="directory for the JSON and the PNG")
+    b.set_defaults(func=cmd_bench)
+    t = sub.add_parser("testbed", help="bring up a testbed until Ctrl-C, or clean up stale ones")
+    t.add_argument("--cleanup", action="store_true", help="remove namespaces left by dead runs")
+    t.add_argument("--include-unowned", action="store_true")
+    t.add_argument("hosts", nargs="?", type=int, default=3)
+    t.set_defaults(func=cmd_testbed)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ns = build_parser().parse_args(argv)
+    return ns.func(ns)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
