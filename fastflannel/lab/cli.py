@@ -15,7 +15,7 @@ def cmd_testbed(ns: argparse.Namespace) -> int:
         removed = cleanup_stale(include_unowned=ns.include_unowned, log=print)
         print(f"removed {len(removed)} namespaces")
         return 0
-    from fastflannel.lab.testbed import _main
+    from fastflannel.lab.testbed.__main__ import _main
 
     return _main([str(ns.hosts)])
 
