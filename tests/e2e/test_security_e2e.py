@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from e2e import wait_for
+from waiting import wait_for
 from fastflannel.lab.testbed import make_tls_files
 
 pytestmark = [pytest.mark.netns, pytest.mark.etcd]

@@ -25,7 +25,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-import e2e
+import waiting as e2e
 
 from fastflannel.lab.measure import IperfServer, iperf, ping_rtt, transfer_checksum
 

@@ -32,7 +32,7 @@ from fastflannel.lab.bench import (
     summarize,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from e2e import wait_for
+from waiting import wait_for
 from fastflannel.lease import LeaseAttrs
 
 pytestmark = [pytest.mark.netns, pytest.mark.etcd]

@@ -27,7 +27,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-import e2e
+import waiting as e2e
 from fastflannel.lease import LeaseAttrs
 from test_kernel_backends_e2e import NETWORK, expected_tables, random_mac, subnet_of, tables
 

@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 
 from fastflannel.lab import testbed as tbmod
+from fastflannel.lab.testbed import base as tbbase
+from fastflannel.lab.testbed import netns as tbnetns
+from fastflannel.lab.testbed import world as tbworld
 from fastflannel.lab.testbed import CommandError, Testbed, TestbedError, cleanup_stale, list_netns
 
 FAKE_SUBNET_ENV = ("FLANNEL_NETWORK=100.96.0.0/16\nFLANNEL_SUBNET=100.96.1.1/24\n"
@@ -44,7 +47,7 @@ def test_init_creates_nothing_and_validates() -> None:
     tb = Testbed(3, etcd_members=3)
     assert tb.endpoints == "http://10.168.0.250:2379,http://10.168.0.251:2379,http://10.168.0.252:2379"
     assert tb.prefix_key == "/coreos.com/network"
-    assert tbmod._PREFIX_RE.match(tb.prefix)
+    assert tbbase._PREFIX_RE.match(tb.prefix)
     assert list_netns() == before
     tb.close()  # closing a never-started testbed is a no-op
     with pytest.raises(ValueError):
@@ -213,7 +216,7 @@ def test_keyboard_interrupt_inside_with_cleans_up() -> None:
 @pytest.mark.netns
 @pytest.mark.etcd
 def test_second_ctrl_c_during_teardown_is_deferred(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = tbmod._kill_netns_processes
+    real = tbnetns._kill_netns_processes
     fired = []
 
     def interrupting(ns, log):  # a second Ctrl-C lands in the middle of teardown
@@ -224,7 +227,7 @@ def test_second_ctrl_c_during_teardown_is_deferred(monkeypatch: pytest.MonkeyPat
 
     tb = Testbed(1).start()
     prefix, pid, workdir = tb.prefix, tb.etcd[0].pid, tb.workdir
-    monkeypatch.setattr(tbmod, "_kill_netns_processes", interrupting)
+    monkeypatch.setattr(tbworld, "_kill_netns_processes", interrupting)
     with pytest.raises(KeyboardInterrupt):
         tb.close()
     assert fired
@@ -297,7 +300,7 @@ def test_cleanup_stale_after_owner_was_killed() -> None:
     try:
         prefix = _wait_ready(proc)
         info = json.loads((tbmod.MARKER_DIR / f"{prefix}.pid").read_text())
-        etcd_pids = tbmod._netns_pids(f"{prefix}-etcd0")
+        etcd_pids = tbnetns._netns_pids(f"{prefix}-etcd0")
         assert etcd_pids
         assert cleanup_stale(prefix) == []  # owner alive: leave it alone
         proc.kill()  # SIGKILL: no teardown at all

@@ -19,7 +19,7 @@ from ipaddress import IPv4Network
 import pytest
 
 from fastflannel.lab.measure import IperfServer, iperf, transfer_checksum
-from e2e import wait_for
+from waiting import wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.etcd]
 
