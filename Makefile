@@ -16,7 +16,8 @@ setup: system-deps venv
 # checked with test -x: Debian's CNI plugins live in /usr/lib/cni, off PATH).
 system-deps:
 	@missing=""; \
-	for t in etcd:etcd-server etcdctl:etcd-client iperf3:iperf3 ip:iproute2 bridge:iproute2 iptables:iptables iptables-restore:iptables ping:iputils-ping /usr/lib/cni/bridge:containernetworking-plugins; do \
+	for t in etcd:etcd-server etcdctl:etcd-client iperf3:iperf3 ip:iproute2 bridge:iproute2 iptables:iptables iptables-restore:iptables ping:iputils-ping /usr/lib/cni/bridge:containernetworking-plugins \
+	         sockperf:sockperf nft:nftables wireguard-go:wireguard-go wg:wireguard-tools dockerd:docker.io /bin/busybox:busybox-static tcpdump:tcpdump openssl:openssl; do \
 	  case $${t%%:*} in /*) test -x $${t%%:*} ;; *) command -v $${t%%:*} >/dev/null 2>&1 ;; esac || missing="$$missing $${t#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
