@@ -65,10 +65,10 @@ fuzz: compile
 	mkdir -p build/fuzz-corpus && cp -n fuzz/corpus/* build/fuzz-corpus/
 	$(PY) fuzz/fuzz_fastpath.py -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=build/fuzz- build/fuzz-corpus
 
-# Soak (not part of `make test`): mixed traffic over each backend, daemons' RSS and fds sampled (docs/soak.md).
+# Soak (not part of `make test`): the backends' clusters side by side with traffic, churn and restarts (docs/soak.md).
 SOAK_MINUTES ?= 10
 soak: setup
-	mkdir -p build && $(PY) -m fastflannel.lab.soak --minutes $(SOAK_MINUTES) --json build/soak.json
+	mkdir -p build && $(PY) -m fastflannel.lab.soak --minutes $(SOAK_MINUTES) --json build/soak.json $(SOAK_ARGS)
 
 wheel: venv
 	$(PY) -m pip install -q build
