@@ -58,7 +58,9 @@ from fastflannel.subnet.registry import (
     WatchItem,
     config_key,
     lease_from_kv,
+    StoredSubnet,
     log_skipped,
+    stored_subnet,
     subnet_key,
     subnets_prefix,
 )
@@ -241,6 +243,7 @@ class EtcdRegistry:
         with self._lock:
             start = self._idx
         errors: List[str] = []
+        failed: List[Endpoint] = []
         n = len(self._clients)
         for k in range(n):
             i = (start + k) % n
@@ -257,6 +260,7 @@ class EtcdRegistry:
                         raise
             except _CONN_ERRORS as e:
                 errors.append(f"{self.endpoints[i]}: {_detail(e)}")
+                failed.append(self.endpoints[i])
                 continue
             except etcd_exc.Etcd3Exception as e:
                 raise EtcdRequestError(f"etcd {op} at {self.endpoints[i]} failed: {_detail(e)}") from None
@@ -265,11 +269,12 @@ class EtcdRegistry:
                     self._idx = i
                 log.info("event=etcd_failover op=%s endpoint=%s", op, self.endpoints[i])
             return result
-        raise StoreUnavailableError(
-            f"etcd unavailable ({op}) at {self.endpoints_text()}: {'; '.join(errors)}. Check that etcd is running "
-            "and reachable from this host, and the --etcd-endpoints and TLS flags (--etcd-cafile, --etcd-certfile, "
-            "--etcd-keyfile)"
-        )
+        hints = sorted({h for h in (tls_hint(ep, err) or _probe_hint(ep, err, self._connect_timeout)
+                                    for ep, err in zip(failed, errors)) if h})
+        advice = " ".join(hints) if hints else (
+            "Check that etcd is running and reachable from this host, and the --etcd-endpoints and TLS flags "
+            "(--etcd-cafile, --etcd-certfile, --etcd-keyfile)")
+        raise StoreUnavailableError(f"etcd unavailable ({op}) at {self.endpoints_text()}: {'; '.join(errors)}. {advice}")
 
     def _range(self, c: etcd3gw.Etcd3Client, key: str, prefix: bool = False) -> Dict[str, Any]:
         payload: Dict[str, Any] = {"key": _encode(key)}
@@ -312,6 +317,51 @@ class EtcdRegistry:
             return self._parse_kv(kvs[0])
         except ValueError:
             return None
+
+    def read_subnet(self, subnet: IPv4Network) -> Optional[StoredSubnet]:
+        r = self._call("get subnet", lambda c: self._range(c, subnet_key(self.prefix, subnet)))
+        kvs = r.get("kvs") or []
+        if not kvs:
+            return None
+        kv = kvs[0]
+        key = _decode(kv["key"]).decode("utf-8", errors="replace")
+        return stored_subnet(key, _decode(kv.get("value", "")), int(kv.get("mod_revision", 0)), int(kv.get("lease", 0)))
+
+    def replace_subnet(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int, mod_revision: int,
+                       lease_id: Optional[int] = None) -> Lease:
+        key = subnet_key(self.prefix, subnet)
+        lid, remaining, granted = 0, 0, False
+        if ttl > 0:
+            if lease_id:
+                remaining = self._lease_ttl(lease_id)
+                lid = lease_id if remaining > 0 else 0
+            if not lid:
+                lid, remaining, granted = self._grant(ttl), ttl, True
+        put: Dict[str, Any] = {"key": _encode(key), "value": _encode(attrs.to_json())}
+        if lid:
+            put["lease"] = lid
+        txn = {
+            "compare": [{"key": _encode(key), "result": "EQUAL", "target": "MOD", "mod_revision": mod_revision}],
+            "success": [{"request_put": put}],
+            "failure": [{"request_range": {"key": _encode(key)}}],
+        }
+        try:
+            r = self._call("replace subnet", lambda c: c.post(c.get_url("/kv/txn"), data=json.dumps(txn)))
+        except StoreUnavailableError:
+            raise  # may have been applied: a granted lease is left to its TTL
+        except SubnetError:
+            if granted:
+                self._revoke(lid)
+            raise
+        if not r.get("succeeded"):
+            existing = _failure_kv(r)
+            if not (lid and existing is not None and int(existing.get("lease", 0)) == lid
+                    and _decode(existing.get("value", "")) == attrs.to_json().encode()):
+                if granted:
+                    self._revoke(lid)
+                raise SubnetExistsError(subnet, key)
+            # else our own write, answered on a retry after a lost response
+        return Lease(subnet, attrs, time.time() + remaining if lid else 0.0, lid)
 
     def _grant(self, ttl: int) -> int:
         r = self._call("grant lease", lambda c: c.post(c.get_url("/lease/grant"), json={"TTL": ttl, "ID": 0}))
@@ -474,6 +524,60 @@ class EtcdRegistry:
         finally:
             _close_stream(resp)
             t.join(2)
+
+
+def tls_hint(ep: Endpoint, error: str) -> str:
+    """Return what to change when ``error`` (a connection error to ``ep``) is a scheme or TLS mismatch, else ''."""
+    e = error.lower()
+    if ep.scheme == "https":
+        if "wrong version number" in e or "unexpected_eof" in e or "eof occurred in violation" in e \
+                or "record layer failure" in e or "http_request" in e:
+            return (f"{ep} does not speak TLS (is etcd serving plain http there?): use http:// in --etcd-endpoints, "
+                    "or enable TLS on etcd (--cert-file/--key-file).")
+        if "certificate verify failed" in e:
+            if "mismatch" in e or "doesn't match" in e or "not valid for" in e:
+                return (f"etcd's certificate does not name {ep.host}: use an endpoint host/IP listed in the "
+                        "certificate's subjectAltName.")
+            return (f"etcd's certificate at {ep} is not signed by a CA we trust: set --etcd-cafile to the CA "
+                    "that signed etcd's --cert-file.")
+        if "bad certificate" in e or "certificate required" in e or "unknown ca" in e:
+            return (f"etcd at {ep} refused our client certificate (or we sent none): set --etcd-certfile/"
+                    "--etcd-keyfile to a certificate signed by etcd's --trusted-ca-file.")
+    elif "http request to an https server" in e:
+        return (f"etcd at {ep} serves TLS, not plain http: use https:// in --etcd-endpoints with --etcd-cafile "
+                "(and --etcd-certfile/--etcd-keyfile if it requires client certificates).")
+    return ""
+
+
+def _probe_hint(ep: Endpoint, error: str, timeout: float) -> str:
+    """After a reset/aborted connection, probe once which protocol ``ep`` speaks; return a hint or ''.
+
+    An https endpoint that answers a plain ``GET /version`` serves http; an http endpoint that completes a TLS
+    handshake serves https. Anything else (refused, timeout) is an ordinary outage: ''."""
+    e = error.lower()
+    if not ("reset" in e or "aborted" in e or "eof" in e or "remotedisconnected" in e):
+        return ""
+    import ssl
+
+    try:
+        with socket.create_connection((ep.host, ep.port), timeout=min(timeout, 2.0)) as sock:
+            if ep.scheme == "https":
+                sock.sendall(b"GET /version HTTP/1.0\r\n\r\n")
+                if sock.recv(5) == b"HTTP/":
+                    return tls_hint(ep, "wrong version number")
+            else:
+                ctx = ssl.create_default_context()
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+                try:
+                    with ctx.wrap_socket(sock, server_hostname=ep.host):
+                        return tls_hint(ep, "http request to an https server")
+                except ssl.SSLError as err:  # a TLS server that wants a client certificate still speaks TLS
+                    if "alert" in str(err).lower() or "certificate" in str(err).lower():
+                        return tls_hint(ep, "http request to an https server")
+    except OSError:
+        pass
+    return ""
 
 
 def _failure_kv(txn_result: Dict[str, Any]) -> Optional[Dict[str, Any]]:
