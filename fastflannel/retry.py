@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Optional
+import threading
+from typing import Any, Callable, Optional, Tuple
 
 
 class Backoff:
@@ -64,14 +65,14 @@ class FailureLog:
     def _kv(self, extra: dict) -> str:
         return " ".join(f"{k}={v}" for k, v in {**self.fields, **extra}.items())
 
-    def failed(self, error: object, **fields: Any) -> bool:
+    def failed(self, error: object, exc_info: bool = False, **fields: Any) -> bool:
         text = str(error)
         self.count += 1
         if self.error is not None:
             return False
         self.error = text
         self.log.log(self.level, "event=%s %s error=%r action=retry_with_backoff", self.failed_event,
-                     self._kv(fields), text)
+                     self._kv(fields), text, exc_info=exc_info)
         return True
 
     def ok(self, **fields: Any) -> bool:
@@ -85,3 +86,21 @@ class FailureLog:
     @property
     def failing(self) -> bool:
         return self.error is not None
+
+
+def run_periodic(stop: "threading.Event", period: float, step: Callable[[], Any], failure: FailureLog,
+                 cap: float = 60.0, errors: Tuple[type, ...] = (Exception,)) -> None:
+    """Call ``step()`` every ``period`` seconds until ``stop`` is set. While it raises one of ``errors`` the
+    period backs off (period, 2*period, ... up to ``cap``) and ``failure`` logs once per failure state."""
+    backoff = Backoff(period, max(period, cap))
+    delay = period
+    while not stop.wait(delay):
+        try:
+            step()
+        except errors as e:
+            failure.failed(e)
+            delay = backoff.next()
+            continue
+        failure.ok()
+        backoff.reset()
+        delay = period

@@ -21,7 +21,7 @@ import os
 import socket
 from typing import Dict, List, Optional
 
-from fastflannel.errors import BackendError
+from fastflannel.errors import BackendError, FatalBackendError
 from fastflannel.config import NetworkConfig
 from fastflannel.kernel.iface import ExternalInterface
 from fastflannel.lease import Event, EventType, Lease, LeaseAttrs
@@ -193,7 +193,11 @@ class UdpNetwork:
                 log.error("event=route_failed subnet=%s public_ip=%s error=%s", subnet, peer, e)
 
     def reconcile(self, leases: Dict) -> None:
-        self.fastpath.check()  # raises if the loop thread died: the daemon then exits non-zero
+        try:
+            self.fastpath.check()  # raises if a loop thread died
+        except OSError as e:
+            raise FatalBackendError(f"udp fast path loop died: {e}; exiting so that the service manager restarts "
+                                    "fastflanneld") from e
         self._ensure_network_route()
         want = {s: l.attrs.public_ip for s, l in leases.items()}
         have = self.fastpath.routes()
