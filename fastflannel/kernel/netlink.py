@@ -258,13 +258,9 @@ class Netlink:
         return info
 
     def add_wireguard(self, name: str, mtu: int = 0) -> LinkInfo:
-        """``ip link add <name> [mtu N] type wireguard``; return its attributes. Without the kernel module the
-        KernelError has ``errno == errno.EOPNOTSUPP`` (iproute2 prints "Unknown device type")."""
-        spec: dict = dict(ifname=name, kind="wireguard")
-        if mtu > 0:
-            spec["mtu"] = mtu
+        """``ip link add <name> [mtu N] type wireguard``. No kernel module: KernelError with errno EOPNOTSUPP."""
         what = f"wireguard {name} mtu {mtu}"
-        self._call(what, lambda i: i.link("add", **spec))
+        self._call(what, lambda i: i.link("add", ifname=name, kind="wireguard", **({"mtu": mtu} if mtu > 0 else {})))
         info = self.link_info(name)
         if info is None:
             raise KernelError(what, "created but not found afterwards")
@@ -486,90 +482,21 @@ class Netlink:
         (``kernel.linkevents.link_events``: its own raw socket, not this one's)."""
         return linkevents.link_events(stop, netns=self.netns, poll_s=poll_s, ready=ready)
 
-class WireGuardGenl:
-    """Configure kernel WireGuard devices over generic netlink (pyroute2's ``WireGuard``); keys are base64 text.
+def wireguard_socket() -> Any:
+    """Return pyroute2's WireGuard generic netlink socket, for ``kernel/wireguard.py`` (which never imports
+    pyroute2). Call it once a ``wireguard`` link exists: the family comes with the module."""
+    from pyroute2 import WireGuard
 
-    Created only once a ``wireguard`` link exists (the generic netlink family comes with the module). Calls are
-    serialised by a lock like ``Netlink``'s. Every error is a ``KernelError`` naming the device and the request."""
-
-    def __init__(self) -> None:
-        from pyroute2 import WireGuard
-
-        self._lock = threading.Lock()
-        try:
-            self._wg: Any = WireGuard()
-        except (NetlinkError, OSError) as e:
-            reason, code = _reason(e)
-            raise KernelError("wireguard generic netlink family", reason, code) from e
-
-    def close(self) -> None:
-        with self._lock:
-            wg, self._wg = self._wg, None
-        if wg is not None:
-            wg.close()
-
-    def _call(self, what: str, fn: Callable[[Any], Any]) -> Any:
-        with self._lock:
-            if self._wg is None:
-                raise KernelError(what, "wireguard netlink socket is closed")
-            try:
-                return fn(self._wg)
-            except (NetlinkError, OSError, ValueError) as e:
-                reason, code = _reason(e)
-                raise KernelError(what, reason, code) from e
-
-    def set_device(self, ifname: str, private_key: str, listen_port: int) -> None:
-        self._call(f"wg set {ifname} private-key listen-port {listen_port}",
-                   lambda w: w.set(ifname, private_key=private_key, listen_port=listen_port))
-
-    def set_peer(self, ifname: str, public_key: str, endpoint: Optional[tuple], allowed_ips: List[str],
-                 preshared_key: Optional[str], keepalive: int) -> None:
-        """Add or update a peer; its allowed IPs are replaced by ``allowed_ips`` (``replace_allowed_ips``)."""
-        peer: dict = {"public_key": public_key, "replace_allowed_ips": True, "allowed_ips": list(allowed_ips),
-                      "persistent_keepalive": keepalive,
-                      "preshared_key": preshared_key or "A" * 43 + "="}  # all zero = no PSK
-        if endpoint is not None:
-            peer["endpoint_addr"], peer["endpoint_port"] = str(endpoint[0]), int(endpoint[1])
-        self._call(f"wg set {ifname} peer {public_key} allowed-ips {','.join(allowed_ips)}",
-                   lambda w: w.set(ifname, peer=peer))
-
-    def remove_peer(self, ifname: str, public_key: str) -> None:
-        self._call(f"wg set {ifname} peer {public_key} remove",
-                   lambda w: w.set(ifname, peer={"public_key": public_key, "remove": True}))
-
-    def dump(self, ifname: str) -> dict:
-        """Return ``{"listen_port": int, "public_key": str, "peers": [{public_key, preshared_key, endpoint
-        ("ip:port" or None), keepalive, allowed_ips [str]}]}`` (``wg show <ifname> dump``)."""
-        msgs = self._call(f"wg show {ifname}", lambda w: w.info(ifname))
-        out: dict = {"listen_port": 0, "public_key": "", "peers": []}
-        for m in msgs:  # a large device is split over several messages
-            out["listen_port"] = m.get_attr("WGDEVICE_A_LISTEN_PORT") or out["listen_port"]
-            pub = m.get_attr("WGDEVICE_A_PUBLIC_KEY")
-            if pub is not None:
-                out["public_key"] = _wg_text(pub)
-            for p in m.get_attr("WGDEVICE_A_PEERS") or []:
-                ep = p.get_attr("WGPEER_A_ENDPOINT")
-                endpoint = None
-                if ep is not None and ep.get("port"):
-                    addr = ep.get("addr")
-                    endpoint = f"[{addr}]:{ep['port']}" if ":" in str(addr) else f"{addr}:{ep['port']}"
-                out["peers"].append({
-                    "public_key": _wg_text(p.get_attr("WGPEER_A_PUBLIC_KEY")),
-                    "preshared_key": _wg_text(p.get_attr("WGPEER_A_PRESHARED_KEY")),
-                    "endpoint": endpoint,
-                    "keepalive": p.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") or 0,
-                    "allowed_ips": [a["addr"] for a in (p.get_attr("WGPEER_A_ALLOWEDIPS") or []) if "addr" in a],
-                })
-        return out
+    return call_translated("wireguard generic netlink family", WireGuard)
 
 
-def _wg_text(v: Any) -> str:
-    """pyroute2 decodes a key NLA to ``{"key": raw, "value": base64 bytes}``; return the base64 text."""
-    if v is None:
-        return ""
-    if isinstance(v, dict):
-        v = v.get("value", b"")
-    return v.decode() if isinstance(v, bytes) else str(v)
+def call_translated(what: str, fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; re-raise a netlink/OS/value error as ``KernelError`` naming ``what`` and the kernel's reason."""
+    try:
+        return fn()
+    except (NetlinkError, OSError, ValueError) as e:
+        reason, code = _reason(e)
+        raise KernelError(what, reason, code) from e
 
 
 def _drop_stray_messages(ipr: Any) -> None:
@@ -666,6 +593,6 @@ def _route(m: Any) -> Route:
 
 
 __all__ = [
-    "AddrInfo", "Fdb", "KernelError", "LinkInfo", "Neigh", "Netlink", "Route", "VxlanAttrs", "WireGuardGenl",
-    "VXLAN_DEFAULT_PORT", "write_sysctl",
+    "AddrInfo", "Fdb", "KernelError", "LinkInfo", "Neigh", "Netlink", "Route", "VxlanAttrs",
+    "VXLAN_DEFAULT_PORT", "call_translated", "wireguard_socket", "write_sysctl",
 ]

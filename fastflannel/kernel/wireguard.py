@@ -30,9 +30,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from fastflannel.errors import BackendError, KernelError
 
@@ -261,6 +262,77 @@ class UserspaceDevice:
                 proc.wait(STOP_TIMEOUT_S)
 
 
+class WireGuardGenl:
+    """Configure a kernel WireGuard device over generic netlink (pyroute2's socket from ``netlink.wireguard_socket``);
+    keys are base64 text. Calls are serialised by a lock; every error is a ``KernelError`` naming the request."""
+
+    def __init__(self) -> None:
+        from fastflannel.kernel.netlink import call_translated, wireguard_socket
+
+        self._translated = call_translated
+        self._lock = threading.Lock()
+        self._wg: Any = wireguard_socket()
+
+    def close(self) -> None:
+        with self._lock:
+            wg, self._wg = self._wg, None
+        if wg is not None:
+            wg.close()
+
+    def _call(self, what: str, fn: Callable[[Any], Any]) -> Any:
+        with self._lock:
+            if self._wg is None:
+                raise KernelError(what, "wireguard netlink socket is closed")
+            wg = self._wg
+            return self._translated(what, lambda: fn(wg))
+
+    def set_device(self, ifname: str, private_key: str, listen_port: int) -> None:
+        self._call(f"wg set {ifname} private-key listen-port {listen_port}",
+                   lambda w: w.set(ifname, private_key=private_key, listen_port=listen_port))
+
+    def set_peer(self, ifname: str, public_key: str, endpoint: Optional[tuple], allowed_ips: List[str],
+                 preshared_key: Optional[str], keepalive: int) -> None:
+        """Add or update a peer; its allowed IPs are replaced by ``allowed_ips`` (``replace_allowed_ips``)."""
+        peer: dict = {"public_key": public_key, "replace_allowed_ips": True, "allowed_ips": list(allowed_ips),
+                      "persistent_keepalive": keepalive, "preshared_key": preshared_key or ZERO_KEY}
+        if endpoint is not None:
+            peer["endpoint_addr"], peer["endpoint_port"] = str(endpoint[0]), int(endpoint[1])
+        self._call(f"wg set {ifname} peer {public_key} allowed-ips {','.join(allowed_ips)}",
+                   lambda w: w.set(ifname, peer=peer))
+
+    def remove_peer(self, ifname: str, public_key: str) -> None:
+        self._call(f"wg set {ifname} peer {public_key} remove",
+                   lambda w: w.set(ifname, peer={"public_key": public_key, "remove": True}))
+
+    def dump(self, ifname: str) -> WgState:
+        """``wg show <ifname> dump`` as a WgState (a device with many peers spans several messages)."""
+        msgs = self._call(f"wg show {ifname}", lambda w: w.info(ifname))
+        st = WgState()
+        for m in msgs:
+            st.listen_port = m.get_attr("WGDEVICE_A_LISTEN_PORT") or st.listen_port
+            st.public_key = _genl_key(m.get_attr("WGDEVICE_A_PUBLIC_KEY")) or st.public_key
+            for p in m.get_attr("WGDEVICE_A_PEERS") or []:
+                ep = p.get_attr("WGPEER_A_ENDPOINT")
+                endpoint = None
+                if ep is not None and ep.get("port"):
+                    addr = ep.get("addr")
+                    endpoint = f"[{addr}]:{ep['port']}" if ":" in str(addr) else f"{addr}:{ep['port']}"
+                pub, psk = _genl_key(p.get_attr("WGPEER_A_PUBLIC_KEY")), _genl_key(p.get_attr("WGPEER_A_PRESHARED_KEY"))
+                ips = tuple(a["addr"] for a in (p.get_attr("WGPEER_A_ALLOWEDIPS") or []) if "addr" in a)
+                st.peers[pub] = WgPeer(pub, endpoint, ips, None if psk in ("", ZERO_KEY) else psk,
+                                       p.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") or 0)
+        return st
+
+
+def _genl_key(v: Any) -> str:
+    """pyroute2 decodes a key attribute to ``{"key": raw, "value": base64 bytes}`` (or the value); return text."""
+    if v is None:
+        return ""
+    if isinstance(v, dict):
+        v = v.get("value", b"")
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
 class KernelDevice:
     """A kernel ``wireguard`` link configured over generic netlink."""
 
@@ -283,13 +355,7 @@ class KernelDevice:
         self.genl.remove_peer(self.name, public_key)
 
     def state(self) -> WgState:
-        d = self.genl.dump(self.name)
-        peers = {}
-        for p in d["peers"]:
-            psk = p["preshared_key"] or None
-            peers[p["public_key"]] = WgPeer(p["public_key"], p["endpoint"], tuple(p["allowed_ips"]),
-                                            None if psk == ZERO_KEY else psk, p["keepalive"])
-        return WgState(d["listen_port"], d["public_key"], peers)
+        return self.genl.dump(self.name)
 
     def alive(self) -> bool:
         return self._netlink is None or self._netlink.link_info(self.name) is not None
@@ -356,8 +422,6 @@ def open_device(netlink, name: str, mtu: int, impl: Optional[str] = None) -> WgD
 
 
 def _kernel_device(netlink, name: str) -> KernelDevice:
-    from fastflannel.kernel.netlink import WireGuardGenl
-
     dev = KernelDevice(name, WireGuardGenl())
     dev._netlink = netlink
     return dev
