@@ -41,6 +41,7 @@ LAYER_OF: dict[str, str] = {
     "fastflannel.daemon": "daemon",
     "fastflannel.cli": "cli",
     "fastflannel.__main__": "cli",
+    "fastflannel.dockeropts": "cli",
     "fastflannel.lab": "lab",
 }
 PRODUCT_LAYERS = ("base", "kernel", "datapath", "subnet", "service", "backend", "cni", "daemon", "cli")
@@ -53,7 +54,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "backend": {"base", "kernel", "datapath", "subnet"},
     "cni": {"base"},
     "daemon": {"base", "kernel", "datapath", "subnet", "service", "backend"},
-    "cli": {"base", "daemon"},
+    "cli": {"base", "kernel", "datapath", "subnet", "service", "backend", "cni", "daemon"},
     "lab": set(PRODUCT_LAYERS),
 }
 
