@@ -65,6 +65,7 @@ LIBRARY_OWNERS: dict[str, str] = {
     "pyroute2": "fastflannel.kernel.netlink",
     "nftables": "fastflannel.kernel.nftables",
     "prometheus_client": "fastflannel.service.metrics",
+    "cryptography": "fastflannel.backend.wgkey",  # X25519 for the wireguard backend's keys
     "matplotlib": "fastflannel.lab.bench",  # optional: the bench's plot
 }
 # Compiled modules of the package (no .py source) and their one importer.
