@@ -100,7 +100,7 @@ class Chaos:
     def __init__(self, args: argparse.Namespace, say: Callable[[str], Any]) -> None:
         self.args, self.say = args, say
         self.rng = random.Random(args.seed)
-        self.tb = Testbed(4, etcd_members=3, log=lambda m: None)
+        self.tb = Testbed(4, etcd_members=3, log=lambda m: None, workdir=args.workdir)
         self.rows: List[Dict[str, Any]] = []
         self.churn = 0
 
@@ -270,6 +270,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--interval", type=float, default=30.0, help="seconds between faults")
     p.add_argument("--backend", default="vxlan", choices=("vxlan", "host-gw", "udp"))
     p.add_argument("--json", help="write the result to this file")
+    p.add_argument("--workdir", help="keep the testbed's files (etcd data, daemon logs) in DIR (kept afterwards)")
     ns = p.parse_args(argv)
     if ns.seed is None:
         ns.seed = random.SystemRandom().randrange(1 << 31)

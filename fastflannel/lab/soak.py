@@ -125,7 +125,8 @@ class SoakCluster:
 
     def __init__(self, backend: str, args: argparse.Namespace, say: Callable[[str], Any]) -> None:
         self.backend, self.args, self.say = backend, args, say
-        self.tb = Testbed(3, log=lambda m: None)
+        workdir = os.path.join(args.workdir, backend) if args.workdir else None
+        self.tb = Testbed(3, log=lambda m: None, workdir=workdir)
         self.samples: List[Dict[str, Any]] = []
         self.events: List[Dict[str, Any]] = []
         self.iperf: Optional[subprocess.Popen] = None
@@ -372,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-min", type=float, default=3.0, help="skipped after each daemon start for the slope")
     p.add_argument("--max-slope-mib-h", type=float, default=1.0)
     p.add_argument("--json", help="write samples and verdicts to this file")
+    p.add_argument("--workdir", help="keep each testbed's files (etcd data, daemon logs) under DIR/<backend> "
+                   "instead of a temp dir (kept afterwards; safe from /tmp cleaners during a long run)")
     return p
 
 
