@@ -77,7 +77,8 @@ class VxlanDevice:
     def configure(self, addr: "IPv4Address | IPv6Address", network: "Optional[IPv4Network | IPv6Network]") -> None:
         """accept_ra 0; ``addr``/32 (IPv6: /128) on the device; other addresses inside ``network`` removed; link
         up; MAC verified (set back if something changed it, BackendError if it will not stick)."""
-        from fastflannel.kernel.netlink import AF_INET6, write_sysctl
+        from fastflannel.kernel.netlink import AF_INET6
+        from fastflannel.kernel.sysctl import write_sysctl
 
         name = self.spec.name
         write_sysctl(f"net/ipv6/conf/{name}/accept_ra", "0", netns=getattr(self.netlink, "netns", None))
