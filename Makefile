@@ -27,7 +27,12 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(VENV)/.installed: pyproject.toml setup.py fastflannel/datapath/_fastpath.pyx $(wildcard fastflannel/datapath/*.pxd fastflannel/datapath/includes/*)
+# the extension's sources: the main .pyx, its parts, the .pxd/.h files and contract.py (setup.py generates
+# includes/contract.pxd from it)
+EXT_SOURCES := fastflannel/datapath/_fastpath.pyx fastflannel/datapath/contract.py \
+	$(wildcard fastflannel/datapath/parts/*.pxi fastflannel/datapath/*.pxd fastflannel/datapath/includes/*.pxd fastflannel/datapath/includes/*.h)
+
+$(VENV)/.installed: pyproject.toml setup.py $(EXT_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -75,7 +80,8 @@ wheel: venv
 	$(PY) -m build --wheel
 
 clean:
-	rm -rf build dist *.egg-info fastflannel/datapath/*.so fastflannel/datapath/_fastpath.c fastflannel/datapath/_fastpath.html .pytest_cache
+	rm -rf build dist *.egg-info fastflannel/datapath/*.so fastflannel/datapath/_fastpath.c fastflannel/datapath/_fastpath.html \
+	  fastflannel/datapath/includes/contract.pxd .pytest_cache
 
 distclean: clean
 	rm -rf $(VENV)

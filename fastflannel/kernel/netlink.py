@@ -18,10 +18,8 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from ipaddress import (
-    IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network, ip_address, ip_interface,
-    ip_network,
-)
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network  # noqa: F401
+from ipaddress import ip_address, ip_interface, ip_network
 from typing import Any, Callable, Iterator, List, Optional, Union
 
 from pyroute2 import IPRoute
@@ -57,11 +55,7 @@ VXLAN_DEFAULT_PORT = 8472  # Linux's default (pre-IANA) VXLAN UDP port, used whe
 
 Address = Union[str, IPv4Address, IPv6Address]
 Prefix = Union[str, IPv4Network, IPv6Network]
-
-
-def family_of(version: int) -> int:
-    """Return the netlink address family (AF_INET / AF_INET6) of IP version 4 or 6."""
-    return AF_INET6 if version == 6 else AF_INET
+family_of = {4: AF_INET, 6: AF_INET6}.__getitem__  # IP version -> netlink address family
 
 
 @dataclass(frozen=True)
@@ -235,8 +229,7 @@ class Netlink:
         Compatibility is Flannel's (``vxlanLinksIncompat``): type, VNI, underlay index and local IP (when both
         set), group, l2miss, port (when both > 0), GBP. MTU and learning are not compared: an existing device
         keeps its MTU and MAC. An incompatible device is deleted and recreated; the reason is logged.
-        ``port`` 0 omits the attribute so the kernel uses 8472. An IPv6 ``local`` makes an IPv6-underlay device
-        (``flannel-v6.<VNI>``: IFLA_VXLAN_LOCAL6)."""
+        ``port`` 0 omits the attribute so the kernel uses 8472. An IPv6 ``local``: flannel-v6.<VNI> (LOCAL6)."""
         local_ip = ip_address(local) if local else None
         existing = self.link_info(name)
         if existing is not None:
@@ -262,6 +255,15 @@ class Netlink:
             spec["address"] = mac.lower()
         what = f"vxlan {name} id {vni} dev #{dev_index} local {local_ip} dstport {port or VXLAN_DEFAULT_PORT}"
         self._call(what, lambda i: i.link("add", **spec))
+        info = self.link_info(name)
+        if info is None:
+            raise KernelError(what, "created but not found afterwards")
+        return info
+
+    def add_wireguard(self, name: str, mtu: int = 0) -> LinkInfo:
+        """``ip link add <name> [mtu N] type wireguard``. No kernel module: KernelError with errno EOPNOTSUPP."""
+        what = f"wireguard {name} mtu {mtu}"
+        self._call(what, lambda i: i.link("add", ifname=name, kind="wireguard", **({"mtu": mtu} if mtu > 0 else {})))
         info = self.link_info(name)
         if info is None:
             raise KernelError(what, "created but not found afterwards")
@@ -307,11 +309,10 @@ class Netlink:
     def addr_replace(self, ifname: str, cidr: "Union[str, IPv4Interface, IPv6Interface]") -> None:
         """Ensure ``cidr`` (e.g. ``10.5.72.0/32`` or ``fc00:0:0:5::/128``) is on ``ifname`` (idempotent)."""
         ifa = ip_interface(cidr)
-        idx = self._require(ifname)
+        idx, fam = self._require(ifname), family_of(ifa.version)
         self._call(
             f"addr {ifa} dev {ifname}",
-            lambda i: i.addr("replace", index=idx, address=str(ifa.ip), prefixlen=ifa.network.prefixlen,
-                             family=family_of(ifa.version)),
+            lambda i: i.addr("replace", index=idx, address=str(ifa.ip), prefixlen=ifa.network.prefixlen, family=fam),
         )
 
     def addr_list(self, ifname: Optional[str] = None, family: int = AF_INET) -> List[AddrInfo]:
@@ -337,11 +338,10 @@ class Netlink:
 
     def addr_del(self, ifname: str, cidr: "Union[str, IPv4Interface, IPv6Interface]") -> None:
         ifa = ip_interface(cidr)
-        idx = self._require(ifname)
+        idx, fam = self._require(ifname), family_of(ifa.version)
         self._call(
             f"addr del {ifa} dev {ifname}",
-            lambda i: i.addr("del", index=idx, address=str(ifa.ip), prefixlen=ifa.network.prefixlen,
-                             family=family_of(ifa.version)),
+            lambda i: i.addr("del", index=idx, address=str(ifa.ip), prefixlen=ifa.network.prefixlen, family=fam),
             ignore=(errno.EADDRNOTAVAIL, errno.ENOENT),
         )
 
@@ -353,10 +353,13 @@ class Netlink:
         oif: Optional[int] = None,
         onlink: bool = False,
         table: int = RT_TABLE_MAIN,
+        scope: Optional[int] = None,
     ) -> None:
-        """``ip route replace dst [via gateway] [dev oif] [onlink]`` in ``table``."""
+        """``ip route replace dst [via gateway] [dev oif] [onlink] [scope N]`` in ``table``."""
         net = ip_network(dst)
         spec: dict = {"dst": str(net), "table": table, "proto": RTPROT_BOOT, "family": family_of(net.version)}
+        if scope is not None:
+            spec["scope"] = scope
         if gateway is not None:
             spec["gateway"] = str(gateway)
         if oif is not None:
@@ -400,9 +403,7 @@ class Netlink:
 
     def routes(self, oif: Optional[int] = None, table: int = RT_TABLE_MAIN, family: int = AF_INET) -> List[Route]:
         """Return the routes of ``family`` (AF_INET or AF_INET6) in ``table`` (optionally only those via ``oif``)."""
-        kw: dict = {"family": family, "table": table}
-        if oif is not None:
-            kw["oif"] = oif
+        kw: dict = {"family": family, "table": table, **({"oif": oif} if oif is not None else {})}
         return [_route(m) for m in self._call("route show", lambda i: i.get_routes(**kw))]
 
     def route_get(self, ip: Address) -> Route:
@@ -415,11 +416,9 @@ class Netlink:
     # -- neighbours and FDB ------------------------------------------------------------------------
     def neigh_replace(self, ifindex: int, ip: Address, mac: str) -> None:
         """``ip neigh replace <ip> lladdr <mac> dev <ifindex> nud permanent``."""
-        self._call(
-            f"neigh {ip} lladdr {mac} dev {self._name_quiet(ifindex)}",
-            lambda i: i.neigh("replace", ifindex=ifindex, dst=str(ip), lladdr=mac.lower(), state=NUD_PERMANENT,
-                              family=family_of(ip_address(ip).version)),
-        )
+        fam, what = family_of(ip_address(ip).version), f"neigh {ip} lladdr {mac} dev {self._name_quiet(ifindex)}"
+        self._call(what, lambda i: i.neigh("replace", ifindex=ifindex, dst=str(ip), lladdr=mac.lower(),
+                                           state=NUD_PERMANENT, family=fam))
 
     def neigh_del(self, ifindex: int, ip: Address) -> bool:
         r = self._call(
@@ -482,6 +481,23 @@ class Netlink:
         """Yield ``(event, name, index)`` for link add/delete events in this namespace until ``stop`` is set
         (``kernel.linkevents.link_events``: its own raw socket, not this one's)."""
         return linkevents.link_events(stop, netns=self.netns, poll_s=poll_s, ready=ready)
+
+def wireguard_socket() -> Any:
+    """Return pyroute2's WireGuard generic netlink socket, for ``kernel/wireguard.py`` (which never imports
+    pyroute2). Call it once a ``wireguard`` link exists: the family comes with the module."""
+    from pyroute2 import WireGuard
+
+    return call_translated("wireguard generic netlink family", WireGuard)
+
+
+def call_translated(what: str, fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; re-raise a netlink/OS/value error as ``KernelError`` naming ``what`` and the kernel's reason."""
+    try:
+        return fn()
+    except (NetlinkError, OSError, ValueError) as e:
+        reason, code = _reason(e)
+        raise KernelError(what, reason, code) from e
+
 
 def _drop_stray_messages(ipr: Any) -> None:
     """Discard what pyroute2 queued for nobody on the calling thread's message queue.
@@ -579,5 +595,5 @@ def _route(m: Any) -> Route:
 
 __all__ = [
     "AF_INET", "AF_INET6", "AddrInfo", "Fdb", "KernelError", "LinkInfo", "Neigh", "Netlink", "Route", "VxlanAttrs",
-    "VXLAN_DEFAULT_PORT", "write_sysctl",
+    "VXLAN_DEFAULT_PORT", "call_translated", "wireguard_socket", "write_sysctl",
 ]
