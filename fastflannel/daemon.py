@@ -218,6 +218,7 @@ class Daemon:
 
         netlink = stack.enter_context(Netlink())
         ext = select_interface(opts.iface, opts.iface_regex, opts.public_ip or None, netlink,
+                               can_reach=opts.iface_can_reach or None,
                                public_ipv6=opts.public_ipv6 or None, ipv6=config.enable_ipv6)
         log.info("event=interface_selected iface=%s iface_addr=%s public_ip=%s iface_addr6=%s public_ipv6=%s mtu=%d",
                  ext.name, ext.iface_addr, ext.ext_addr, ext.iface_addr6, ext.ext_addr6, ext.mtu)

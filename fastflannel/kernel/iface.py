@@ -40,14 +40,17 @@ def select_interface(
     iface_regexes: "Sequence[str]",
     public_ip: "Optional[str | IPv4Address]",
     netlink: Any,
+    can_reach: "Optional[str | IPv4Address]" = None,
     public_ipv6: "Optional[str | IPv6Address]" = None,
     ipv6: bool = False,
 ) -> ExternalInterface:
     """Pick the external interface and address the way flanneld does.
 
     ``--iface`` (name or IP, first match wins), else ``--iface-regex`` (each regex tried against every IPv4
-    address first, then against interface names), else with ``--public-ip`` the interface owning that IP,
-    else the interface of the first default route. ``ext_addr`` is ``public_ip`` or the interface address.
+    address first, then against interface names), then ``--iface-can-reach`` (the interface and source address of
+    the kernel's route to that IP, ``ip route get`` through netlink; also tried when the --iface or --iface-regex
+    values match nothing, as flanneld does), else with ``--public-ip`` the interface owning that IP, else the
+    interface of the first default route. ``ext_addr`` is ``public_ip`` or the interface address.
 
     ``ipv6`` (EnableIPv6, dual stack): the same interface must also have an IPv6 address (chosen with the same
     preferences: global > link-local, permanent, non-temporary), else "failed to find IPv6 address for
@@ -90,7 +93,7 @@ def select_interface(
                 chosen = by_name(spec)
             if chosen is not None:
                 break
-        if chosen is None:
+        if chosen is None and not can_reach:
             flags = " ".join(f"--iface={s}" for s in ifaces)
             raise InterfaceError(f"no interface matches {flags}; available: {names}")
     elif iface_regexes:
@@ -112,9 +115,11 @@ def select_interface(
                             break
             if chosen is not None:
                 break
-        if chosen is None:
+        if chosen is None and not can_reach:
             flags = " ".join(f"--iface-regex={s}" for s in iface_regexes)
             raise InterfaceError(f"no interface address or name matches {flags}; available: {names}")
+    elif can_reach:
+        pass  # below
     elif pub is not None:
         chosen = by_ip(pub)
         if chosen is None:
@@ -130,12 +135,15 @@ def select_interface(
         if chosen is None:
             raise InterfaceError(f"no default route to pick the interface from; pass --iface=<name> (available: {names})")
 
+    if chosen is None and can_reach:
+        chosen = _by_route(IPv4Address(str(can_reach)), links, addrs_of, netlink)
+    assert chosen is not None
     li, ip = chosen
     if not li.mtu:
         raise InterfaceError(f"interface {li.name} reports MTU 0; pick another with --iface")
     ip6 = pub6 = None
     if ipv6:
-        ip6, pub6 = _select_v6(li, links, public_ipv6, netlink, default_route=not (ifaces or iface_regexes))
+        ip6, pub6 = _select_v6(li, links, public_ipv6, netlink, default_route=not (ifaces or iface_regexes or can_reach))
     return ExternalInterface(name=li.name, index=li.index, iface_addr=ip, ext_addr=pub or ip, mtu=li.mtu,
                              iface_addr6=ip6, ext_addr6=pub6)
 
@@ -163,6 +171,24 @@ def _select_v6(li: Any, links: "dict", public_ipv6: "Optional[str | IPv6Address]
             f"add a global IPv6 address to {li.name} or pick another interface with --iface"
         )
     return ip6, pub6 or ip6
+
+
+def _by_route(target: IPv4Address, links: Any, addrs_of: Any, netlink: Any) -> "Tuple[Any, IPv4Address]":
+    """--iface-can-reach: the route's output interface, and its preferred source (else the interface's address)."""
+    from fastflannel.errors import KernelError
+
+    try:
+        route = netlink.route_get(target)
+    except KernelError as e:
+        raise InterfaceError(f"--iface-can-reach={target}: no route to it ({e.reason}); add one or use --iface") from None
+    if route.oif is None or route.oif not in links:
+        raise InterfaceError(f"--iface-can-reach={target}: the route to it has no output interface; use --iface")
+    li = links[route.oif]
+    ip = route.prefsrc or _preferred_addr(addrs_of(li.index))
+    if ip is None:
+        raise InterfaceError(f"--iface-can-reach={target}: interface {li.name} (the route to it) has no usable IPv4 "
+                             f"address; use --iface")
+    return li, ip
 
 
 def _usable(a: Any) -> bool:
