@@ -59,7 +59,10 @@ def make_traffic_manager(config: NetworkConfig, lease, opts: DaemonOptions, prev
 
     if config.enable_nftables:
         iptables.remove_iptables_objects()
-        return nftables.NftTrafficManager(nets=[(config.network, lease.subnet)], masq=opts.ip_masq,
+        nets = [(config.network, lease.subnet)] if config.network is not None and lease.subnet is not None else []
+        if config.ipv6_network is not None and lease.subnet6 is not None:
+            nets.append((config.ipv6_network, lease.subnet6))  # flannel-ipv6 gets the same chains
+        return nftables.NftTrafficManager(nets=nets, masq=opts.ip_masq,
                                           forward=opts.iptables_forward_rules, resync_s=float(opts.iptables_resync))
     nftables.delete_tables()
     return iptables.TrafficManager(network=config.network, subnet=lease.subnet, masq=opts.ip_masq,
