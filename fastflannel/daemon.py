@@ -7,7 +7,8 @@ subnet.env (ready) -> backend event loop + lease keeper -> sd_notify READY=1 -> 
 
 Concurrency: plain threads and one ``threading.Event`` (``stop``). SIGTERM/SIGINT set it; every loop
 returns soon after; exit status 0; kernel state is left in place so a restart is seamless (flanneld does
-the same; only the udp backend's TUN goes away with the process).
+the same; only the udp backend's TUN, and the wireguard backend's wireguard-go with its device, go away with the
+process).
 
 Differences from flanneld, on purpose: a store outage during start-up is waited out instead of exiting;
 losing our own lease re-acquires the same subnet instead of shutting down (see subnet/manager.py).
