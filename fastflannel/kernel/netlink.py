@@ -215,7 +215,8 @@ class Netlink:
                 raise KernelError(f"netlink batch of {len(reqs)} requests ({nlbatch.summary(ops)})", reason, code)
         for i, (code, text) in zip(where, results):
             if code and code not in nlbatch.IGNORED_ERRNOS.get(ops[i].verb, ()):
-                out[i] = KernelError(self._describe(ops[i]), text or os.strerror(code), code)
+                reason = os.strerror(code) + (f" ({text})" if text else "")  # the kernel's own words too
+                out[i] = KernelError(self._describe(ops[i]), reason, code)
         return out
 
     def _describe(self, op: "nlbatch.Op") -> str:

@@ -28,7 +28,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from ipaddress import ip_address, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 AF_INET = 2
@@ -131,6 +131,41 @@ def apply_serially(target: Any, ops: Sequence[Op], errors: tuple = (Exception,))
     return out
 
 
+@dataclass
+class Staged:
+    """One object made of several kernel entries (a vxlan peer: neighbour and FDB entry, then its route).
+    ``stages`` run in order, each stage of every object in one batch; an object whose op fails in a stage gets no
+    later stage and its ``rollback`` ops (deletes) run, so it is left either complete or absent."""
+
+    stages: List[List[Op]]
+    rollback: List[Op]
+
+
+def run_staged(batch: Any, items: Sequence[Staged], cleanup: Sequence[Op] = ()) -> Tuple[List[Optional[BaseException]],
+                                                                                       List[BaseException]]:
+    """Program ``items`` with one ``batch(ops) -> [error|None]`` call per stage plus one for the rollbacks of the
+    failed items and ``cleanup`` (extra deletes, e.g. a peer's previous FDB entry). Return the first error of each
+    item (None = complete) and the errors of the rollback/cleanup batch (to log)."""
+    first: List[Optional[BaseException]] = [None] * len(items)
+    depth = max((len(x.stages) for x in items), default=0)
+    for k in range(depth):
+        owners, ops = [], []
+        for i, item in enumerate(items):
+            if first[i] is None and k < len(item.stages):
+                for op in item.stages[k]:
+                    owners.append(i)
+                    ops.append(op)
+        if not ops:
+            continue
+        for i, err in zip(owners, batch(ops)):
+            if err is not None and first[i] is None:
+                first[i] = err
+    undo = [op for i, item in enumerate(items) if first[i] is not None for op in item.rollback]
+    undo += list(cleanup)
+    undo_errors = [e for e in batch(undo) if e is not None] if undo else []
+    return first, undo_errors
+
+
 # -- encoding (pure) ---------------------------------------------------------------------------------------
 def _attr(kind: int, payload: bytes) -> bytes:
     n = _ATTR.size + len(payload)
@@ -142,6 +177,14 @@ def _mac(mac: str) -> bytes:
     if len(b) != 6:
         raise ValueError(f"{mac!r} is not a MAC address")
     return b
+
+
+def _net(x):
+    return x if isinstance(x, (IPv4Network, IPv6Network)) else ip_network(x)
+
+
+def _ip(x):
+    return x if isinstance(x, (IPv4Address, IPv6Address)) else ip_address(x)
 
 
 def _family(addr) -> int:
@@ -156,9 +199,9 @@ def encode(op: Op) -> Tuple[int, int, bytes]:
             dst, gateway, oif, onlink, table = a
         else:
             (dst, gateway, oif, table), onlink = a, False
-        net = ip_network(dst)
+        net = _net(dst)
         new = op.verb == "route_replace"
-        gw = ip_address(gateway) if gateway is not None else None
+        gw = _ip(gateway) if gateway is not None else None
         scope = (RT_SCOPE_UNIVERSE if gw is not None else RT_SCOPE_LINK) if new else RT_SCOPE_NOWHERE
         body = _RTMSG.pack(_family(net), net.prefixlen, 0, 0, table if table < 256 else 0,
                            RTPROT_BOOT if new else 0, scope, RTN_UNICAST if new else 0,
@@ -172,7 +215,7 @@ def encode(op: Op) -> Tuple[int, int, bytes]:
             body += _attr(RTA_OIF, _U32.pack(oif))
         return (RTM_NEWROUTE, _REPLACE, body) if new else (RTM_DELROUTE, _DELETE, body)
     if op.verb in ("neigh_replace", "neigh_del"):
-        ifindex, ip = a[0], ip_address(a[1])
+        ifindex, ip = a[0], _ip(a[1])
         new = op.verb == "neigh_replace"
         body = _NDMSG.pack(_family(ip), ifindex, NUD_PERMANENT if new else 0, 0, 0) + _attr(NDA_DST, ip.packed)
         if new:
@@ -183,7 +226,7 @@ def encode(op: Op) -> Tuple[int, int, bytes]:
         ifindex, mac, dst = a
         body = _NDMSG.pack(AF_BRIDGE, ifindex, NUD_PERMANENT, NTF_SELF, 0) + _attr(NDA_LLADDR, _mac(mac))
         if dst is not None:
-            body += _attr(NDA_DST, ip_address(dst).packed)
+            body += _attr(NDA_DST, _ip(dst).packed)
         return (RTM_NEWNEIGH, _REPLACE, body) if op.verb == "fdb_replace" else (RTM_DELNEIGH, _DELETE, body)
     raise ValueError(f"no batch encoding for {op.verb!r}")
 
