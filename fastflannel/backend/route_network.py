@@ -23,7 +23,7 @@ from ipaddress import IPv4Network
 from typing import Dict, Iterable, List, Optional
 
 from fastflannel.errors import BackendError
-from fastflannel.backend import log_peers_summary, peer_log_level
+from fastflannel.backend.peerlog import log_peers_summary, peer_log_level
 from fastflannel.kernel import nlbatch
 from fastflannel.kernel.iface import ExternalInterface
 from fastflannel.lease import Event, EventType, Lease

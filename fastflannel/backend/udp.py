@@ -23,7 +23,7 @@ import time
 from typing import Dict, List, Optional
 
 from fastflannel.errors import BackendError
-from fastflannel.backend import log_peers_summary, peer_log_level
+from fastflannel.backend.peerlog import log_peers_summary, peer_log_level
 from fastflannel.config import NetworkConfig
 from fastflannel.kernel.iface import ExternalInterface
 from fastflannel.lease import Event, EventType, Lease, LeaseAttrs

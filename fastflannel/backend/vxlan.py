@@ -38,7 +38,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Dict, List, Optional
 
 from fastflannel.errors import BackendError
-from fastflannel.backend import log_peers_summary, peer_log_level
+from fastflannel.backend.peerlog import log_peers_summary, peer_log_level
 from fastflannel.backend.route_network import ROUTE_CHECK_INTERVAL_S, direct_route, sync_routes
 from fastflannel.backend.vxlan_device import VxlanDevice, VxlanSpec, vxlan_mtu
 from fastflannel.config import NetworkConfig

@@ -16,7 +16,7 @@ overrun) becomes ``ENOBUFS`` for its request, never success. NETLINK_CAP_ACK kee
 NETLINK_EXT_ACK adds the kernel's own text ("Nexthop has invalid gateway"), which goes into the error message.
 
 Everything here except ``transact``/``dump`` is a pure function of bytes, tested without root
-(tests/unit/test_nlbatch.py); the kernel behaviour (an error in the middle of a batch) is tested in a namespace
+(tests/unit/test_nlbatch_messages.py); the kernel behaviour (an error in the middle of a batch) is tested in a namespace
 (tests/kernel/test_nlbatch.py).
 """
 from __future__ import annotations
@@ -29,7 +29,9 @@ import struct
 import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+from fastflannel.errors import KernelError
 
 AF_INET = 2
 AF_INET6 = 10
@@ -422,6 +424,72 @@ def dump(sock: socket.socket, request: Tuple[int, int, bytes], seqs: SeqCounter,
         if not intr or attempt == 2:
             return out
     return out  # pragma: no cover
+
+
+def run_ops(sock: socket.socket, seqs: SeqCounter, ops: Sequence[Op], name_of: Callable[[int], str]
+            ) -> List[Optional[KernelError]]:
+    """``Netlink.batch``: encode and ``transact`` ``ops``; return one ``KernelError`` (naming the object the way
+    the single verbs do, with the kernel's extended-ACK text) or None per op. Deletes of absent objects are not
+    errors. Raises ``KernelError`` only if the socket itself fails (then nothing is known about the ops)."""
+    out: List[Optional[KernelError]] = [None] * len(ops)
+
+    def what(op: Op) -> str:
+        idx = op_ifindex(op)
+        return describe(op, name_of(idx) if idx is not None else "")
+
+    reqs, where = [], []
+    for i, op in enumerate(ops):
+        try:
+            reqs.append(encode(op))
+            where.append(i)
+        except ValueError as e:
+            out[i] = KernelError(what(op), str(e), _errno.EINVAL)
+    if not reqs:
+        return out
+    try:
+        results = transact(sock, reqs, seqs)
+    except OSError as e:
+        code = e.errno or 0
+        raise KernelError(f"netlink batch of {len(reqs)} requests ({summary(ops)})",
+                          os.strerror(code) if code else str(e), code) from e
+    for i, (code, text) in zip(where, results):
+        if code and code not in IGNORED_ERRNOS.get(ops[i].verb, ()):
+            out[i] = KernelError(what(ops[i]), os.strerror(code) + (f" ({text})" if text else ""), code)
+    return out
+
+
+def dump_routes(sock: socket.socket, seqs: SeqCounter, make: Callable[..., Any], family: int, table: int,
+                oif: Optional[int] = None) -> list:
+    """Dump the routes of ``family`` in ``table`` (only via ``oif`` if set) as ``make(dst=..., gateway=..., ...)``
+    (``netlink.Route``)."""
+    out = []
+    for _t, payload in dump(sock, route_dump_request(family), seqs):
+        r = parse_route(payload)
+        if r is None or r[0] != family or r[6] != table or (oif is not None and r[4] != oif):
+            continue
+        fam, dst, dst_len, gw, r_oif, flags, r_table, rtype, proto, scope, src = r
+        dst_net = (IPv4Network if fam == AF_INET else IPv6Network)((int.from_bytes(dst, "big") if dst else 0, dst_len))
+        out.append(make(dst=dst_net, gateway=ip_address(gw) if gw else None, oif=r_oif,
+                        onlink=bool(flags & RTNH_F_ONLINK), table=r_table, type=rtype, proto=proto, scope=scope,
+                        prefsrc=ip_address(src) if src else None))
+    return out
+
+
+def dump_neighs(sock: socket.socket, seqs: SeqCounter, make: Callable[..., Any], family: int, ifindex: int) -> list:
+    """Dump the neighbours (``family`` AF_INET/AF_INET6: ``make(index, ip, mac, state)``, ``netlink.Neigh``) or
+    the FDB (AF_BRIDGE: ``make(index, mac, dst, state, flags)``, ``netlink.Fdb``) of ``ifindex``."""
+    out = []
+    for _t, payload in dump(sock, neigh_dump_request(family), seqs):
+        n = parse_neigh(payload)
+        if n is None or n[0] != family or n[1] != ifindex:
+            continue
+        _fam, _idx, state, flags, dst, lladdr = n
+        mac = ":".join(f"{x:02x}" for x in lladdr) if lladdr else ""
+        if family == AF_BRIDGE:
+            out.append(make(ifindex, mac, ip_address(dst) if dst else None, state, flags))
+        elif dst is not None:
+            out.append(make(ifindex, ip_address(dst), mac, state))
+    return out
 
 
 def summary(ops: Iterable[Op]) -> str:

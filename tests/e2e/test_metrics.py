@@ -56,7 +56,7 @@ def test_events_from_log_records():
         blog = logging.getLogger("fastflannel.backend.vxlan")
         blog.info("event=peer_added mode=vxlan subnet=10.1.3.0/24 public_ip=10.0.0.2")
         blog.error("event=peer_failed type=added subnet=10.1.4.0/24 public_ip=10.0.0.3 error=EEXIST")
-        from fastflannel.backend import log_peers_summary
+        from fastflannel.backend.peerlog import log_peers_summary
 
         log_peers_summary(blog, "vxlan", 100, 97, 2, 1, 0.5)  # a snapshot: one INFO line counts 97 + 2 peers
         log_peers_summary(blog, "vxlan", 3, 3, 0, 0, 0.1)  # a live batch: per-peer lines count, this is DEBUG
