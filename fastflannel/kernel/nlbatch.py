@@ -32,6 +32,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_add
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from fastflannel.errors import KernelError
+from fastflannel.kernel.linkevents import event_socket
 
 AF_INET = 2
 AF_INET6 = 10
@@ -424,6 +425,42 @@ def dump(sock: socket.socket, request: Tuple[int, int, bytes], seqs: SeqCounter,
         if not intr or attempt == 2:
             return out
     return out  # pragma: no cover
+
+
+class Channel:
+    """The raw NETLINK_ROUTE command socket of one ``Netlink`` (in its namespace), opened on first use, closed by
+    ``close()``. Not locked: ``Netlink`` serialises every call with its own lock."""
+
+    def __init__(self, netns: Optional[str] = None) -> None:
+        self.netns = netns
+        self.seqs = SeqCounter()
+        self._sock: Optional[socket.socket] = None
+        self._closed = False
+
+    def socket(self) -> socket.socket:
+        if self._closed:
+            raise KernelError("netlink batch", "netlink socket is closed")
+        if self._sock is None:
+            self._sock = event_socket(0, self.netns)  # groups 0: a command socket, no events queue up
+            configure(self._sock)
+        return self._sock
+
+    def batch(self, ops: Sequence[Op], name_of: Callable[[int], str]) -> List[Optional[KernelError]]:
+        return run_ops(self.socket(), self.seqs, ops, name_of)
+
+    def dump(self, what: str, fn: Callable[[socket.socket, SeqCounter], list]) -> list:
+        """``fn(sock, seqs)`` (``dump_routes``/``dump_neighs``); an OSError becomes ``KernelError`` naming ``what``."""
+        try:
+            return fn(self.socket(), self.seqs)
+        except OSError as e:
+            code = e.errno or 0
+            raise KernelError(what, os.strerror(code) if code else str(e), code) from e
+
+    def close(self) -> None:
+        self._closed = True
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
 
 
 def run_ops(sock: socket.socket, seqs: SeqCounter, ops: Sequence[Op], name_of: Callable[[int], str]
