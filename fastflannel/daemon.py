@@ -51,6 +51,21 @@ def lease_timing(opts: DaemonOptions) -> "tuple[int, float]":
     return ttl, min(opts.subnet_lease_renew_margin * 60.0, ttl / 2.0)
 
 
+def make_traffic_manager(config: NetworkConfig, lease, opts: DaemonOptions, prev_network, prev_subnet):
+    """Return the traffic manager of the mode ``EnableNFTables`` selects, after removing the other mode's objects
+    as flanneld does at start (nftables mode: the iptables FLANNEL chains; iptables mode: the nftables tables)."""
+    from fastflannel.kernel import iptables, nftables
+
+    if config.enable_nftables:
+        iptables.remove_iptables_objects()
+        return nftables.NftTrafficManager(nets=[(config.network, lease.subnet)], masq=opts.ip_masq,
+                                          forward=opts.iptables_forward_rules, resync_s=float(opts.iptables_resync))
+    nftables.delete_tables()
+    return iptables.TrafficManager(network=config.network, subnet=lease.subnet, masq=opts.ip_masq,
+                                   forward=opts.iptables_forward_rules, prev_network=prev_network,
+                                   prev_subnet=prev_subnet, resync_s=float(opts.iptables_resync))
+
+
 class StartupError(Exception):
     """Start-up cannot continue; the message says what failed and what to do. Exit status 1."""
 
@@ -161,7 +176,6 @@ class Daemon:
         from fastflannel.subnet.etcd import EtcdRegistry
         from fastflannel.subnet.manager import LocalManager
         from fastflannel.subnet.subnetfile import read_previous_network_and_subnet, write_subnet_file
-        from fastflannel.kernel.iptables import TrafficManager
 
         opts = self.opts
         prev_network, prev_subnet = read_previous_network_and_subnet(opts.subnet_file)
@@ -218,16 +232,9 @@ class Daemon:
         log.info("event=network_registered subnet=%s public_ip=%s backend=%s mtu=%d",
                  lease.subnet, lease.attrs.public_ip, config.backend_type, network.mtu)
 
-        traffic = TrafficManager(
-            network=config.network,
-            subnet=lease.subnet,
-            masq=opts.ip_masq,
-            forward=opts.iptables_forward_rules,
-            prev_network=prev_network,
-            prev_subnet=prev_subnet,
-            resync_s=float(opts.iptables_resync),
-        )
-        if opts.ip_masq or opts.iptables_forward_rules:
+        traffic = make_traffic_manager(config, lease, opts, prev_network, prev_subnet)
+        program_traffic = opts.ip_masq or opts.iptables_forward_rules or config.enable_nftables
+        if program_traffic:
             traffic.apply()
 
         write_subnet_file(opts.subnet_file, config, lease, network.mtu, opts.ip_masq)
@@ -244,7 +251,7 @@ class Daemon:
 
         self._spawn("network", lambda: run_network(network, manager, self.stop))
         self._spawn("lease", lambda: manager.keep_lease(lease, self.stop))
-        if opts.ip_masq or opts.iptables_forward_rules:
+        if program_traffic:
             self._spawn("traffic", lambda: traffic.run(self.stop))
         self._notify_systemd()
 

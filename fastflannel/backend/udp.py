@@ -153,7 +153,7 @@ class UdpNetwork:
                  self.fastpath.implementation, o.tun_offload, o.udp_gso and o.tun_offload, o.udp_gro, o.threads)
 
     def _configure_tun(self) -> None:
-        from fastflannel.kernel.netlink import write_sysctl
+        from fastflannel.kernel.sysctl import write_sysctl
 
         nl = self.netlink
         nl.set_mtu(self.tun_name, self.mtu)

@@ -41,6 +41,7 @@ from fastflannel.backend.route_network import ROUTE_CHECK_INTERVAL_S, direct_rou
 from fastflannel.backend.vxlan_device import VxlanDevice, VxlanSpec, vxlan_mtu
 from fastflannel.config import NetworkConfig
 from fastflannel.kernel.iface import ExternalInterface
+from fastflannel.kernel.linkevents import LINK_EVENTS_OVERRUN, RTM_DELLINK
 from fastflannel.lease import Event, EventType, Lease, LeaseAttrs, LeaseParseError
 
 log = logging.getLogger("fastflannel.backend.vxlan")
@@ -355,11 +356,11 @@ class VxlanNetwork:
         while not self._watch_stop.is_set():
             try:
                 for ev, ifname, _ in self.netlink.link_events(self._watch_stop, ready=self.watch_ready):
-                    if ev == "RTM_DELLINK" and ifname == name:
+                    if ev == RTM_DELLINK and ifname == name:
                         log.warning("event=vxlan_device_deleted dev=%s action=recreate", name)
                         with self._lock:
                             self._reconcile(dict(self._programmed))
-                    elif ev == "OVERRUN":  # the kernel dropped events (netlink.LINK_EVENTS_OVERRUN): re-check
+                    elif ev == LINK_EVENTS_OVERRUN:  # the kernel dropped events: re-check
                         with self._lock:
                             self._reconcile(dict(self._programmed))
                     backoff = LINK_WATCH_BACKOFF_S

@@ -73,7 +73,7 @@ class VxlanDevice:
     def configure(self, addr: IPv4Address, network: Optional[IPv4Network]) -> None:
         """accept_ra 0; ``addr``/32 on the device; other addresses inside ``network`` removed; link up; MAC
         verified (set back if something changed it, BackendError if it will not stick)."""
-        from fastflannel.kernel.netlink import write_sysctl
+        from fastflannel.kernel.sysctl import write_sysctl
 
         name = self.spec.name
         write_sysctl(f"net/ipv6/conf/{name}/accept_ra", "0", netns=getattr(self.netlink, "netns", None))

@@ -105,6 +105,17 @@ def parse_save(text: str) -> Dict[str, Dict[str, List[str]]]:
     return tables
 
 
+def _run_cmd(argv: Sequence[str], netns: Optional[str] = None, input: Optional[str] = None) -> str:
+    full = (["ip", "netns", "exec", netns] if netns else []) + list(argv)
+    try:
+        p = subprocess.run(full, input=input, capture_output=True, text=True, timeout=CMD_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise TrafficError(f"{argv[0]}: {e}") from e
+    if p.returncode != 0:
+        raise TrafficError(f"{' '.join(argv)} failed (exit {p.returncode}): {p.stderr.strip()}")
+    return p.stdout
+
+
 class TrafficManager:
     """Owns flanneld's masquerade and forward rules for one (Network, subnet)."""
 
@@ -133,14 +144,7 @@ class TrafficManager:
 
     # -- commands ----------------------------------------------------------------------------------
     def _cmd(self, argv: Sequence[str], input: Optional[str] = None) -> str:
-        full = (["ip", "netns", "exec", self.netns] if self.netns else []) + list(argv)
-        try:
-            p = subprocess.run(full, input=input, capture_output=True, text=True, timeout=CMD_TIMEOUT_S)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise TrafficError(f"{argv[0]}: {e}") from e
-        if p.returncode != 0:
-            raise TrafficError(f"{' '.join(argv)} failed (exit {p.returncode}): {p.stderr.strip()}")
-        return p.stdout
+        return _run_cmd(argv, self.netns, input)
 
     def _supports_features(self) -> bool:
         if self._version is None:
@@ -240,3 +244,38 @@ class TrafficManager:
                     self.apply()
             except TrafficError as e:
                 log.error("event=iptables_resync_failed error=%s", e)
+
+
+def removal_payload(saved: Dict[str, Dict[str, List[str]]]) -> str:
+    """Return the ``iptables-restore --noflush`` input that removes every FLANNEL chain and every rule jumping to
+    one, from ``iptables-save`` output parsed by ``parse_save`` ('' when there is nothing to remove)."""
+    lines: List[str] = []
+    for table, chain, parent in (("nat", MASQ_CHAIN, "POSTROUTING"), ("filter", FWD_CHAIN, "FORWARD")):
+        have = saved.get(table, {})
+        jumps = [r for r in have.get(parent, []) if r.split()[-2:] == ["-j", chain]]
+        if not jumps and chain not in have:
+            continue
+        lines.append(f"*{table}")
+        lines += [f"-D {r}" for r in jumps]
+        if chain in have:
+            lines += [f"-F {chain}", f"-X {chain}"]
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def remove_iptables_objects(netns: Optional[str] = None) -> None:
+    """Remove iptables mode's chains and jump rules (nftables mode does it at start, flannel main.go).
+
+    Flannel only tries FLANNEL-POSTRTG and FLANNEL-FWD in table nat and leaves the jump rules, so its FLANNEL-FWD
+    (in filter) survives a switch; we remove both chains where they live. Never raises: failures are logged (Flannel
+    logs them at -v 2), and an absent iptables is not an error."""
+    try:
+        saved: Dict[str, Dict[str, List[str]]] = {}
+        for t in ("nat", "filter"):
+            saved.update(parse_save(_run_cmd(["iptables-save", "-t", t], netns)))
+        payload = removal_payload(saved)
+        if payload:
+            _run_cmd(["iptables-restore", "--noflush"], netns, input=payload)
+            log.info("event=iptables_objects_removed reason=nftables_mode")
+    except TrafficError as e:
+        log.warning("event=iptables_cleanup_failed error=%s", e)

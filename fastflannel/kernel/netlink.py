@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Program the kernel over rtnetlink: the only module that imports pyroute2 (design.md rule A2.1).
+"""Program the kernel over rtnetlink: the only module that imports pyroute2 (design.md rule A2.1; link events:
+``linkevents.py``, sysctl: ``sysctl.py``).
 
 Every write is idempotent: ``replace`` (NLM_F_CREATE|NLM_F_REPLACE) or ensure-then-compare, never a blind
 ``add`` that fails on the second run. Reads return small frozen dataclasses with ``ipaddress`` values, so
@@ -12,12 +13,9 @@ targets an existing named namespace (never created implicitly); ``None`` is the 
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
-import socket
-import struct
 import threading
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_network
@@ -28,6 +26,7 @@ from pyroute2 import config as _pyroute2_config
 from pyroute2.netlink.exceptions import NetlinkError
 
 from fastflannel.errors import KernelError
+from fastflannel.kernel import linkevents
 
 log = logging.getLogger("fastflannel.kernel.netlink")
 
@@ -43,20 +42,6 @@ RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
 RTPROT_BOOT = 3  # linux/rtnetlink.h: what `ip route` and Flannel's netlink library use (printed as no proto)
 RTNH_F_ONLINK = 4  # linux/rtnetlink.h: gateway is on-link even without a covering prefix route
-RTM_NEWLINK = "RTM_NEWLINK"
-RTM_DELLINK = "RTM_DELLINK"
-RTMGRP_LINK = 0x1  # linux/rtnetlink.h: multicast group for link events
-LINK_EVENTS_OVERRUN = "OVERRUN"  # link_events(): the kernel dropped events, re-check the state
-NETLINK_ROUTE = 0
-IFLA_IFNAME = 3  # linux/if_link.h
-CLONE_NEWNET = 0x40000000
-NETNS_RUN_DIR = "/var/run/netns"
-EVENT_RECV_BYTES = 1 << 16  # one datagram; link messages are a few KB
-EVENT_RCVBUF_BYTES = 1 << 20
-_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
-_IFINFOMSG = struct.Struct("=BxHiII")  # family, pad, type, index, flags, change
-_RTATTR = struct.Struct("=HH")  # len, type
-_LINK_MSG_TYPES = {16: RTM_NEWLINK, 17: RTM_DELLINK}  # linux/rtnetlink.h
 NUD_PERMANENT = 0x80  # linux/neighbour.h
 NUD_NOARP = 0x40
 NTF_SELF = 0x02  # linux/neighbour.h: the entry lives in the device's own FDB (vxlan), not a bridge master
@@ -481,57 +466,9 @@ class Netlink:
     def link_events(
         self, stop: threading.Event, poll_s: float = 1.0, ready: Optional[threading.Event] = None
     ) -> Iterator[tuple]:
-        """Yield ``(event, name, index)`` for link add/delete events until ``stop`` is set; blocks the caller's
-        thread (meant for a watcher thread). Uses its own socket, closed on exit; ``ready`` is set once
-        subscribed. If the kernel dropped events (the socket overran, ENOBUFS) yield ``(LINK_EVENTS_OVERRUN,
-        None, 0)``: the caller must re-check whatever it watches.
-
-        A raw NETLINK_ROUTE socket drained until EAGAIN after every wake-up, not pyroute2's: pyroute2 0.9's
-        synchronous ``get()`` reads every queued datagram into its own buffer but returns only the first, so
-        ``select()`` on its fd never fires for the rest - deleting a device sends RTM_NEWLINK (going down) and
-        then RTM_DELLINK, and the RTM_DELLINK stayed stuck until some later link event."""
-        import select
-
-        sock = self._event_socket(RTMGRP_LINK)
-        try:
-            if ready is not None:
-                ready.set()
-            while not stop.is_set():
-                r, _, _ = select.select([sock], [], [], poll_s)
-                if not r:
-                    continue
-                while True:
-                    try:
-                        data = sock.recv(EVENT_RECV_BYTES)
-                    except BlockingIOError:
-                        break
-                    except OSError as e:
-                        if e.errno != errno.ENOBUFS:
-                            raise
-                        log.warning("event=netlink_events_overrun groups=link")
-                        yield LINK_EVENTS_OVERRUN, None, 0
-                        continue
-                    yield from _parse_link_messages(data)
-        finally:
-            sock.close()
-
-    def _event_socket(self, groups: int) -> socket.socket:
-        """Return a non-blocking NETLINK_ROUTE socket subscribed to ``groups``, in ``self.netns`` if set (the
-        calling thread enters the namespace to create it and returns at once; the socket stays in it)."""
-        if self.netns is None:
-            return _netlink_event_socket(groups)
-        libc = ctypes.CDLL(None, use_errno=True)
-        with open("/proc/thread-self/ns/net") as home, open(os.path.join(NETNS_RUN_DIR, self.netns)) as target:
-            if libc.setns(target.fileno(), CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise KernelError(f"setns {self.netns}", os.strerror(err), err)
-            try:
-                return _netlink_event_socket(groups)
-            finally:
-                if libc.setns(home.fileno(), CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise KernelError("setns back to the original netns", os.strerror(err), err)
-
+        """Yield ``(event, name, index)`` for link add/delete events in this namespace until ``stop`` is set
+        (``kernel.linkevents.link_events``: its own raw socket, not this one's)."""
+        return linkevents.link_events(stop, netns=self.netns, poll_s=poll_s, ready=ready)
 
 def _drop_stray_messages(ipr: Any) -> None:
     """Discard what pyroute2 queued for nobody on the calling thread's message queue.
@@ -548,64 +485,6 @@ def _drop_stray_messages(ipr: Any) -> None:
     while not root.empty():
         root.get_nowait()
         root.task_done()
-
-
-def _netlink_event_socket(groups: int) -> socket.socket:
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
-                         NETLINK_ROUTE)
-    try:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, EVENT_RCVBUF_BYTES)
-        except OSError:
-            pass
-        sock.bind((0, groups))
-    except OSError as e:
-        sock.close()
-        raise KernelError("netlink event socket", os.strerror(e.errno or 0), e.errno or 0) from e
-    return sock
-
-
-def _parse_link_messages(data: bytes) -> Iterator[tuple]:
-    """Yield ``(RTM_NEWLINK|RTM_DELLINK, ifname, index)`` for each link message in one netlink datagram."""
-    off = 0
-    while off + _NLMSGHDR.size <= len(data):
-        length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, off)
-        if length < _NLMSGHDR.size or off + length > len(data):
-            break
-        if mtype in _LINK_MSG_TYPES and length >= _NLMSGHDR.size + _IFINFOMSG.size:
-            _family, _type, index, _iflags, _change = _IFINFOMSG.unpack_from(data, off + _NLMSGHDR.size)
-            name = None
-            a, end = off + _NLMSGHDR.size + _IFINFOMSG.size, off + length
-            while a + _RTATTR.size <= end:
-                alen, atype = _RTATTR.unpack_from(data, a)
-                if alen < _RTATTR.size or a + alen > end:
-                    break
-                if atype == IFLA_IFNAME:
-                    name = data[a + _RTATTR.size:a + alen].split(b"\0", 1)[0].decode(errors="replace")
-                    break
-                a += (alen + 3) & ~3
-            yield _LINK_MSG_TYPES[mtype], name, index
-        off += (length + 3) & ~3
-
-
-def write_sysctl(path: str, value: str, netns: Optional[str] = None) -> None:
-    """Write ``value`` to ``/proc/sys/<path>`` (e.g. ``net/ipv6/conf/flannel.1/accept_ra``). Missing files
-    (IPv6 disabled) are ignored. ``netns`` is only for tests and uses ``ip netns exec``."""
-    if netns is not None:
-        import subprocess
-
-        subprocess.run(
-            ["ip", "netns", "exec", netns, "tee", f"/proc/sys/{path}"],
-            input=value.encode(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
-        )
-        return
-    try:
-        with open(f"/proc/sys/{path}", "w") as f:
-            f.write(value)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise KernelError(f"sysctl {path}={value}", os.strerror(e.errno or 0), e.errno or 0) from e
 
 
 # -- message decoding ------------------------------------------------------------------------------

