@@ -65,7 +65,7 @@ LIBRARY_OWNERS: dict[str, str] = {
     "pyroute2": "fastflannel.kernel.netlink",
     "nftables": "fastflannel.kernel.nftables",
     "prometheus_client": "fastflannel.service.metrics",
-    "matplotlib": "fastflannel.lab.bench",  # optional: the bench's plot
+    "matplotlib": "fastflannel.lab.benchout",  # optional: the bench's plot
 }
 # Compiled modules of the package (no .py source) and their one importer.
 EXTENSION_OWNERS: dict[str, str] = {
@@ -76,8 +76,6 @@ EXTENSION_OWNERS: dict[str, str] = {
 SIZE_EXCEPTIONS: dict[str, str] = {
     "fastflannel/datapath/_fastpath.pyx": "being split into included parts per concern (issue 11, datapath helper)",
     "fastflannel/datapath/twin.py": "the twin follows the extension's split (issue 11, datapath helper)",
-    "fastflannel/lab/bench.py": "617 lines; its output half (table, JSON, chart) is moving to lab/benchout.py with the "
-                                "request/response bench (issues 12/13, udpperf helper)",
 }
 
 _LAZY_TARGET = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+):[A-Za-z_]\w*$")
