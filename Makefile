@@ -13,13 +13,18 @@ all: compile
 setup: system-deps venv
 
 # Install the system tools the testbed and the daemon use, only when one is missing (an absolute path is a file
-# checked with test -x: Debian's CNI plugins live in /usr/lib/cni, off PATH).
+# checked with test -x: Debian's CNI plugins live in /usr/lib/cni, off PATH), and what building the extension
+# needs (a C compiler, Python's headers, venv).
 system-deps:
 	@missing=""; \
 	for t in etcd:etcd-server etcdctl:etcd-client iperf3:iperf3 ip:iproute2 bridge:iproute2 iptables:iptables iptables-restore:iptables ping:iputils-ping /usr/lib/cni/bridge:containernetworking-plugins \
 	         sockperf:sockperf nft:nftables wireguard-go:wireguard-go wg:wireguard-tools dockerd:docker.io /bin/busybox:busybox-static tcpdump:tcpdump openssl:openssl; do \
 	  case $${t%%:*} in /*) test -x $${t%%:*} ;; *) command -v $${t%%:*} >/dev/null 2>&1 ;; esac || missing="$$missing $${t#*:}"; \
 	done; \
+	command -v cc >/dev/null 2>&1 || missing="$$missing gcc"; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	$(PYTHON) -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+	  || missing="$$missing python3-dev"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" != 0 ]; then echo "need root to install packages (run as root or install:$$missing)"; exit 1; fi; \
@@ -27,7 +32,12 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(VENV)/.installed: pyproject.toml setup.py fastflannel/datapath/_fastpath.pyx $(wildcard fastflannel/datapath/*.pxd fastflannel/datapath/includes/*)
+# the extension's sources: the main .pyx, its parts, the .pxd/.h files and contract.py (setup.py generates
+# includes/contract.pxd from it)
+EXT_SOURCES := fastflannel/datapath/_fastpath.pyx fastflannel/datapath/contract.py \
+	$(wildcard fastflannel/datapath/parts/*.pxi fastflannel/datapath/*.pxd fastflannel/datapath/includes/*.pxd fastflannel/datapath/includes/*.h)
+
+$(VENV)/.installed: pyproject.toml setup.py $(EXT_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -75,7 +85,8 @@ wheel: venv
 	$(PY) -m build --wheel
 
 clean:
-	rm -rf build dist *.egg-info fastflannel/datapath/*.so fastflannel/datapath/_fastpath.c fastflannel/datapath/_fastpath.html .pytest_cache
+	rm -rf build dist *.egg-info fastflannel/datapath/*.so fastflannel/datapath/_fastpath.c fastflannel/datapath/_fastpath.html \
+	  fastflannel/datapath/includes/contract.pxd .pytest_cache
 
 distclean: clean
 	rm -rf $(VENV)

@@ -5,8 +5,11 @@ Knobs (uvloop's recipe):
 - ``FASTFLANNEL_NO_EXTENSIONS=1``: build nothing; the pure-Python twin is used at run time.
 - ``FASTFLANNEL_OPT_CFLAGS``: optimisation flags (default ``-O2``).
 - ``FASTFLANNEL_DEBUG=1``: compile with the debug switch (counters checked by tests) and line numbers.
-Cython warnings are errors.
+Cython warnings are errors. Before cythonize, ``includes/contract.pxd`` is generated from ``contract.py`` (the one
+source of the data path's counters, commands, roles, verdicts and constants; rewritten only when it changed).
 """
+import glob
+import importlib.util
 import os
 import shlex
 
@@ -18,9 +21,31 @@ CFLAGS = shlex.split(os.environ.get("FASTFLANNEL_OPT_CFLAGS", "-O2"))
 CFLAGS += ["-Wall", "-Wno-unused-function", "-fno-strict-aliasing"]
 
 
+DATAPATH = "fastflannel/datapath"
+
+
+def write_contract_pxd():
+    """Write includes/contract.pxd from contract.c_declarations() (contract.py is loaded by path: nothing of the
+    package is imported, so this works before the package is installed)."""
+    spec = importlib.util.spec_from_file_location("_ff_contract", os.path.join(DATAPATH, "contract.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = mod.c_declarations()
+    path = os.path.join(DATAPATH, "includes", "contract.pxd")
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return
+    except FileNotFoundError:
+        pass
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def extensions():
     if NO_EXTENSIONS:
         return []
+    write_contract_pxd()
     from Cython.Build import cythonize
     from Cython.Compiler import Options
 
@@ -28,12 +53,13 @@ def extensions():
     macros = [("FASTFLANNEL_DEBUG", "1" if DEBUG else "0")]
     ext = Extension(
         "fastflannel.datapath._fastpath",
-        ["fastflannel/datapath/_fastpath.pyx"],
+        [f"{DATAPATH}/_fastpath.pyx"],
         extra_compile_args=CFLAGS + (["-g", "-O0"] if DEBUG else []),
         define_macros=macros,
-        include_dirs=["fastflannel/datapath/includes"],  # fastpath.h
-        depends=["fastflannel/datapath/_fastpath.pxd", "fastflannel/datapath/includes/system.pxd", "fastflannel/datapath/includes/fastpath.pxd",
-                 "fastflannel/datapath/includes/fastpath.h"],
+        include_dirs=[f"{DATAPATH}/includes"],  # fastpath.h
+        # the included parts, the .pxd files (contract.pxd generated above) and the C header
+        depends=sorted(glob.glob(f"{DATAPATH}/parts/*.pxi") + glob.glob(f"{DATAPATH}/*.pxd")
+                       + glob.glob(f"{DATAPATH}/includes/*.pxd") + glob.glob(f"{DATAPATH}/includes/*.h")),
     )
     return cythonize(
         [ext],

@@ -18,7 +18,7 @@ MAX_SUBNET_LEN = 30  # an explicit SubnetLen must be <= 30
 MIN_NETWORK_PREFIX_DEFAULT_LEN = 28  # without SubnetLen, Network prefix > 28 is an error
 MAX_SUBNET_LEN6 = 126
 MIN_NETWORK_PREFIX6 = 124
-KNOWN_BACKENDS = ("udp", "vxlan", "host-gw")
+KNOWN_BACKENDS = ("udp", "vxlan", "host-gw", "wireguard")
 
 
 class ConfigError(ValueError):

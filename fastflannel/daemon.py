@@ -213,7 +213,8 @@ class Daemon:
                  config.network, config.subnet_len, config.backend_type)
 
         netlink = stack.enter_context(Netlink())
-        ext = select_interface(opts.iface, opts.iface_regex, opts.public_ip or None, netlink)
+        ext = select_interface(opts.iface, opts.iface_regex, opts.public_ip or None, netlink,
+                               can_reach=opts.iface_can_reach or None)
         log.info("event=interface_selected iface=%s iface_addr=%s public_ip=%s mtu=%d",
                  ext.name, ext.iface_addr, ext.ext_addr, ext.mtu)
 

@@ -27,6 +27,7 @@ _REGISTRY: Dict[str, str] = {
     "udp": "fastflannel.backend.udp:UdpBackend",
     "vxlan": "fastflannel.backend.vxlan:VxlanBackend",
     "host-gw": "fastflannel.backend.hostgw:HostGwBackend",
+    "wireguard": "fastflannel.backend.wireguard:WireguardBackend",
 }
 
 

@@ -23,12 +23,12 @@ from typing import Dict, List, Optional
 
 from fastflannel.errors import BackendError
 from fastflannel.config import NetworkConfig
+from fastflannel.datapath.contract import UDP_ENCAP_OVERHEAD
 from fastflannel.kernel.iface import ExternalInterface
 from fastflannel.lease import Event, EventType, Lease, LeaseAttrs
 
 log = logging.getLogger("fastflannel.backend.udp")
 
-UDP_ENCAP_OVERHEAD = 28  # bytes: 20 IPv4 header + 8 UDP header
 DEFAULT_PORT = 8285
 TUN_NAME = "flannel0"
 RECONCILE_INTERVAL_S = 10.0

@@ -1,11 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
 """Lay out the fast path's C state: counters, the ctl wire struct, batch buffers, route table, peer set, Proxy.
 
-The ctl wire struct ``ff_command`` is defined here and nowhere else; it is packed only in _fastpath.pyx.
+The ctl wire struct ``ff_command`` is defined here and nowhere else; it is packed only in _fastpath.pyx. Counter
+slots, verdicts, commands, roles, wire constants and the per-peer counter blocks come from the contract
+(``includes/contract.pxd``, generated from ``contract.py``).
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from posix.uio cimport iovec
 
+from fastflannel.datapath.includes.contract cimport *  # generated from contract.py by setup.py
 from fastflannel.datapath.includes.system cimport mmsghdr, sockaddr_in
 
 
@@ -14,82 +17,17 @@ cdef enum:
     FF_ICMP_MAX = 96  # 20 IP + 8 ICMP + quoted header (< 60, flannel) + 8 payload bytes, rounded up
     FF_CTL_BURST = 256  # commands applied per wake-up before the data fds get their turn
     FF_PEERS_MIN = 16  # initial peer hash capacity (power of two)
-    # offload mode (TUN IFF_VNET_HDR + TSO; UDP GSO/GRO): docs/fastpath.md "Offloads"
-    FF_VNET = 10  # sizeof(struct virtio_net_hdr)
+    # offload mode (TUN IFF_VNET_HDR + TSO; UDP GSO/GRO): docs/fastpath.md "Offloads"; FF_VNET (virtio_net_hdr),
+    # FF_SEGS_MAX (segments per super-packet) and FF_WSLOTS (rx pending TUN writes) come from the contract
     FF_RBUF = FF_VNET + FF_SLOT  # one TUN read: header + any IPv4 packet
     FF_TX_READS = 8  # TUN reads (super-packets) per tx burst
-    FF_SEGS_MAX = 256  # segments one super-packet may split into (gso_size >= 256 for 64 KB)
     FF_SEG_ROOM = 98304  # arena bytes one split may need: 256 x 120 header bytes + 65535 payload, rounded up
     FF_ARENA = FF_TX_READS * FF_SEG_ROOM
     FF_TXMSG_MAX = 1024  # sendmmsg messages per tx burst (>= FF_TX_READS * FF_SEGS_MAX / 2 + slack)
     FF_GSO_SEGS = 64  # UDP_MAX_SEGMENTS
     FF_GSO_BYTES = 65507  # largest UDP payload of one IPv4 GSO send
     FF_CMSG = 64  # control buffer per message (UDP_SEGMENT u16 / UDP_GRO int)
-    FF_WSLOTS = 64  # rx: coalesced/single packets pending one TUN write each
     FF_WSLOT = FF_VNET + FF_SLOT
-    FF_PEER_SHIFT = 8  # per-peer counter blocks come in chunks of 256 peer ids
-    FF_PEER_CHUNK = 256
-
-
-# Counter slots: the order of _fastpath_py.COUNTER_NAMES (checked at import).
-cdef enum:  # ff_counter
-    C_TX_PACKETS
-    C_TX_BYTES
-    C_TX_SYSCALLS
-    C_TX_BATCHES
-    C_TX_DROP_MALFORMED
-    C_TX_DROP_NO_ROUTE
-    C_TX_DROP_TTL
-    C_TX_DROP_SEND
-    C_TX_ICMP_UNREACH
-    C_TX_DROP_ICMP_WRITE
-    C_TX_SEND_WAITS
-    C_TX_READ_ERRORS
-    C_RX_PACKETS
-    C_RX_BYTES
-    C_RX_SYSCALLS
-    C_RX_BATCHES
-    C_RX_DROP_UNKNOWN_PEER
-    C_RX_DROP_FOREIGN_DEST
-    C_RX_DROP_MALFORMED
-    C_RX_DROP_TTL
-    C_RX_DROP_TUN_WRITE
-    C_RX_TUN_WRITE_WAITS
-    C_RX_RECV_ERRORS
-    C_POLLS
-    C_CTL_COMMANDS
-    C_TX_TSO_READS
-    C_TX_TSO_SEGMENTS
-    C_TX_GSO_SENDS
-    C_TX_GSO_ERRORS
-    C_RX_GRO_RECEIVES
-    C_RX_GRO_DATAGRAMS
-    C_RX_COALESCED_WRITES
-    C_RX_COALESCED_PACKETS
-    C_TX_BATCH_PACKETS  # batch-size histogram: sum of burst sizes, then 5 buckets (<=1, <=4, <=16, <=64, >64)
-    C_TX_BATCH_LE_1
-    C_TX_BATCH_LE_4
-    C_TX_BATCH_LE_16
-    C_TX_BATCH_LE_64
-    C_TX_BATCH_GT_64
-    C_RX_BATCH_PACKETS
-    C_RX_BATCH_LE_1
-    C_RX_BATCH_LE_4
-    C_RX_BATCH_LE_16
-    C_RX_BATCH_LE_64
-    C_RX_BATCH_GT_64
-    FF_NCOUNTERS
-
-
-cdef enum ff_verdict:
-    V_SEND
-    V_ICMP
-    V_WRITE
-    V_DROP_MALFORMED
-    V_DROP_NO_ROUTE
-    V_DROP_TTL
-    V_DROP_UNKNOWN_PEER
-    V_DROP_FOREIGN_DEST
 
 
 # Where a loop failed (for the error message built at the GIL boundary)
@@ -104,7 +42,7 @@ cdef enum ff_stage:
     S_PEERS
 
 
-# The ctl wire struct: native endian, 20 bytes, one per SOCK_SEQPACKET message. cmd is CMD_* of _fastpath_py
+# The ctl wire struct: native endian, 20 bytes, one per SOCK_SEQPACKET message. cmd is CMD_* of the contract
 # (SET_ROUTE 1: arg = table index, value = next hop, pid = its peer id; DEL_ROUTE 2: arg = index; PEER_ADD 3:
 # value = peer address, pid = its peer id; PEER_DEL 4: value = peer address) or CMD_SYNC, which the loop echoes
 # back unchanged once every earlier command is applied.
@@ -116,24 +54,11 @@ cdef struct ff_command:
     uint32_t seq
 
 
-# Per-peer counters, one block per peer id in each direction (docs/fastpath.md "Counters"). A tx block is written
-# only by the loop serving tx, an rx block only by the loop serving rx (separate arrays: no false sharing between
-# the two threads); Python reads them with ff_load. Blocks live in chunks of FF_PEER_CHUNK that are allocated by
-# Python (Proxy.reset_peer) before any command names one of their ids, and freed only by close().
-cdef struct ff_peer_tx:
-    uint64_t packets
-    uint64_t bytes
-    uint64_t drop_send
-    uint64_t _pad
-
-
-cdef struct ff_peer_rx:
-    uint64_t packets
-    uint64_t bytes
-    uint64_t drop_foreign_dest
-    uint64_t drop_malformed
-    uint64_t drop_ttl
-    uint64_t _pad[3]
+# Per-peer counters, one block per peer id in each direction (docs/fastpath.md "Counters"): ff_peer_tx and
+# ff_peer_rx, generated from contract.PEER_TX_FIELDS / PEER_RX_FIELDS. A tx block is written only by the loop serving
+# tx, an rx block only by the loop serving rx (separate arrays: no false sharing between the two threads); Python
+# reads them with ff_load. Blocks live in chunks of FF_PEER_CHUNK that are allocated by Python (Proxy.reset_peer)
+# before any command names one of their ids, and freed only by close().
 
 
 # One pending TUN write in offload mode: a single packet or a coalesced TCP flow run (fastpath.md 1.4, append only).

@@ -24,7 +24,10 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from fastflannel.datapath import twin as _fastpath_py
-from fastflannel.datapath.twin import (
+from fastflannel.datapath.contract import (
+    SOL_UDP,
+    UDP_ENCAP_OVERHEAD,
+    UDP_GRO,
     CMD_DEL_ROUTE,
     CMD_PEER_ADD,
     CMD_PEER_DEL,
@@ -49,7 +52,6 @@ SOCKET_BUFFER_BYTES = 4 << 20  # fastpath.md section 2: 4-8 MiB socket buffers a
 # retransmits), 32 MiB gave 0 (docs/fastpath.md "Offloads"). Memory is only charged while queued.
 GRO_RCVBUF_BYTES = 32 << 20
 JOIN_TIMEOUT_S = 10.0  # a loop answers stop within one batch; this only guards against a wedged kernel call
-UDP_ENCAP_OVERHEAD = 28  # 20 IPv4 + 8 UDP: TUN MTU = external MTU - 28 (flannel encapOverhead)
 
 _impl: Any = _fastpath_py
 _ext_error: Optional[BaseException] = None
@@ -119,10 +121,6 @@ def tune_socket(sock: socket.socket, size: int = SOCKET_BUFFER_BYTES, rcvbuf: Op
                 log.warning("cannot set socket buffer option %d to %d bytes: %s", plain, want, e)
     return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
-
-
-SOL_UDP = 17
-UDP_GRO = 104
 
 
 def _enable_udp_gro(fd: int) -> bool:
@@ -381,11 +379,11 @@ class FastPath:
     # --- observation ---
 
     def stats(self) -> Dict[str, int]:
-        """Return the counters (names in _fastpath_py.COUNTER_NAMES); safe while running, no lock."""
+        """Return the counters (names in contract.COUNTER_NAMES); safe while running, no lock."""
         return self._proxy.stats()
 
     def peer_stats(self) -> Dict[IPv4Address, Dict[str, int]]:
-        """Return the per-peer counters (names in _fastpath_py.PEER_COUNTER_NAMES) of every accepted peer.
+        """Return the per-peer counters (names in contract.PEER_COUNTER_NAMES) of every accepted peer.
 
         tx is keyed by the route's next hop, rx by the outer source. A peer's counters start at 0 when it is
         accepted (its first route) and vanish when its last route is deleted. Datagrams accepted from a source

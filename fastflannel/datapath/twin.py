@@ -2,23 +2,9 @@
 """Run the udp backend's data path in pure Python: the test oracle, the benchmark baseline and the fallback.
 
 This module is the twin of ``_fastpath.pyx``: ``Proxy`` here has the same methods, the same per-packet rules
-and the same counters, written for clarity, not speed. It also holds what both implementations share and
-that must not need the extension: the error type (``FastPathError``), the counter names (``COUNTER_NAMES``,
-whose order is the C counter array's) and the verdict strings.
-
-Per-packet rules (both implementations; ``docs/fastpath.md`` has the table):
-
-outbound (TUN -> UDP): malformed -> drop; destination outside the network or no route -> count ``no_route``
-and, unless the offender is ICMP (RFC 792), a non-first fragment, or has an IP header of 60 bytes or more,
-write an ICMP net-unreachable back into the TUN (flannel ``send_net_unreachable``); TTL <= 1 -> drop; else
-TTL - 1 with the RFC 1624 checksum update and send to ``(next_hop, port)``.
-
-inbound (UDP -> TUN): outer source not a current peer -> drop (``check_peer_source``); malformed -> drop;
-inner destination outside our subnet -> drop (``check_inner_dest``); TTL <= 1 -> drop; else TTL - 1 and
-write to the TUN.
-
-"Malformed" is: shorter than 20 bytes, longer than 65535, version != 4, IHL < 5, IHL beyond the data, or an
-IPv4 total length that differs from the number of bytes received (truncated or padded).
+(``twin_rules.py``) and the same counters, written for clarity, not speed. What both implementations share
+(counter names, commands, roles, verdicts, the error type) is the contract, ``contract.py``; the slow reference of
+the offloads is ``twin_offload.py``. Both are re-exported here for the tests.
 
 The Python loop does one ``os.read``/``sendto``/``recvfrom``/``os.write`` per packet (Python has no
 ``sendmmsg``); its ``*_syscalls`` counters are therefore higher than the extension's for the same traffic.
@@ -29,235 +15,83 @@ import errno
 import os
 import select
 import socket
-import struct
 from array import array
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-# --- shared between both implementations ------------------------------------------------------------
-
-# Order matters: it is the layout of the C counter array (ff_counter enum in _fastpath.pxd).
-COUNTER_NAMES: Tuple[str, ...] = (
-    "tx_packets",  # inner packets handed to the UDP socket and accepted (process_outbound: verdict "send")
-    "tx_bytes",  # their bytes (inner IP packet length)
-    "tx_syscalls",  # TUN reads (including the EAGAIN one ending a burst), sends, ICMP writes, POLLOUT waits
-    "tx_batches",  # non-empty TUN bursts processed
-    "tx_drop_malformed",
-    "tx_drop_no_route",  # no route for the destination (ICMP generated or not)
-    "tx_drop_ttl",
-    "tx_drop_send",  # the UDP send failed for this packet (e.g. EPERM from a firewall, ENETUNREACH)
-    "tx_icmp_unreach",  # ICMP net-unreachable packets generated
-    "tx_drop_icmp_write",  # ... whose write back into the TUN failed
-    "tx_send_waits",  # times the UDP socket was full and the loop waited for POLLOUT
-    "tx_read_errors",  # TUN reads that failed with a non-fatal errno
-    "rx_packets",  # inner packets written to the TUN (process_inbound: verdict "write")
-    "rx_bytes",
-    "rx_syscalls",  # recv calls (including the EAGAIN one), TUN writes, POLLOUT waits
-    "rx_batches",
-    "rx_drop_unknown_peer",  # outer source is not the PublicIP of a current route (check_peer_source)
-    "rx_drop_foreign_dest",  # inner destination not in own_subnet (check_inner_dest)
-    "rx_drop_malformed",
-    "rx_drop_ttl",
-    "rx_drop_tun_write",  # the TUN write failed for this packet
-    "rx_tun_write_waits",
-    "rx_recv_errors",  # UDP receives that failed with a non-fatal errno (e.g. a queued ICMP error)
-    "polls",  # poll() calls, all loop threads
-    "ctl_commands",  # route/peer commands applied by the loop
-    # offload mode (docs/fastpath.md "Offloads")
-    "tx_tso_reads",  # TUN reads that returned a TSO super-packet (virtio gso_type TCPV4)
-    "tx_tso_segments",  # MTU-sized packets split from them
-    "tx_gso_sends",  # UDP messages sent with UDP_SEGMENT (more than one datagram each)
-    "tx_gso_errors",  # UDP_SEGMENT sends refused with EIO: GSO switched off, segments resent one by one
-    "rx_gro_receives",  # messages received while UDP_GRO is on
-    "rx_gro_datagrams",  # inner datagrams they carried
-    "rx_coalesced_writes",  # TUN writes of a coalesced TCP run (a GSO packet with a virtio_net_hdr)
-    "rx_coalesced_packets",  # inner packets in those writes
-    # batch-size distribution (docs/fastpath.md "Counters"): packets per non-empty burst (tx: packets read, or
-    # segments after the TSO split; rx: datagrams received, or inner datagrams after the GRO split). One bucket
-    # per burst, NOT cumulative: le_1 = 0..1, le_4 = 2..4, le_16 = 5..16, le_64 = 17..64, gt_64 = 65 and more.
-    "tx_batch_packets",  # sum of the burst sizes (the histogram's _sum)
-    "tx_batch_le_1",
-    "tx_batch_le_4",
-    "tx_batch_le_16",
-    "tx_batch_le_64",
-    "tx_batch_gt_64",
-    "rx_batch_packets",
-    "rx_batch_le_1",
-    "rx_batch_le_4",
-    "rx_batch_le_16",
-    "rx_batch_le_64",
-    "rx_batch_gt_64",
+from fastflannel.datapath.contract import (  # noqa: F401  (re-exported: the twin's module is the oracle's namespace)
+    BATCH_BUCKETS,
+    CMD_DEL_ROUTE,
+    CMD_PEER_ADD,
+    CMD_PEER_DEL,
+    CMD_SET_ROUTE,
+    COUNTER_INDEX,
+    COUNTER_NAMES,
+    DROP_FOREIGN_DEST,
+    DROP_MALFORMED,
+    DROP_NO_ROUTE,
+    DROP_TTL,
+    DROP_UNKNOWN_PEER,
+    FATAL_ERRNOS,
+    ICMP,
+    IPV4_MAX,
+    PEER_CHUNK_SHIFT,
+    PEER_COUNTER_NAMES,
+    PEER_INDEX,
+    ROLE_BOTH,
+    ROLE_NAMES,
+    ROLE_RX,
+    ROLE_TX,
+    SEND,
+    WRITE,
+    FastPathError,
+    batch_bucket,
+    fastpath_error,
 )
-COUNTER_INDEX: Dict[str, int] = {name: i for i, name in enumerate(COUNTER_NAMES)}
-_TX_PACKETS = 0
-_TX_BYTES = 1
-_TX_SYSCALLS = 2
-_TX_BATCHES = 3
-_TX_DROP_MALFORMED = 4
-_TX_DROP_NO_ROUTE = 5
-_TX_DROP_TTL = 6
-_TX_DROP_SEND = 7
-_TX_ICMP_UNREACH = 8
-_TX_DROP_ICMP_WRITE = 9
-_TX_SEND_WAITS = 10
-_TX_READ_ERRORS = 11
-_RX_PACKETS = 12
-_RX_BYTES = 13
-_RX_SYSCALLS = 14
-_RX_BATCHES = 15
-_RX_DROP_UNKNOWN_PEER = 16
-_RX_DROP_FOREIGN_DEST = 17
-_RX_DROP_MALFORMED = 18
-_RX_DROP_TTL = 19
-_RX_DROP_TUN_WRITE = 20
-_RX_TUN_WRITE_WAITS = 21
-_RX_RECV_ERRORS = 22
-_POLLS = 23
-_CTL_COMMANDS = 24
-_TX_TSO_READS = 25
-_TX_TSO_SEGMENTS = 26
-_TX_GSO_SENDS = 27
-_TX_GSO_ERRORS = 28
-_RX_GRO_RECEIVES = 29
-_RX_GRO_DATAGRAMS = 30
-_RX_COALESCED_WRITES = 31
-_RX_COALESCED_PACKETS = 32
-_TX_BATCH_PACKETS = 33  # then the 5 tx buckets
-_RX_BATCH_PACKETS = 39  # then the 5 rx buckets
-BATCH_BUCKETS: Tuple[int, ...] = (1, 4, 16, 64)  # upper bounds; a last bucket takes everything above 64
-
-
-def batch_bucket(n: int) -> int:
-    """Return the bucket (0..4) of a burst of ``n`` packets: <= 1, <= 4, <= 16, <= 64, > 64."""
-    for i, le in enumerate(BATCH_BUCKETS):
-        if n <= le:
-            return i
-    return len(BATCH_BUCKETS)
-
-
-# Per-peer counters (Proxy.peer_counters(pid), FastPath.peer_stats()): tx by the route's next hop, rx by the outer
-# source. Order = the C blocks ff_peer_tx (3) + ff_peer_rx (5). Peer id 0 is the "other" block: datagrams from
-# sources that are not current peers, accepted because check_peer_source is off (and commands without a peer id).
-PEER_COUNTER_NAMES: Tuple[str, ...] = (
-    "tx_packets", "tx_bytes", "tx_drop_send",
-    "rx_packets", "rx_bytes", "rx_drop_foreign_dest", "rx_drop_malformed", "rx_drop_ttl",
+from fastflannel.datapath.twin_offload import gro_coalesce, gso_split, tcp_checksum  # noqa: F401
+from fastflannel.datapath.twin_rules import (  # noqa: F401
+    icmp_allowed,
+    icmp_net_unreachable,
+    ip_checksum,
+    malformed,
+    ttl_decrement,
 )
-_P_TX_PACKETS, _P_TX_BYTES, _P_TX_DROP_SEND = 0, 1, 2
-_P_RX_PACKETS, _P_RX_BYTES, _P_RX_DROP_FOREIGN_DEST, _P_RX_DROP_MALFORMED, _P_RX_DROP_TTL = 3, 4, 5, 6, 7
-PEER_CHUNK_SHIFT = 8  # peer counter blocks are allocated 256 at a time (never moved, freed by close())
 
-# Verdicts (process_outbound / process_inbound)
-SEND = "send"
-ICMP = "icmp"
-WRITE = "write"
-DROP_MALFORMED = "drop:malformed"
-DROP_NO_ROUTE = "drop:no_route"
-DROP_TTL = "drop:ttl"
-DROP_UNKNOWN_PEER = "drop:unknown_peer"
-DROP_FOREIGN_DEST = "drop:foreign_dest"
-
-# Route/peer commands (Proxy.apply: (cmd, arg, value[, peer id])); the wire struct exists only in _fastpath.pxd.
-CMD_SET_ROUTE = 1  # (index, next_hop, peer id of next_hop)
-CMD_DEL_ROUTE = 2  # (index, 0)
-CMD_PEER_ADD = 3  # (0, peer ip, peer id)
-CMD_PEER_DEL = 4  # (0, peer ip)
-
-# Loop roles (Proxy.run)
-ROLE_BOTH = 0
-ROLE_TX = 1
-ROLE_RX = 2
-ROLE_NAMES = {ROLE_BOTH: "tx+rx", ROLE_TX: "tx", ROLE_RX: "rx"}
-
-IPV4_HDR_MIN = 20  # bytes, IHL 5
-IPV4_HDR_ICMP_LIMIT = 60  # flannel: no ICMP about offenders whose header is >= 20 + MAX_IPOPTLEN (40) bytes
-IPV4_MAX = 65535  # largest IPv4 total length
-IPPROTO_ICMP = 1
-ICMP_DEST_UNREACH = 3  # RFC 792
-ICMP_NET_UNREACH = 0
-ICMP_TTL = 8  # flannel send_net_unreachable
-FRAG_OFFSET_MASK = 0x1FFF
-
-# errnos after which a loop cannot go on: its fds are gone or wrong
-FATAL_ERRNOS = frozenset({errno.EBADF, errno.EBADFD, errno.ENOTSOCK, errno.EFAULT, errno.EINVAL, errno.ENOMEM,
-                          errno.EPIPE, errno.ENODEV, errno.EISDIR})
-
-
-class FastPathError(OSError):
-    """Report that a fast-path loop stopped on an error (errno set), or that the fast path cannot be steered."""
-
-
-_ERROR_CLASSES: Dict[Type[OSError], Type[FastPathError]] = {}
-
-
-def fastpath_error(err: int, what: str) -> FastPathError:
-    """Return a FastPathError for ``err`` that is also the builtin OSError subclass for it (e.g. PermissionError)."""
-    base = type(OSError(err, ""))
-    cls: Type[FastPathError] = FastPathError
-    if base is not OSError:
-        cls = _ERROR_CLASSES.get(base) or _ERROR_CLASSES.setdefault(
-            base, type(f"FastPath{base.__name__}", (FastPathError, base), {"__module__": __name__}))
-    return cls(err, f"{what}: {os.strerror(err)}")
-
-
-def ip_checksum(data: bytes) -> int:
-    """Return the Internet checksum (RFC 1071) of ``data`` (zero-padded to an even length)."""
-    if len(data) % 2:
-        data = bytes(data) + b"\0"
-    s = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
-def ttl_decrement(pkt: bytearray) -> None:
-    """Decrement the TTL of the IPv4 header in ``pkt`` and patch its checksum (RFC 1624 eqn. 3, HC' = ~(~HC + ~m + m'))."""
-    old = (pkt[8] << 8) | pkt[9]  # the 16-bit word holding TTL and protocol
-    new = old - 0x100
-    s = (~((pkt[10] << 8) | pkt[11]) & 0xFFFF) + (~old & 0xFFFF) + new
-    s = (s & 0xFFFF) + (s >> 16)
-    s = (s & 0xFFFF) + (s >> 16)
-    hc = ~s & 0xFFFF
-    pkt[8] -= 1
-    pkt[10] = hc >> 8
-    pkt[11] = hc & 0xFF
-
-
-def icmp_allowed(pkt: bytes) -> bool:
-    """Tell whether flannel would answer this (well-formed) offender with an ICMP error."""
-    ihl = (pkt[0] & 0x0F) * 4
-    frag = ((pkt[6] << 8) | pkt[7]) & FRAG_OFFSET_MASK
-    return pkt[9] != IPPROTO_ICMP and frag == 0 and ihl < IPV4_HDR_ICMP_LIMIT
-
-
-def icmp_net_unreachable(offender: bytes, tun_ip: int) -> bytes:
-    """Build flannel's ICMP net-unreachable for ``offender``: IP header + 8 payload bytes, zero-padded."""
-    ihl = (offender[0] & 0x0F) * 4
-    quote = bytes(offender[:ihl + 8]).ljust(ihl + 8, b"\0")
-    icmp = bytearray(8) + quote
-    icmp[0] = ICMP_DEST_UNREACH
-    icmp[1] = ICMP_NET_UNREACH
-    ck = ip_checksum(icmp)
-    icmp[2:4] = ck.to_bytes(2, "big")
-    total = IPV4_HDR_MIN + len(icmp)
-    iph = bytearray(IPV4_HDR_MIN)
-    iph[0] = 0x45
-    iph[2:4] = total.to_bytes(2, "big")
-    iph[8] = ICMP_TTL
-    iph[9] = IPPROTO_ICMP
-    iph[12:16] = tun_ip.to_bytes(4, "big")
-    iph[16:20] = offender[12:16]
-    iph[10:12] = ip_checksum(iph).to_bytes(2, "big")
-    return bytes(iph + icmp)
-
-
-def malformed(pkt: bytes) -> bool:
-    """Tell whether ``pkt`` is not one complete IPv4 packet (short, truncated, padded, wrong version or IHL)."""
-    n = len(pkt)
-    if n < IPV4_HDR_MIN or n > IPV4_MAX or pkt[0] >> 4 != 4:
-        return True
-    ihl = (pkt[0] & 0x0F) * 4
-    if ihl < IPV4_HDR_MIN or ihl > n:
-        return True
-    return ((pkt[2] << 8) | pkt[3]) != n
+# counter slots the loop below writes (names from the contract: a typo is a KeyError at import)
+_CTL_COMMANDS = COUNTER_INDEX["ctl_commands"]
+_POLLS = COUNTER_INDEX["polls"]
+_RX_BATCHES = COUNTER_INDEX["rx_batches"]
+_RX_BATCH_PACKETS = COUNTER_INDEX["rx_batch_packets"]
+_RX_BYTES = COUNTER_INDEX["rx_bytes"]
+_RX_DROP_FOREIGN_DEST = COUNTER_INDEX["rx_drop_foreign_dest"]
+_RX_DROP_MALFORMED = COUNTER_INDEX["rx_drop_malformed"]
+_RX_DROP_TTL = COUNTER_INDEX["rx_drop_ttl"]
+_RX_DROP_TUN_WRITE = COUNTER_INDEX["rx_drop_tun_write"]
+_RX_DROP_UNKNOWN_PEER = COUNTER_INDEX["rx_drop_unknown_peer"]
+_RX_PACKETS = COUNTER_INDEX["rx_packets"]
+_RX_RECV_ERRORS = COUNTER_INDEX["rx_recv_errors"]
+_RX_SYSCALLS = COUNTER_INDEX["rx_syscalls"]
+_RX_TUN_WRITE_WAITS = COUNTER_INDEX["rx_tun_write_waits"]
+_TX_BATCHES = COUNTER_INDEX["tx_batches"]
+_TX_BATCH_PACKETS = COUNTER_INDEX["tx_batch_packets"]
+_TX_BYTES = COUNTER_INDEX["tx_bytes"]
+_TX_DROP_ICMP_WRITE = COUNTER_INDEX["tx_drop_icmp_write"]
+_TX_DROP_MALFORMED = COUNTER_INDEX["tx_drop_malformed"]
+_TX_DROP_NO_ROUTE = COUNTER_INDEX["tx_drop_no_route"]
+_TX_DROP_SEND = COUNTER_INDEX["tx_drop_send"]
+_TX_DROP_TTL = COUNTER_INDEX["tx_drop_ttl"]
+_TX_ICMP_UNREACH = COUNTER_INDEX["tx_icmp_unreach"]
+_TX_PACKETS = COUNTER_INDEX["tx_packets"]
+_TX_READ_ERRORS = COUNTER_INDEX["tx_read_errors"]
+_TX_SEND_WAITS = COUNTER_INDEX["tx_send_waits"]
+_TX_SYSCALLS = COUNTER_INDEX["tx_syscalls"]
+_P_RX_BYTES = PEER_INDEX["rx_bytes"]
+_P_RX_DROP_FOREIGN_DEST = PEER_INDEX["rx_drop_foreign_dest"]
+_P_RX_DROP_MALFORMED = PEER_INDEX["rx_drop_malformed"]
+_P_RX_DROP_TTL = PEER_INDEX["rx_drop_ttl"]
+_P_RX_PACKETS = PEER_INDEX["rx_packets"]
+_P_TX_BYTES = PEER_INDEX["tx_bytes"]
+_P_TX_DROP_SEND = PEER_INDEX["tx_drop_send"]
+_P_TX_PACKETS = PEER_INDEX["tx_packets"]
 
 
 def _mask(plen: int) -> int:
@@ -661,163 +495,6 @@ class Proxy:
                 else:
                     self._written(pid, len(pkt))
                 break
-
-
-# --- offloads: the slow reference of the TSO split and the TCP coalescing (fastpath research notes 1.3, 1.4) ---
-
-VNET_HDR_LEN = 10  # struct virtio_net_hdr, host byte order
-VIRTIO_F_NEEDS_CSUM = 1
-VIRTIO_GSO_NONE = 0
-VIRTIO_GSO_TCPV4 = 1
-IPPROTO_TCP = 6
-TCP_FIN, TCP_PSH, TCP_ACK = 0x01, 0x08, 0x10
-SEGS_MAX = 256  # segments one super-packet may split into (the C loop's FF_SEGS_MAX)
-WSLOTS = 64  # pending TUN writes per flush (the C loop's FF_WSLOTS)
-_VNET = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
-
-
-def tcp_checksum(ip: bytes, ihl: int = 20) -> int:
-    """Return the TCP checksum of IPv4 packet ``ip`` computed in full (pseudo-header included), field as zero."""
-    seg = bytearray(ip[ihl:])
-    seg[16:18] = b"\0\0"
-    pseudo = bytes(ip[12:20]) + bytes([0, IPPROTO_TCP]) + len(seg).to_bytes(2, "big")
-    return ip_checksum(pseudo + bytes(seg))
-
-
-def _fold_sum(data: bytes) -> int:
-    """Folded (not complemented) one's-complement sum."""
-    return ~ip_checksum(data) & 0xFFFF
-
-
-def gso_split(buf: bytes) -> List[bytes]:
-    """Split one TUN read (virtio_net_hdr + packet) into plain IPv4 packets (the tx loop's ff_gso_split).
-
-    NONE: the packet, with its checksum completed if NEEDS_CSUM. TCPV4: hdr_len recomputed; per segment i: IP id
-    + i, total length, header checksum; seq + i * gso_size; FIN/PSH only on the last; TCP checksum in full.
-    Raises ValueError for what the loop counts as tx_drop_malformed.
-    """
-    if len(buf) < VNET_HDR_LEN:
-        raise ValueError("shorter than a virtio_net_hdr")
-    flags, gso_type, _hdr_len, gso_size, cs, co = _VNET.unpack_from(buf)
-    pkt = bytearray(buf[VNET_HDR_LEN:])
-    if gso_type == VIRTIO_GSO_NONE:
-        if flags & VIRTIO_F_NEEDS_CSUM:
-            if cs + co + 2 > len(pkt):
-                raise ValueError("checksum offset outside the packet")
-            # the field holds the folded pseudo-header sum: summing over it completes the checksum
-            pkt[cs + co:cs + co + 2] = ip_checksum(bytes(pkt[cs:])).to_bytes(2, "big")
-        return [bytes(pkt)]
-    if gso_type != VIRTIO_GSO_TCPV4:
-        raise ValueError(f"gso_type {gso_type} not supported")
-    if len(pkt) < IPV4_HDR_MIN or pkt[0] >> 4 != 4 or pkt[9] != IPPROTO_TCP:
-        raise ValueError("not an IPv4 TCP packet")
-    ihl = (pkt[0] & 0x0F) * 4
-    if ihl < IPV4_HDR_MIN or cs != ihl or len(pkt) < ihl + 20 or gso_size == 0:
-        raise ValueError("bad header lengths")
-    doff = (pkt[ihl + 12] >> 4) * 4
-    hdr = ihl + doff
-    if doff < 20 or hdr > len(pkt):
-        raise ValueError("bad TCP data offset")
-    payload = bytes(pkt[hdr:])
-    nseg = max(1, -(-len(payload) // gso_size))
-    if nseg > SEGS_MAX:
-        raise ValueError("too many segments")
-    seq0 = int.from_bytes(pkt[ihl + 4:ihl + 8], "big")
-    id0 = int.from_bytes(pkt[4:6], "big")
-    tflags = pkt[ihl + 13]
-    out = []
-    for i in range(nseg):
-        data = payload[i * gso_size:(i + 1) * gso_size]
-        o = bytearray(pkt[:hdr]) + data
-        o[2:4] = len(o).to_bytes(2, "big")
-        o[4:6] = ((id0 + i) & 0xFFFF).to_bytes(2, "big")
-        o[10:12] = b"\0\0"
-        o[10:12] = ip_checksum(bytes(o[:ihl])).to_bytes(2, "big")
-        o[ihl + 4:ihl + 8] = ((seq0 + i * gso_size) & 0xFFFFFFFF).to_bytes(4, "big")
-        if i != nseg - 1:
-            o[ihl + 13] = tflags & ~(TCP_FIN | TCP_PSH) & 0xFF
-        o[ihl + 16:ihl + 18] = tcp_checksum(bytes(o), ihl).to_bytes(2, "big")
-        out.append(bytes(o))
-    return out
-
-
-def gro_candidate(p: bytes) -> bool:
-    """IHL 5, TCP, not a fragment, TCP header inside, flags exactly ACK or ACK|PSH, payload > 0."""
-    if len(p) < 40 or p[0] != 0x45 or p[9] != IPPROTO_TCP or (p[6] & 0x3F) or p[7]:
-        return False
-    doff = (p[32] >> 4) * 4
-    if doff < 20 or 20 + doff >= len(p):
-        return False
-    return (p[33] & ~TCP_PSH) == TCP_ACK
-
-
-def gro_coalesce(packets: Sequence[bytes]) -> List[bytes]:
-    """Coalesce IPv4 packets for the TUN (the rx loop's ff_gro_add/ff_gro_finish); return the writes.
-
-    Append only: a packet joins the newest pending item of its flow (addresses, ports, ACK number) if that item is
-    open, has the same header length, TCP options, TOS, TTL and IP flags, the packet continues its sequence, is no
-    larger than the first segment and the result fits 65535 bytes; a shorter or PSH segment closes the item.
-    Checksums are verified first (an invalid packet is written as is). Items of more than one packet get a
-    NEEDS_CSUM/TCPV4 header and the folded pseudo-header sum in the checksum field; the rest a zero header.
-    """
-    items: List[dict] = []
-    out: List[bytes] = []
-
-    def flush() -> None:
-        for it in items:
-            ip = it["buf"]
-            if it["count"] > 1:
-                ip[2:4] = len(ip).to_bytes(2, "big")
-                ip[10:12] = b"\0\0"
-                ip[10:12] = ip_checksum(bytes(ip[:20])).to_bytes(2, "big")
-                pseudo = bytes(ip[12:20]) + bytes([0, IPPROTO_TCP]) + (len(ip) - 20).to_bytes(2, "big")
-                ip[36:38] = _fold_sum(pseudo).to_bytes(2, "big")
-                hdr = _VNET.pack(VIRTIO_F_NEEDS_CSUM, VIRTIO_GSO_TCPV4, it["hlen"], it["gso"], 20, 16)
-            else:
-                hdr = bytes(VNET_HDR_LEN)
-            out.append(hdr + bytes(ip))
-        items.clear()
-
-    for p in packets:
-        p = bytes(p)
-        if len(p) > IPV4_MAX:
-            raise ValueError("packet longer than 65535 bytes")
-        cand = gro_candidate(p) and tcp_checksum(p) == int.from_bytes(p[36:38], "big")
-        if cand:
-            hlen = 20 + (p[32] >> 4) * 4
-            pay = len(p) - hlen
-            key = (p[12:20], p[20:24], p[28:32])
-            seq = int.from_bytes(p[24:28], "big")
-            merged = False
-            for it in reversed(items):
-                if it["open"] and it["key"] == key:
-                    h = it["buf"]
-                    if (it["hlen"] == hlen and it["next"] == seq and pay <= it["gso"]
-                            and len(h) + pay <= IPV4_MAX and h[1] == p[1] and h[8] == p[8] and h[6] == p[6]
-                            and h[40:hlen] == p[40:hlen]):
-                        h += p[hlen:]
-                        it["next"] = (seq + pay) & 0xFFFFFFFF
-                        it["count"] += 1
-                        if pay < it["gso"]:
-                            it["open"] = False
-                        if p[33] & TCP_PSH:
-                            h[33] |= TCP_PSH
-                            it["open"] = False
-                        merged = True
-                    break
-            if merged:
-                continue
-            if len(items) == WSLOTS:
-                flush()
-            items.append({"key": key, "hlen": hlen, "gso": pay, "next": (seq + pay) & 0xFFFFFFFF,
-                          "open": not (p[33] & TCP_PSH), "count": 1, "buf": bytearray(p)})
-        else:
-            if len(items) == WSLOTS:
-                flush()
-            items.append({"key": None, "hlen": 0, "gso": 0, "next": 0, "open": False, "count": 1,
-                          "buf": bytearray(p)})
-    flush()
-    return out
 
 
 IMPLEMENTATION = "python"

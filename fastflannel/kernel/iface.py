@@ -36,12 +36,15 @@ def select_interface(
     iface_regexes: "Sequence[str]",
     public_ip: "Optional[str | IPv4Address]",
     netlink: Any,
+    can_reach: "Optional[str | IPv4Address]" = None,
 ) -> ExternalInterface:
     """Pick the external interface and address the way flanneld does.
 
     ``--iface`` (name or IP, first match wins), else ``--iface-regex`` (each regex tried against every IPv4
-    address first, then against interface names), else with ``--public-ip`` the interface owning that IP,
-    else the interface of the first default route. ``ext_addr`` is ``public_ip`` or the interface address.
+    address first, then against interface names), then ``--iface-can-reach`` (the interface and source address of
+    the kernel's route to that IP, ``ip route get`` through netlink; also tried when the --iface or --iface-regex
+    values match nothing, as flanneld does), else with ``--public-ip`` the interface owning that IP, else the
+    interface of the first default route. ``ext_addr`` is ``public_ip`` or the interface address.
     Raises ``InterfaceError``; blocks on netlink reads only."""
     links = {li.index: li for li in netlink.links()}
     addrs = netlink.addr_list()
@@ -78,7 +81,7 @@ def select_interface(
                 chosen = by_name(spec)
             if chosen is not None:
                 break
-        if chosen is None:
+        if chosen is None and not can_reach:
             flags = " ".join(f"--iface={s}" for s in ifaces)
             raise InterfaceError(f"no interface matches {flags}; available: {names}")
     elif iface_regexes:
@@ -100,9 +103,11 @@ def select_interface(
                             break
             if chosen is not None:
                 break
-        if chosen is None:
+        if chosen is None and not can_reach:
             flags = " ".join(f"--iface-regex={s}" for s in iface_regexes)
             raise InterfaceError(f"no interface address or name matches {flags}; available: {names}")
+    elif can_reach:
+        pass  # below
     elif pub is not None:
         chosen = by_ip(pub)
         if chosen is None:
@@ -118,10 +123,31 @@ def select_interface(
         if chosen is None:
             raise InterfaceError(f"no default route to pick the interface from; pass --iface=<name> (available: {names})")
 
+    if chosen is None and can_reach:
+        chosen = _by_route(IPv4Address(str(can_reach)), links, addrs_of, netlink)
+    assert chosen is not None
     li, ip = chosen
     if not li.mtu:
         raise InterfaceError(f"interface {li.name} reports MTU 0; pick another with --iface")
     return ExternalInterface(name=li.name, index=li.index, iface_addr=ip, ext_addr=pub or ip, mtu=li.mtu)
+
+
+def _by_route(target: IPv4Address, links: Any, addrs_of: Any, netlink: Any) -> "Tuple[Any, IPv4Address]":
+    """--iface-can-reach: the route's output interface, and its preferred source (else the interface's address)."""
+    from fastflannel.errors import KernelError
+
+    try:
+        route = netlink.route_get(target)
+    except KernelError as e:
+        raise InterfaceError(f"--iface-can-reach={target}: no route to it ({e.reason}); add one or use --iface") from None
+    if route.oif is None or route.oif not in links:
+        raise InterfaceError(f"--iface-can-reach={target}: the route to it has no output interface; use --iface")
+    li = links[route.oif]
+    ip = route.prefsrc or _preferred_addr(addrs_of(li.index))
+    if ip is None:
+        raise InterfaceError(f"--iface-can-reach={target}: interface {li.name} (the route to it) has no usable IPv4 "
+                             f"address; use --iface")
+    return li, ip
 
 
 def _usable(a: Any) -> bool:

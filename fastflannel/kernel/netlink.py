@@ -257,6 +257,15 @@ class Netlink:
             raise KernelError(what, "created but not found afterwards")
         return info
 
+    def add_wireguard(self, name: str, mtu: int = 0) -> LinkInfo:
+        """``ip link add <name> [mtu N] type wireguard``. No kernel module: KernelError with errno EOPNOTSUPP."""
+        what = f"wireguard {name} mtu {mtu}"
+        self._call(what, lambda i: i.link("add", ifname=name, kind="wireguard", **({"mtu": mtu} if mtu > 0 else {})))
+        info = self.link_info(name)
+        if info is None:
+            raise KernelError(what, "created but not found afterwards")
+        return info
+
     def set_link_up(self, name: str) -> None:
         idx = self._require(name)
         self._call(f"link set {name} up", lambda i: i.link("set", index=idx, state="up"))
@@ -341,10 +350,13 @@ class Netlink:
         oif: Optional[int] = None,
         onlink: bool = False,
         table: int = RT_TABLE_MAIN,
+        scope: Optional[int] = None,
     ) -> None:
-        """``ip route replace dst [via gateway] [dev oif] [onlink]`` in ``table``."""
+        """``ip route replace dst [via gateway] [dev oif] [onlink] [scope N]`` in ``table``."""
         net = ip_network(dst)
         spec: dict = {"dst": str(net), "table": table, "proto": RTPROT_BOOT}
+        if scope is not None:
+            spec["scope"] = scope
         if gateway is not None:
             spec["gateway"] = str(gateway)
         if oif is not None:
@@ -470,6 +482,23 @@ class Netlink:
         (``kernel.linkevents.link_events``: its own raw socket, not this one's)."""
         return linkevents.link_events(stop, netns=self.netns, poll_s=poll_s, ready=ready)
 
+def wireguard_socket() -> Any:
+    """Return pyroute2's WireGuard generic netlink socket, for ``kernel/wireguard.py`` (which never imports
+    pyroute2). Call it once a ``wireguard`` link exists: the family comes with the module."""
+    from pyroute2 import WireGuard
+
+    return call_translated("wireguard generic netlink family", WireGuard)
+
+
+def call_translated(what: str, fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; re-raise a netlink/OS/value error as ``KernelError`` naming ``what`` and the kernel's reason."""
+    try:
+        return fn()
+    except (NetlinkError, OSError, ValueError) as e:
+        reason, code = _reason(e)
+        raise KernelError(what, reason, code) from e
+
+
 def _drop_stray_messages(ipr: Any) -> None:
     """Discard what pyroute2 queued for nobody on the calling thread's message queue.
 
@@ -565,5 +594,5 @@ def _route(m: Any) -> Route:
 
 __all__ = [
     "AddrInfo", "Fdb", "KernelError", "LinkInfo", "Neigh", "Netlink", "Route", "VxlanAttrs",
-    "VXLAN_DEFAULT_PORT", "write_sysctl",
+    "VXLAN_DEFAULT_PORT", "call_translated", "wireguard_socket", "write_sysctl",
 ]

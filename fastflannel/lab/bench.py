@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from fastflannel.datapath.contract import COUNTER_NAMES
 from fastflannel.lab.benchout import (  # noqa: F401  (re-exported: the bench's public surface)
     METRICS,
     NO_RATIO,
@@ -110,43 +111,50 @@ def fastpath_figures(deltas: Sequence[Dict[str, int]], payload_bytes: int) -> Di
     was read from a TUN and sent by one daemon (tx) and received and written by another (rx), so the bytes that
     crossed the user/kernel boundary are 2 * tx_bytes + 2 * rx_bytes summed over the daemons.
     """
-    tot: Dict[str, int] = {}
+    # every counter of the contract present (0 if a daemon did not report it): a name that is not a counter of the
+    # fast path is a KeyError here, not a silent 0
+    zero = dict.fromkeys(COUNTER_NAMES, 0)
+    deltas = [{**zero, **d} for d in deltas]
+    tot: Dict[str, int] = dict(zero)
     for d in deltas:
         for k, v in d.items():
             tot[k] = tot.get(k, 0) + v
-    g = tot.get
-    delivered = g("rx_packets", 0)
-    forwarded = g("tx_packets", 0) + delivered
-    syscalls = g("tx_syscalls", 0) + g("rx_syscalls", 0) + g("polls", 0)
-    batches = g("tx_batches", 0) + g("rx_batches", 0)
-    copies = 2 * g("tx_packets", 0) + 2 * g("rx_packets", 0)  # TUN->user, user->sock; sock->user, user->TUN
-    copied_bytes = 2 * g("tx_bytes", 0) + 2 * g("rx_bytes", 0)
+
+    def g(name: str) -> int:
+        return tot[name]
+
+    delivered = g("rx_packets")
+    forwarded = g("tx_packets") + delivered
+    syscalls = g("tx_syscalls") + g("rx_syscalls") + g("polls")
+    batches = g("tx_batches") + g("rx_batches")
+    copies = 2 * g("tx_packets") + 2 * g("rx_packets")  # TUN->user, user->sock; sock->user, user->TUN
+    copied_bytes = 2 * g("tx_bytes") + 2 * g("rx_bytes")
     nan = float("nan")
     drops = sum(v for k, v in tot.items() if "_drop_" in k)
     per_dir: Dict[str, float] = {}
     if len(deltas) >= 2:  # deltas[0] is the data sender's daemon, deltas[1] the receiver's
         s, r = deltas[0], deltas[1]
         per_dir = {
-            "sender_tx_syscalls_per_packet": s.get("tx_syscalls", 0) / s["tx_packets"] if s.get("tx_packets") else nan,
-            "sender_tx_packets_per_batch": s.get("tx_packets", 0) / s["tx_batches"] if s.get("tx_batches") else nan,
-            "receiver_rx_syscalls_per_packet": r.get("rx_syscalls", 0) / r["rx_packets"] if r.get("rx_packets") else nan,
-            "receiver_rx_packets_per_batch": r.get("rx_packets", 0) / r["rx_batches"] if r.get("rx_batches") else nan,
+            "sender_tx_syscalls_per_packet": s["tx_syscalls"] / s["tx_packets"] if s["tx_packets"] else nan,
+            "sender_tx_packets_per_batch": s["tx_packets"] / s["tx_batches"] if s["tx_batches"] else nan,
+            "receiver_rx_syscalls_per_packet": r["rx_syscalls"] / r["rx_packets"] if r["rx_packets"] else nan,
+            "receiver_rx_packets_per_batch": r["rx_packets"] / r["rx_batches"] if r["rx_batches"] else nan,
             # offload counters (0 without offloads: NaN, "-" in the table)
             "segments_per_tun_read": (s["tx_tso_segments"] / s["tx_tso_reads"]
-                                      if s.get("tx_tso_reads") else nan),
+                                      if s["tx_tso_reads"] else nan),
             "datagrams_per_receive": (r["rx_gro_datagrams"] / r["rx_gro_receives"]
-                                      if r.get("rx_gro_receives") else nan),
+                                      if r["rx_gro_receives"] else nan),
             "packets_per_coalesced_write": (r["rx_coalesced_packets"] / r["rx_coalesced_writes"]
-                                            if r.get("rx_coalesced_writes") else nan),
+                                            if r["rx_coalesced_writes"] else nan),
         }
     return {
         **per_dir,
         "packets_delivered": delivered,
         "syscalls": syscalls,
         "syscalls_per_packet": syscalls / delivered if delivered else nan,
-        "tx_syscalls_per_packet": g("tx_syscalls", 0) / g("tx_packets", 0) if g("tx_packets", 0) else nan,
-        "rx_syscalls_per_packet": g("rx_syscalls", 0) / delivered if delivered else nan,
-        "polls_per_packet": g("polls", 0) / delivered if delivered else nan,
+        "tx_syscalls_per_packet": g("tx_syscalls") / g("tx_packets") if g("tx_packets") else nan,
+        "rx_syscalls_per_packet": g("rx_syscalls") / delivered if delivered else nan,
+        "polls_per_packet": g("polls") / delivered if delivered else nan,
         "packets_per_batch": forwarded / batches if batches else nan,
         "copies_per_packet": copies / delivered if delivered else nan,
         "bytes_copied": copied_bytes,

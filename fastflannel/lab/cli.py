@@ -1,8 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``fastflannel``: the tools around the daemon: ``demo``, ``bench`` and ``testbed`` (argument parsing only)."""
+"""``fastflannel``: the tools around the daemon: ``demo``, ``bench``, ``testbed`` and ``docker-opts`` (argument parsing
+only; ``docker-opts`` is the product's fastflannel.dockeropts, which parses its own mk-docker-opts.sh flags)."""
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Optional, Sequence
 
 from fastflannel.lab.demo import ALL_BACKENDS, cmd_demo
@@ -27,7 +29,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastflannel", description="fastflannel tools: demo, bench, testbed")
+    p = argparse.ArgumentParser(prog="fastflannel", description="fastflannel tools: demo, bench, testbed, docker-opts")
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="3 hosts in namespaces, each backend in turn, then a table")
     d.add_argument("--backends", default=",".join(ALL_BACKENDS), help="comma list (default: udp,vxlan,host-gw)")
@@ -51,10 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--include-unowned", action="store_true")
     t.add_argument("hosts", nargs="?", type=int, default=3)
     t.set_defaults(func=cmd_testbed)
+    sub.add_parser("docker-opts", add_help=False,
+                   help="subnet.env -> dockerd options, as mk-docker-opts.sh (-f -d -i -c -k -m; -h for details)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["docker-opts"]:
+        from fastflannel.dockeropts import main as docker_opts
+
+        return docker_opts(argv[1:])
     ns = build_parser().parse_args(argv)
     return ns.func(ns)
 

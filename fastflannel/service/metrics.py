@@ -25,6 +25,8 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from fastflannel.datapath.contract import BATCH_BUCKET_NAMES, BATCH_BUCKETS, PEER_COUNTER_NAMES
+
 try:  # generate_latest writes text format 0.0.4; prometheus-client >= 0.22 calls 1.0.0 "latest"
     from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as CONTENT_TYPE
 except ImportError:  # older releases: "latest" is 0.0.4
@@ -49,17 +51,22 @@ KERNEL_ERROR_EVENTS = frozenset({
 RECONNECT_EVENTS = {"store_available": "recovered", "etcd_failover": "failover", "watch_compacted": "relist"}
 
 _DROP_PREFIXES = (("tx_drop_", "tx"), ("rx_drop_", "rx"))
-# the fast path's batch-size buckets (stats() keys {d}_batch_<bucket>, one bucket per burst) and their le bounds
-_BATCH_BUCKETS = (("le_1", "1.0"), ("le_4", "4.0"), ("le_16", "16.0"), ("le_64", "64.0"), ("gt_64", "+Inf"))
+# the fast path's batch-size buckets (stats() keys {d}_batch_<bucket>, one bucket per burst) and their le bounds,
+# and the per-peer counters -> (metric, direction, drop reason): all from the data path's contract
+_BATCH_BUCKETS = tuple(zip(BATCH_BUCKET_NAMES, [f"{float(b)}" for b in BATCH_BUCKETS] + ["+Inf"]))
 _BATCH_KEYS = frozenset(f"{d}_batch_{b}" for d in ("tx", "rx") for b, _ in _BATCH_BUCKETS) | {
     "tx_batch_packets", "rx_batch_packets"}
-# per-peer counters (fastpath.PEER_COUNTER_NAMES) -> (metric, direction, drop reason)
-_PEER_FIELDS = {
-    "tx_packets": ("packets", "tx", None), "tx_bytes": ("bytes", "tx", None), "tx_drop_send": ("drops", "tx", "send"),
-    "rx_packets": ("packets", "rx", None), "rx_bytes": ("bytes", "rx", None),
-    "rx_drop_foreign_dest": ("drops", "rx", "foreign_dest"), "rx_drop_malformed": ("drops", "rx", "malformed"),
-    "rx_drop_ttl": ("drops", "rx", "ttl"),
-}
+
+
+def _peer_field(name: str) -> Tuple[str, str, Optional[str]]:
+    """``tx_drop_send`` -> ("drops", "tx", "send"); ``rx_bytes`` -> ("bytes", "rx", None)."""
+    direction, what = name.split("_", 1)
+    if what.startswith("drop_"):
+        return "drops", direction, what[len("drop_"):]
+    return what, direction, None
+
+
+_PEER_FIELDS = {name: _peer_field(name) for name in PEER_COUNTER_NAMES}
 
 
 class _EventHandler(logging.Handler):

@@ -10,8 +10,8 @@ from ipaddress import IPv4Address
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastflannel.datapath.twin import (
-    ICMP_TTL,
+from fastflannel.datapath.contract import ICMP_TTL
+from fastflannel.datapath.twin_rules import (
     icmp_allowed,
     icmp_net_unreachable,
     ip_checksum,

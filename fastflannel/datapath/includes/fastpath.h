@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* Small C helpers for fastflannel/_fastpath.pyx: relaxed atomics for counters read while the loop runs. */
+/* Small C helpers for fastflannel/datapath/_fastpath.pyx: the native-order checksum sum, relaxed atomics for counters
+ * read while the loop runs. Constants (UDP GSO/GRO included) come from contract.py, not from here. */
 #ifndef FASTFLANNEL_FASTPATH_H
 #define FASTFLANNEL_FASTPATH_H
 
@@ -37,11 +38,6 @@ static inline uint16_t ff_fold(uint64_t s) {
 
 #ifndef FASTFLANNEL_DEBUG
 #define FASTFLANNEL_DEBUG 0
-/* UDP GSO/GRO (linux/udp.h); older libc headers lack them. */
-#define FF_SOL_UDP 17
-#define FF_UDP_SEGMENT 103
-#define FF_UDP_GRO 104
-
 #endif
 
 /* A counter has one writer (the thread serving its direction): a relaxed load + store is one plain aligned
@@ -58,10 +54,5 @@ static inline void ff_add_shared(uint64_t *p, uint64_t v) {
 static inline uint64_t ff_load(uint64_t *p) {
     return __atomic_load_n(p, __ATOMIC_RELAXED);
 }
-
-/* UDP GSO/GRO (linux/udp.h); older libc headers lack them. */
-#define FF_SOL_UDP 17
-#define FF_UDP_SEGMENT 103
-#define FF_UDP_GRO 104
 
 #endif

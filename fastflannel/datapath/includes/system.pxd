@@ -87,10 +87,3 @@ cdef extern from "<sys/eventfd.h>" nogil:
         EFD_NONBLOCK
         EFD_CLOEXEC
 
-
-
-cdef extern from "fastpath.h" nogil:
-    enum:
-        FF_SOL_UDP  # 17
-        FF_UDP_SEGMENT  # 103
-        FF_UDP_GRO  # 104

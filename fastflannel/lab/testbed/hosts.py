@@ -167,12 +167,36 @@ class Host(_Node):
         if self.daemon is not None and self.daemon.poll() is None:
             raise TestbedError(f"fastflanneld already running on {self.name} (pid {self.daemon.pid})")
         self.daemon_log = Path(log_path) if log_path is not None else self._tb.workdir / f"{self.name}.log"
-        denv = {"PYTHONUNBUFFERED": "1", **(env or {})}
+        denv = {"PYTHONUNBUFFERED": "1", "WIREGUARD_KEY_FILE": str(self.wg_key_file), **(env or {})}
         with open(self.daemon_log, "ab") as logf:  # the child keeps its own copy of the fd
-            self.daemon = self.popen(self.daemon_command(*extra_args), env=denv, stdout=logf,
+            self.daemon = self.popen(self.private_run(self.daemon_command(*extra_args)), env=denv, stdout=logf,
                                      stderr=subprocess.STDOUT)
         self._tb._log(f"testbed: fastflanneld pid {self.daemon.pid} on {self.name}, log {self.daemon_log}")
         return self.daemon
+
+    # -- wireguard: a private UAPI socket directory ----------------------------------------------------------------
+
+    @property
+    def wg_key_file(self) -> Path:
+        """The daemon's WireGuard key file (``$WIREGUARD_KEY_FILE``; Flannel's default /run/flannel/wgkey is shared)."""
+        return self.tmpdir / "wgkey"
+
+    def private_run(self, args: Sequence[str]) -> list[str]:
+        """Wrap ``args`` so they see this host's own ``/var/run/wireguard`` (``<tmpdir>/wireguard`` bind-mounted).
+
+        wireguard-go's UAPI socket ``/var/run/wireguard/<dev>.sock`` lives on the filesystem, which every network
+        namespace shares: a second ``flannel-wg`` would fail with "unix socket in use". ``ip netns exec`` already
+        runs each command in a new mount namespace whose mounts do not propagate back, so the bind mount is private
+        to the command and its children; every later command wrapped the same way (``wg``) finds the same socket.
+        """
+        d = self.tmpdir / "wireguard"
+        d.mkdir(mode=0o700, exist_ok=True)
+        return ["sh", "-c", 'mkdir -p /var/run/wireguard && mount --bind "$0" /var/run/wireguard && exec "$@"',
+                str(d), *map(str, args)]
+
+    def wg(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run wireguard-tools' ``wg`` on this host (with its private /var/run/wireguard)."""
+        return self.run(self.private_run(["wg", *args]), check=check)
 
     def stop_daemon(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
         """Send ``sig`` to the daemon and wait; SIGKILL after ``timeout``. Return its exit code, None if none ran."""

@@ -1,0 +1,111 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The control channel (ff_ctl: commands applied between batches, SYNCs echoed) and the poll loop (ff_run) that
+Proxy.run() calls inside its one ``with nogil``."""
+
+
+cdef int ff_ctl(ff_state *st, int ctl_fd, int *stage) noexcept nogil:
+    """Apply up to FF_CTL_BURST queued commands, echoing SYNCs; 0 or -errno."""
+    cdef ff_command cmd
+    cdef ssize_t n
+    cdef int k, r
+    for k in range(FF_CTL_BURST):
+        n = recv(ctl_fd, &cmd, sizeof(cmd), MSG_DONTWAIT)
+        if n < 0:
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                return 0
+            stage[0] = S_CTL
+            return -errno
+        if n == 0:  # Python closed its end while the loop runs: nobody can steer or stop us but the eventfd
+            stage[0] = S_CTL
+            return -EPIPE
+        if n != sizeof(cmd):
+            continue
+        if cmd.cmd == CMD_SYNC:
+            send(ctl_fd, &cmd, sizeof(cmd), MSG_DONTWAIT)  # Python waits for it; its queue has room
+            continue
+        ff_add_shared(&st.c[C_CTL_COMMANDS], 1)
+        r = ff_apply(st, cmd.cmd, cmd.arg, cmd.value, cmd.pid)
+        if r < 0:
+            stage[0] = S_PEERS
+            return r
+    return 0
+
+
+cdef int ff_run(ff_state *st, int role, int ctl_fd, int *stage, int *bad_fd) noexcept nogil:
+    """Serve ``role`` until the stop eventfd is readable (0) or a fd fails (-errno, stage/bad_fd set).
+
+    While a data fd keeps returning packets the loop reads it again without poll() (flannel's trick: an
+    occasional EAGAIN is cheaper than a poll() per burst), but at most FF_SPIN bursts in a row: then poll()
+    runs (it returns at once when data is waiting) and stop and ctl are serviced.
+    """
+    cdef pollfd fds[4]
+    cdef int nfds = 2, i_tun = -1, i_udp = -1, r, i
+    cdef unsigned int spin = 0
+    cdef bint tun_ready, udp_ready
+    cdef unsigned int got_tx = 0, got_rx = 0
+    fds[0].fd = st.stop_fd
+    fds[0].events = POLLIN
+    fds[1].fd = ctl_fd
+    fds[1].events = POLLIN
+    if role != ROLE_RX:
+        i_tun = nfds
+        fds[nfds].fd = st.tun_fd
+        fds[nfds].events = POLLIN
+        nfds += 1
+    if role != ROLE_TX:
+        i_udp = nfds
+        fds[nfds].fd = st.udp_fd
+        fds[nfds].events = POLLIN
+        nfds += 1
+    while True:
+        if spin == 0:
+            for i in range(nfds):
+                fds[i].revents = 0
+            r = poll(fds, nfds, -1)
+            ff_add_shared(&st.c[C_POLLS], 1)
+            if r < 0:
+                if errno == EINTR:
+                    continue
+                stage[0] = S_POLL
+                return -errno
+            for i in range(nfds):
+                if fds[i].revents & POLLNVAL:
+                    stage[0] = S_POLL
+                    bad_fd[0] = fds[i].fd
+                    return -EBADF
+            if fds[0].revents:
+                return 0
+            if fds[1].revents:
+                r = ff_ctl(st, ctl_fd, stage)
+                if r < 0:
+                    return r
+            tun_ready = i_tun >= 0 and fds[i_tun].revents != 0
+            udp_ready = i_udp >= 0 and fds[i_udp].revents != 0
+            if tun_ready and not (fds[i_tun].revents & POLLIN):
+                # POLLERR/POLLHUP without data: the device (or the socketpair standing in) is gone
+                stage[0] = S_TUN_READ
+                return -EPIPE
+        else:  # spinning: only the fds that returned data last time
+            tun_ready = got_tx != 0
+            udp_ready = got_rx != 0
+        got_tx = got_rx = 0
+        if tun_ready:
+            if st.vnet:
+                r = ff_tx_burst_vnet(st, stage, &got_tx)
+            else:
+                r = ff_tx_burst(st, stage, &got_tx)
+            if r != 0:
+                return r if r < 0 else 0
+        if udp_ready:
+            if st.vnet or st.gro:
+                r = ff_rx_burst_gro(st, stage, &got_rx)
+            else:
+                r = ff_rx_burst(st, stage, &got_rx)
+            if r != 0:
+                return r if r < 0 else 0
+        if (got_tx != 0 or got_rx != 0) and spin < st.spin:
+            spin += 1
+        else:
+            spin = 0

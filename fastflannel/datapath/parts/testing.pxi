@@ -1,0 +1,64 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Offload core for tests: tests/datapath/test_offload.py compares these with the twin's pure-Python reference.
+They call the same nogil functions the loop runs."""
+
+
+def gso_split(bytes buf not None):
+    """Split one TUN read (virtio_net_hdr + packet) as the tx loop does; return the list of IPv4 packets.
+
+    Raises ValueError for an unusable header or packet (the loop counts it tx_drop_malformed).
+    """
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(buf)
+    cdef uint8_t *out
+    cdef uint32_t lens[FF_SEGS_MAX]
+    cdef int k, tso = 0
+    cdef size_t pos = 0
+    if n > FF_RBUF:
+        raise ValueError("longer than one TUN read")
+    out = <uint8_t *>PyMem_RawMalloc(FF_SEG_ROOM)
+    if out == NULL:
+        raise MemoryError()
+    try:
+        k = ff_gso_split(<const uint8_t *>PyBytes_AS_STRING(buf), <size_t>n, out, FF_SEG_ROOM, lens,
+                         FF_SEGS_MAX, &tso)
+        if k < 0:
+            raise ValueError("unusable virtio_net_hdr or packet" if k == -1 else "too many segments")
+        res = []
+        for i in range(k):
+            res.append(PyBytes_FromStringAndSize(<char *>out + pos, lens[i]))
+            pos += lens[i]
+        return res
+    finally:
+        PyMem_RawFree(out)
+
+
+def gro_coalesce(packets):
+    """Coalesce IPv4 packets as the rx loop does before its TUN writes; return the writes (virtio_net_hdr +
+    packet each), in order. Packets longer than 65535 bytes raise ValueError."""
+    cdef ff_io io
+    cdef bytes b
+    cdef unsigned int k
+    cdef size_t n
+    memset(&io, 0, sizeof(io))
+    io.wslots = <uint8_t *>PyMem_RawMalloc(<size_t>FF_WSLOTS * FF_WSLOT)
+    io.items = <ff_item *>PyMem_RawCalloc(FF_WSLOTS, sizeof(ff_item))
+    res = []
+    try:
+        if io.wslots == NULL or io.items == NULL:
+            raise MemoryError()
+        for b in packets:
+            if PyBytes_GET_SIZE(b) > IPV4_MAX:
+                raise ValueError("packet longer than 65535 bytes")
+            if ff_gro_add(&io, <const uint8_t *>PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b), 0):
+                for k in range(io.nout):
+                    n = ff_gro_finish(&io, k)
+                    res.append(PyBytes_FromStringAndSize(<char *>io.wslots + <size_t>k * FF_WSLOT, n))
+                io.nout = 0
+                ff_gro_add(&io, <const uint8_t *>PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b), 0)
+        for k in range(io.nout):
+            n = ff_gro_finish(&io, k)
+            res.append(PyBytes_FromStringAndSize(<char *>io.wslots + <size_t>k * FF_WSLOT, n))
+        return res
+    finally:
+        PyMem_RawFree(io.wslots)
+        PyMem_RawFree(io.items)
