@@ -41,6 +41,9 @@ TUN_TXQUEUELEN = 5000
 # TCP run 20-25k -> 4-7k): measured side by side, 8 interleaved pairs on 2 vCPUs, 1 stream 5.84 vs 5.33 Gb/s
 # (within noise), 4 streams 6.39 vs 5.32 Gb/s (docs/fastpath.md "Offloads"). The per-packet path keeps 2.
 OFFLOAD_THREADS = 1
+# The loop's busy-poll window, microseconds (FastPathOptions.busy_poll_us; FASTFLANNEL_UDP_BUSY_POLL_US overrides,
+# 0 turns it off). docs/fastpath.md "Wake-ups" has the measurements behind it.
+BUSY_POLL_US = 0
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -60,6 +63,7 @@ def fastpath_options_from_env():
         check_peer_source=_env_flag("FASTFLANNEL_UDP_CHECK_PEER_SOURCE", True),
         check_inner_dest=_env_flag("FASTFLANNEL_UDP_CHECK_INNER_DEST", True),
         spin=int(os.environ.get("FASTFLANNEL_UDP_SPIN") or FastPathOptions.spin),
+        busy_poll_us=int(os.environ.get("FASTFLANNEL_UDP_BUSY_POLL_US") or BUSY_POLL_US),
         threads=int(os.environ.get("FASTFLANNEL_UDP_THREADS") or FastPathOptions.threads),  # see OFFLOAD_THREADS
         # offloads (docs/fastpath.md "Offloads", Cython only): ON by default, each probed at start with a clean
         # fallback (TUNSETOFFLOAD refused -> plain TUN; UDP_GRO refused -> one datagram per slot; UDP_SEGMENT EIO
