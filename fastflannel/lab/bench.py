@@ -321,7 +321,8 @@ class ModeCluster:
         if user:
             d = [counter_delta(b, a) for b, a in zip(f0, self.stats())]
             row["flood_fastpath_deltas"] = d
-            fdrops = sum(v for x in d for k, v in x.items() if "_drop_" in k)
+            # the fast path's own drops only: tx_drop_tun_queue / rx_drop_udp_rcvbuf are the kernel's (counted above)
+            fdrops = sum(v for x in d for k, v in x.items() if "_drop_" in k and k in COUNTER_NAMES)
         lb = loss_by_place(int(g["sent"]), counters_delta(c0, c1), fdrops, s1 - s0, self.tun)
         secs = float(g["seconds"]) or seconds
         pct = lb["places_pct"]
@@ -377,7 +378,7 @@ class ModeCluster:
         self.check_daemons()
         row: Dict[str, Any] = {"mode": self.mode, "mtu": self.mtu}
         if "idle" in tests and self.spec["user_space"]:
-            row["idle_cpu_pct"] = per_daemon_cpu_pct(self.daemon_pids(), lambda: time.sleep(IDLE_S))
+            row["idle_cpu_pct"] = per_daemon_cpu_pct(self.daemon_pids(), lambda: time.sleep(min(IDLE_S, seconds)))
         if "ping" in tests:
             self._ping(row, pings)
         if "rr" in tests:
