@@ -10,7 +10,9 @@ one run):
 - ``vxlan``: the kernel's vxlan device encapsulates;
 - ``udp``: the udp backend with the Cython fast path and its defaults (docs/fastpath.md);
 - ``udp-plain``: the same loop without offloads (``FASTFLANNEL_UDP_TUN_OFFLOAD=0 FASTFLANNEL_UDP_GRO=0``);
-- ``udp-python``: the same backend with the pure-Python twin (``FASTFLANNEL_NO_EXTENSIONS=1``).
+- ``udp-python``: the same backend with the pure-Python twin (``FASTFLANNEL_NO_EXTENSIONS=1``);
+- ``wireguard``: the wireguard backend, encrypted (ChaCha20-Poly1305) by wireguard-go here (no kernel module on
+  this machine; with the module it is the kernel's): what encryption costs. Its CPU is the daemons' children's.
 
 Repetitions are interleaved (rep *r* runs the mode list rotated by *r*), so drift on a noisy machine hits every
 mode alike, and ratios to VXLAN are medians of per-round ratios. The tests (``--tests``, default all; what each
@@ -56,7 +58,7 @@ from fastflannel.lab.benchout import (  # noqa: F401  (re-exported: the bench's 
 
 BENCH_NETWORK = "100.96.0.0/16"
 HEALTHZ_PORT = 8471
-ALL_MODES = ("host-gw", "vxlan", "udp", "udp-plain", "udp-python")
+ALL_MODES = ("host-gw", "vxlan", "udp", "udp-plain", "udp-python", "wireguard")
 MODE_SPECS: Dict[str, Dict[str, Any]] = {
     "host-gw": {"backend": "host-gw", "env": {}, "user_space": False},
     "vxlan": {"backend": "vxlan", "env": {}, "user_space": False},
@@ -64,6 +66,7 @@ MODE_SPECS: Dict[str, Dict[str, Any]] = {
     "udp-plain": {"backend": "udp", "env": {"FASTFLANNEL_UDP_TUN_OFFLOAD": "0", "FASTFLANNEL_UDP_GRO": "0"},
                   "user_space": True},
     "udp-python": {"backend": "udp", "env": {"FASTFLANNEL_NO_EXTENSIONS": "1"}, "user_space": True},
+    "wireguard": {"backend": "wireguard", "env": {}, "user_space": False},  # wireguard-go: not our fast path
 }
 OVERLAY_DEVICE = {"udp": "flannel0", "vxlan": "flannel.1", "host-gw": ""}
 ALL_TESTS = ("ping", "rr", "flood", "tcp1", "tcp4", "udp64", "idle")
@@ -261,7 +264,7 @@ class ModeCluster:
     def daemon_cpu(self) -> float:
         from fastflannel.lab.measure import process_cpu_seconds
 
-        return sum(process_cpu_seconds(p) for p in self.daemon_pids())
+        return sum(process_cpu_seconds(pid) for h in self.tb.hosts for pid in _with_children(h.daemon.pid))
 
     def check_daemons(self) -> None:
         for h in self.tb.hosts:
@@ -397,6 +400,15 @@ class ModeCluster:
             time.sleep(SETTLE_S)
         self.check_daemons()
         return row
+
+
+def _with_children(pid: int) -> List[int]:
+    """Return ``pid`` and its child processes (wireguard-go under the wireguard backend's daemon)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [pid, *map(int, f.read().split())]
+    except OSError:
+        return [pid]
 
 
 def _wait_ping(node, ip, timeout: float) -> bool:

@@ -251,7 +251,7 @@ def write_chart(summary: Dict[str, Dict[str, Dict[str, float]]], modes: Sequence
               ("flood_loss_pct", "64 B flood loss (%)"), ("tcp1_gbps", "TCP 1 stream (Gb/s)"),
               ("tcp4_gbps", "TCP 4 streams (Gb/s)"), ("cpu_s_per_gbit", "CPU core-s per Gbit")]
     colors = {"host-gw": "#4c72b0", "vxlan": "#55a868", "udp": "#dd8452", "udp-plain": "#8172b3",
-              "udp-python": "#c44e52"}
+              "udp-python": "#c44e52", "wireguard": "#937860"}
     fig, axes = plt.subplots(2, 4, figsize=(16, 7.5))
     for ax, (key, label) in zip(axes.flat, panels):
         meds, los, his, names = [], [], [], []
