@@ -110,7 +110,7 @@ def test_summary_ratios_and_table() -> None:
     assert "syscalls_per_packet" not in r["udp"]  # the reference is 0
     table = format_table(s, ["vxlan", "udp"])
     assert "TCP 1 stream" in table and "ratio to vxlan" in table and "x0.09" in table
-    assert set(MODE_SPECS) == {"host-gw", "vxlan", "udp", "udp-plain", "udp-python"}
+    assert set(MODE_SPECS) == {"host-gw", "vxlan", "udp", "udp-plain", "udp-python", "wireguard"}
     assert MODE_SPECS["udp-python"]["env"] == {"FASTFLANNEL_NO_EXTENSIONS": "1"}
     assert MODE_SPECS["udp"]["env"] == {}  # the default path: offloads on
     assert MODE_SPECS["udp-plain"]["env"] == {"FASTFLANNEL_UDP_TUN_OFFLOAD": "0", "FASTFLANNEL_UDP_GRO": "0"}
