@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--reps", type=int, default=3)
     b.add_argument("--seconds", type=float, default=5.0)
     b.add_argument("--modes", default="host-gw,vxlan,udp,udp-plain,udp-python,wireguard")
+    b.add_argument("--tests", default="ping,rr,flood,tcp1,tcp4,udp64,idle",
+                   help="comma list of tests (default: all): ping,rr,flood,tcp1,tcp4,udp64,idle")
+    b.add_argument("--variant", action="append", default=[], metavar="NAME=MODE[:ENV=V,...]",
+                   help="one more mode: MODE's setup with extra daemon environment, e.g. "
+                        "udp-base=udp:PYTHONPATH=/tmp/ffbase (run from outside the checkout); repeatable")
     b.add_argument("--out", default="bench-results", help="directory for the JSON and the PNG")
     b.set_defaults(func=cmd_bench)
     t = sub.add_parser("testbed", help="bring up a testbed until Ctrl-C, or clean up stale ones")
