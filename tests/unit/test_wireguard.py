@@ -6,7 +6,7 @@ import os
 import stat
 import subprocess
 import shutil
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_interface, ip_network
 
 import pytest
 
@@ -154,16 +154,16 @@ class FakeNl:
         return [AddrInfo(7, a, 0, 0x80) for a in self.addrs.get(ifname, ())]
 
     def addr_replace(self, ifname, cidr):
-        self.addrs.setdefault(ifname, set()).add(IPv4Interface(cidr))
+        self.addrs.setdefault(ifname, set()).add(ip_interface(cidr))
 
     def addr_del(self, ifname, cidr):
-        self.addrs[ifname].discard(IPv4Interface(cidr))
+        self.addrs[ifname].discard(ip_interface(cidr))
 
     def set_link_up(self, name):
         self.links[name] = "up"
 
     def route_replace(self, dst, gateway=None, oif=None, onlink=False, table=254, scope=None):
-        self.routes[IPv4Network(dst)] = (oif, scope)
+        self.routes[ip_network(dst)] = (oif, scope)
 
 
 class Manager:
@@ -251,3 +251,147 @@ def test_ipv6_and_single_device_modes_refused_clearly(tmp_path):
     be = WireguardBackend(Manager(), ext, FakeNl(), device_factory=None, key_file=str(tmp_path / "k"))
     with pytest.raises(BackendError, match="Mode=auto"):
         be.register_network(cfg('{"Type":"wireguard","Mode":"auto"}'))
+
+
+# -- kernel path (no module on this kernel): probe/fallback and the generic netlink wrapper ----------------------
+class ProbeNl:
+    def __init__(self, existing=None, add_error=None):
+        self.existing, self.add_error, self.calls = existing, add_error, []
+
+    def link_info(self, name):
+        return self.existing
+
+    def add_wireguard(self, name, mtu):
+        self.calls.append(("add", name, mtu))
+        if self.add_error:
+            raise self.add_error
+        return LinkInfo(name, 9, "wireguard", mtu, "", False)
+
+    def delete_link(self, name):
+        self.calls.append(("del", name))
+        self.existing = None
+
+    def set_mtu(self, name, mtu):
+        self.calls.append(("mtu", name, mtu))
+
+
+def test_probe_prefers_the_kernel_and_falls_back_with_a_clear_error(monkeypatch):
+    import errno
+
+    from fastflannel.errors import KernelError
+    from fastflannel.kernel import wireguard as kwg
+
+    monkeypatch.setattr(kwg, "WireGuardGenl", lambda: "genl")
+    monkeypatch.delenv("FASTFLANNEL_WIREGUARD", raising=False)
+    nl = ProbeNl()
+    dev = kwg.open_device(nl, "flannel-wg", 1420)
+    assert dev.kind == "kernel" and nl.calls == [("add", "flannel-wg", 1420)]
+    nl = ProbeNl(existing=LinkInfo("flannel-wg", 9, "wireguard", 1500, "", True))  # reused, MTU set
+    assert kwg.open_device(nl, "flannel-wg", 1420).kind == "kernel" and nl.calls == [("mtu", "flannel-wg", 1420)]
+    nomod = KernelError("wireguard flannel-wg", "Operation not supported", errno.EOPNOTSUPP)
+    monkeypatch.setenv("FASTFLANNEL_WIREGUARD_GO", "/nonexistent/wireguard-go")
+    monkeypatch.setattr(kwg.shutil, "which", lambda _: None)
+    with pytest.raises(BackendError, match="no wireguard module and wireguard-go is not installed"):
+        kwg.open_device(ProbeNl(add_error=nomod), "flannel-wg", 1420)
+    with pytest.raises(KernelError, match="Operation not supported"):  # forced kernel: no fallback
+        kwg.open_device(ProbeNl(add_error=nomod), "flannel-wg", 1420, impl="kernel")
+    other = KernelError("wireguard flannel-wg", "Permission denied", errno.EPERM)
+    with pytest.raises(KernelError, match="Permission denied"):  # only "no module" falls back
+        kwg.open_device(ProbeNl(add_error=other), "flannel-wg", 1420)
+    with pytest.raises(BackendError, match="must be kernel, userspace or empty"):
+        kwg.open_device(ProbeNl(), "flannel-wg", 1420, impl="both")
+
+
+def test_genl_wrapper_decodes_pyroute2_messages_and_builds_peer_requests():
+    """The genl wrapper against messages encoded and decoded by pyroute2's own wgmsg (the kernel's format)."""
+    from pyroute2.netlink.generic.wireguard import wgmsg
+
+    from fastflannel.kernel.wireguard import ZERO_KEY, WireGuardGenl
+
+    pub, peer_pub, psk = (public_key(generate_private_key()) for _ in range(3))
+
+    def peer(key, psk_b64, port):
+        return {"attrs": [["WGPEER_A_PUBLIC_KEY", key], ["WGPEER_A_PRESHARED_KEY", psk_b64],
+                          ["WGPEER_A_ENDPOINT", {"addr": "10.168.0.3", "port": port}],
+                          ["WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", 25],
+                          ["WGPEER_A_ALLOWEDIPS", [{"attrs": [["WGALLOWEDIP_A_FAMILY", 2],
+                                                              ["WGALLOWEDIP_A_IPADDR", bytes([100, 96, 2, 0])],
+                                                              ["WGALLOWEDIP_A_CIDR_MASK", 24]]}]]]}
+
+    m = wgmsg()
+    m["cmd"], m["version"], m["header"]["type"] = 0, 1, 0x20
+    m["attrs"] = [["WGDEVICE_A_LISTEN_PORT", 51820], ["WGDEVICE_A_PUBLIC_KEY", pub],
+                  ["WGDEVICE_A_PEERS", [peer(peer_pub, psk, 51820), peer(pub, ZERO_KEY, 0)]]]
+    m.encode()
+    decoded = wgmsg(m.data)
+    decoded.decode()
+
+    class Sock:
+        sets = []
+
+        def info(self, ifname):
+            return [decoded]
+
+        def set(self, ifname, **kw):
+            self.sets.append((ifname, kw))
+
+        def close(self):
+            pass
+
+    g = WireGuardGenl(Sock())
+    st = g.dump("flannel-wg")
+    assert (st.listen_port, st.public_key) == (51820, pub)
+    assert st.peers[peer_pub] == WgPeer(peer_pub, "10.168.0.3:51820", ("100.96.2.0/24",), psk, 25)
+    assert st.peers[pub] == WgPeer(pub, None, ("100.96.2.0/24",), None, 25)  # no endpoint, zero PSK = none
+    g.set_peer("flannel-wg", peer_pub, ("10.168.0.3", 51820), ["100.96.2.0/24"], None, 0)
+    g.remove_peer("flannel-wg", peer_pub)
+    (_, add), (_, rm) = Sock.sets
+    assert add["peer"] == {"public_key": peer_pub, "replace_allowed_ips": True, "allowed_ips": ["100.96.2.0/24"],
+                           "persistent_keepalive": 0, "preshared_key": ZERO_KEY, "endpoint_addr": "10.168.0.3",
+                           "endpoint_port": 51820}
+    assert rm["peer"] == {"public_key": peer_pub, "remove": True}
+
+
+def test_dual_stack_separate_mode_second_device_v6_lease_and_peers(tmp_path):
+    from ipaddress import IPv6Address, IPv6Interface, IPv6Network
+
+    class Nl6(FakeNl):
+        def addr_list(self, ifname, family=2):
+            return [AddrInfo(7, a, 0, 0x80) for a in self.addrs.get(ifname, ()) if (a.version == 6) == (family == 10)]
+
+    class Mgr6:
+        def acquire_lease(self, attrs):
+            self.attrs = attrs
+            return Lease(IPv4Network("100.96.1.0/24"), attrs, subnet6=IPv6Network("fd00:100:0:1::/64"))
+
+    nl, devs, mgr = Nl6(), {}, Mgr6()
+
+    def factory(netlink, name, mtu):
+        netlink.links[name] = "down"
+        devs[name] = FakeDevice()
+        return devs[name]
+
+    ext = ExternalInterface("eth0", 2, IPv4Address("10.168.0.2"), IPv4Address("10.168.0.2"), 1500,
+                            iface_addr6=IPv6Address("fd00::2"), ext_addr6=IPv6Address("fd00::2"))
+    be = WireguardBackend(mgr, ext, nl, device_factory=factory, key_file=str(tmp_path / "wgkey"))
+    net = be.register_network(parse_config(
+        '{"Network":"100.96.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:100::/48",'
+        '"Backend":{"Type":"wireguard","ListenPortV6":51999}}'))
+    pub = public_key(open(tmp_path / "wgkey").read())
+    assert mgr.attrs.to_json() == (
+        '{"PublicIP":"10.168.0.2","PublicIPv6":"fd00::2","BackendType":"wireguard",'
+        '"BackendData":{"PublicKey":"%s","Port":51820},"BackendV6Data":{"PublicKey":"%s","Port":51999}}' % (pub, pub))
+    assert devs["flannel-wg"].config[1] == 51820 and devs["flannel-wg-v6"].config[1] == 51999
+    assert nl.addrs["flannel-wg-v6"] == {IPv6Interface("fd00:100:0:1::/128")} and net.mtu == 1420
+    assert nl.routes[IPv6Network("fd00:100::/48")] == (7, 253)
+    k2 = public_key(generate_private_key())
+    dual = Lease(IPv4Network("100.96.2.0/24"),
+                 LeaseAttrs(IPv4Address("10.168.0.3"), "wireguard", {"PublicKey": k2, "Port": 51820},
+                            IPv6Address("fd00::3"), {"PublicKey": k2, "Port": 0}),
+                 subnet6=IPv6Network("fd00:100:0:2::/64"))
+    v4only = wg_lease("100.96.3.0/24", "10.168.0.4", public_key(generate_private_key()))
+    net.handle_events([Event(EventType.ADDED, dual), Event(EventType.ADDED, v4only)])
+    assert devs["flannel-wg-v6"].peers == {k2: WgPeer(k2, "[fd00::3]:51999", ("fd00:100:0:2::/64",), None, 0)}
+    assert len(devs["flannel-wg"].peers) == 2
+    net.handle_events([Event(EventType.REMOVED, dual)])
+    assert devs["flannel-wg-v6"].peers == {} and len(devs["flannel-wg"].peers) == 1
