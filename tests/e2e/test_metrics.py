@@ -178,7 +178,7 @@ print(got)
 @pytest.mark.netns
 @pytest.mark.etcd
 def test_metrics_scraped_while_traffic_flows(make_testbed, tmp_path):
-    from e2e import wait_for
+    from waiting import wait_for
 
     tb = make_testbed(3)
     tb.put_config({"Network": "100.96.0.0/16", "Backend": {"Type": "udp"}})
