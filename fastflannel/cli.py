@@ -45,6 +45,7 @@ _FLAGS = [
     ("iface-regex", "iface_regex", "list", None, "regex matching the first interface (IP, then name) to use; repeatable"),
     ("iface-can-reach", "iface_can_reach", "str", "", "detect the interface to use from the route to this IP (what 'ip route get <ip>' uses)"),
     ("public-ip", "public_ip", "str", "", "IP accessible by other nodes for inter-host communication"),
+    ("public-ipv6", "public_ipv6", "str", "", "IPv6 accessible by other nodes for inter-host communication"),
     ("subnet-file", "subnet_file", "str", DEFAULT_SUBNET_FILE, "filename where env variables (subnet, MTU, ...) will be written to"),
     ("subnet-lease-renew-margin", "subnet_lease_renew_margin", "int", 60, "subnet lease renewal margin, in minutes, ranging from 1 to 1439"),
     ("ip-masq", "ip_masq", "bool", False, "setup IP masquerade rule for traffic destined outside of overlay network"),

@@ -175,10 +175,13 @@ class Daemon:
         from fastflannel.kernel.netlink import Netlink
         from fastflannel.subnet.etcd import EtcdRegistry
         from fastflannel.subnet.manager import LocalManager
-        from fastflannel.subnet.subnetfile import read_previous_network_and_subnet, write_subnet_file
+        from fastflannel.subnet.subnetfile import (
+            read_previous_network_and_subnet, read_previous_subnets, write_subnet_file,
+        )
 
         opts = self.opts
         prev_network, prev_subnet = read_previous_network_and_subnet(opts.subnet_file)
+        prev_subnet6 = read_previous_subnets(opts.subnet_file)[1]
         registry = EtcdRegistry(
             endpoints=opts.etcd_endpoints,
             prefix=opts.etcd_prefix,
@@ -194,6 +197,7 @@ class Daemon:
             registry,
             prefix=opts.etcd_prefix,
             previous_subnet=prev_subnet,
+            previous_subnet6=prev_subnet6,
             ttl=ttl,
             renew_margin_s=margin,
         )
@@ -209,14 +213,15 @@ class Daemon:
         config = self._wait_for_config(manager)
         if config is None:
             return 0
-        log.info("event=config_loaded network=%s subnet_len=%d backend=%s",
-                 config.network, config.subnet_len, config.backend_type)
+        log.info("event=config_loaded network=%s subnet_len=%d ipv6_network=%s ipv6_subnet_len=%d backend=%s",
+                 config.network, config.subnet_len, config.ipv6_network, config.ipv6_subnet_len, config.backend_type)
 
         netlink = stack.enter_context(Netlink())
         ext = select_interface(opts.iface, opts.iface_regex, opts.public_ip or None, netlink,
-                               can_reach=opts.iface_can_reach or None)
-        log.info("event=interface_selected iface=%s iface_addr=%s public_ip=%s mtu=%d",
-                 ext.name, ext.iface_addr, ext.ext_addr, ext.mtu)
+                               can_reach=opts.iface_can_reach or None,
+                               public_ipv6=opts.public_ipv6 or None, ipv6=config.enable_ipv6)
+        log.info("event=interface_selected iface=%s iface_addr=%s public_ip=%s iface_addr6=%s public_ipv6=%s mtu=%d",
+                 ext.name, ext.iface_addr, ext.ext_addr, ext.iface_addr6, ext.ext_addr6, ext.mtu)
 
         prev_lease = None
         try:
@@ -230,8 +235,9 @@ class Daemon:
         self.network = network
         stack.callback(network.close)
         lease = network.lease
-        log.info("event=network_registered subnet=%s public_ip=%s backend=%s mtu=%d",
-                 lease.subnet, lease.attrs.public_ip, config.backend_type, network.mtu)
+        log.info("event=network_registered subnet=%s subnet6=%s public_ip=%s public_ipv6=%s backend=%s mtu=%d",
+                 lease.subnet, lease.subnet6, lease.attrs.public_ip, lease.attrs.public_ipv6, config.backend_type,
+                 network.mtu)
 
         traffic = make_traffic_manager(config, lease, opts, prev_network, prev_subnet)
         program_traffic = opts.ip_masq or opts.iptables_forward_rules or config.enable_nftables

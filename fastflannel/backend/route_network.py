@@ -51,12 +51,19 @@ def sync_routes(
     remove_stale: bool,
 ) -> List[str]:
     """Make the main table hold exactly ``desired`` among gateway routes via ``oifs`` inside ``network``.
+    The address family is ``own_subnet``'s (IPv6 for the IPv6 half of a dual-stack network).
 
     Returns a list of human-readable changes (for logs and tests). Errors on single routes are logged and
     the pass continues."""
     oifs = set(oifs)
     current: Dict[IPv4Network, list] = {}
-    for r in netlink.routes():
+    if own_subnet.version == 6:  # the IPv6 half of a dual-stack network (lease.project): its own table dump
+        from fastflannel.kernel.netlink import AF_INET6
+
+        dump = netlink.routes(family=AF_INET6)
+    else:
+        dump = netlink.routes()
+    for r in dump:
         if r.oif in oifs or r.dst in desired:
             current.setdefault(r.dst, []).append(r)
     changes: List[str] = []

@@ -81,11 +81,19 @@ class UdpBackend:
         self.netlink = netlink
 
     def register_network(self, config: NetworkConfig) -> "UdpNetwork":
+        if config.enable_ipv6:  # Flannel's udp backend is IPv4 only too (its C proxy carries raw IPv4 packets)
+            raise BackendError(UDP_IPV6_ERROR)
         port = config.backend_option("Port", DEFAULT_PORT) or DEFAULT_PORT
         if not isinstance(port, int) or not 0 < port < 65536:
             raise BackendError(f"Backend.Port: {port!r} is not a UDP port number")
         lease = self.manager.acquire_lease(LeaseAttrs(public_ip=self.ext.ext_addr))
         return UdpNetwork(config, lease, self.ext, self.netlink, port)
+
+
+UDP_IPV6_ERROR = (
+    "the udp backend is IPv4 only (as in Flannel) but the network config has EnableIPv6 true; use the vxlan or "
+    "host-gw backend for dual stack, or set EnableIPv6 to false"
+)
 
 
 class UdpNetwork:

@@ -18,6 +18,12 @@ A failure rolls back the entries already added for that peer; removal tries all 
 failure. With ``DirectRouting`` a peer whose PublicIP is directly connected (``ip route get`` shows no gateway)
 gets a plain host-gw route ``<subnet> via <PublicIP>`` instead (shared ``route_network`` helper).
 
+Dual stack (EnableIPv6): a second device ``flannel-v6.<VNI>`` (local = the interface's IPv6, MTU ext - 70, its own
+stable MAC advertised as ``BackendV6Data``) with the same three entries per peer for the peer's IPv6 subnet and
+PublicIPv6 (neighbour ``<subnet6 address>``, FDB ``dst <PublicIPv6>``, onlink route). It is the same class,
+``VxlanNetwork``, given the IPv6 projection of the leases (``lease.project``); ``DualStackNetwork`` feeds both. A peer
+with a v4-only lease gets IPv4 entries only, as in Flannel.
+
 Scale: 3 kernel objects per peer (a FIB entry, a neighbour entry, an FDB hash entry); an event costs 3 netlink
 requests; a reconcile costs 3 dumps plus one request per drifted entry, so 1000 peers every 10 s is cheap.
 
@@ -33,16 +39,18 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Dict, List, Optional
 
 from fastflannel.errors import BackendError
 from fastflannel.backend.route_network import ROUTE_CHECK_INTERVAL_S, direct_route, install_route, sync_routes
-from fastflannel.backend.vxlan_device import VxlanDevice, VxlanSpec, vxlan_mtu
+from fastflannel.backend.dualstack import DualStackNetwork
+from fastflannel.backend.vxlan_device import VXLAN6_OVERHEAD, VxlanDevice, VxlanSpec, vxlan_mtu
 from fastflannel.config import NetworkConfig
 from fastflannel.kernel.iface import ExternalInterface
 from fastflannel.kernel.linkevents import LINK_EVENTS_OVERRUN, RTM_DELLINK
-from fastflannel.lease import Event, EventType, Lease, LeaseAttrs, LeaseParseError
+from fastflannel.lease import Event, EventType, Lease, LeaseAttrs, LeaseParseError, project
 
 log = logging.getLogger("fastflannel.backend.vxlan")
 
@@ -96,8 +104,8 @@ class VxlanBackend:
         self.previous_lease = previous_lease
         self.watch_links = watch_links  # start the RTM_DELLINK watcher thread (stopped by Network.close())
 
-    def _previous_mac(self, vni: int) -> Optional[str]:
-        prev = self.previous_lease
+    def _previous_mac(self, vni: int, family: int = 4) -> Optional[str]:
+        prev = project(self.previous_lease, family) if self.previous_lease is not None else None
         if prev is None or prev.attrs.backend_type != BACKEND_TYPE:
             return None
         try:
@@ -107,8 +115,9 @@ class VxlanBackend:
             return None
         return mac if prev_vni == vni else None
 
-    def register_network(self, config: NetworkConfig) -> "VxlanNetwork":
-        """Create/reuse ``flannel.<VNI>``, acquire the lease advertising its MAC, give it the /32, bring it up."""
+    def register_network(self, config: NetworkConfig):
+        """Create/reuse ``flannel.<VNI>`` (and ``flannel-v6.<VNI>`` with EnableIPv6), acquire the lease advertising
+        their MACs (BackendData, BackendV6Data), give them the /32 (/128), bring them up."""
         vni = _int_opt(config, "VNI", DEFAULT_VNI, 0, (1 << 24) - 1)
         port = _int_opt(config, "Port", 0, 0, 65535)
         backend_mtu = _int_opt(config, "MTU", 0, 0, 65535)
@@ -125,19 +134,36 @@ class VxlanBackend:
         direct = _bool_opt(config, "DirectRouting")
         device = VxlanDevice(self.netlink, spec, mac=self._previous_mac(vni))
         device.ensure()
+        device6 = None
+        if config.enable_ipv6:
+            if self.ext.iface_addr6 is None or self.ext.ext_addr6 is None:
+                raise BackendError("EnableIPv6 is true but the external interface has no IPv6 address")
+            spec6 = replace(spec, name=f"flannel-v6.{vni}", local=self.ext.iface_addr6,
+                            mtu=vxlan_mtu(backend_mtu, self.ext.mtu, VXLAN6_OVERHEAD))
+            device6 = VxlanDevice(self.netlink, spec6, mac=self._previous_mac(vni, 6))
+            device6.ensure()
         attrs = LeaseAttrs(
             public_ip=self.ext.ext_addr,
             backend_type=BACKEND_TYPE,
             backend_data={"VNI": vni, "VtepMAC": device.mac},
+            public_ipv6=self.ext.ext_addr6 if device6 is not None else None,
+            backend_v6_data={"VNI": vni, "VtepMAC": device6.mac} if device6 is not None else None,
         )
         lease = self.manager.acquire_lease(attrs)
-        device.configure(lease.subnet.network_address, config.network)
-        log.info("event=device_ready dev=%s type=vxlan vni=%d mac=%s addr=%s/32 mtu=%d direct_routing=%s",
-                 spec.name, vni, device.mac, lease.subnet.network_address, device.mtu, direct)
-        network = VxlanNetwork(lease, device, self.ext, self.netlink, config.network, direct)
-        if self.watch_links and hasattr(self.netlink, "link_events"):
-            network.start_watcher()
-        return network
+        parts = {4: (lease, device, config.network)}
+        lease6 = project(lease, 6)
+        if device6 is not None and lease6 is not None:
+            parts[6] = (lease6, device6, config.ipv6_network)
+        nets = {}
+        for family, (flease, dev, net) in parts.items():
+            dev.configure(flease.subnet.network_address, net)
+            log.info("event=device_ready dev=%s type=vxlan vni=%d mac=%s addr=%s/%d mtu=%d direct_routing=%s",
+                     dev.spec.name, vni, dev.mac, flease.subnet.network_address, flease.subnet.max_prefixlen,
+                     dev.mtu, direct)
+            nets[family] = VxlanNetwork(flease, dev, self.ext, self.netlink, net, direct)
+            if self.watch_links and hasattr(self.netlink, "link_events"):
+                nets[family].start_watcher()
+        return nets[4] if len(nets) == 1 else DualStackNetwork(lease, nets)
 
 
 class VxlanNetwork:
@@ -145,7 +171,8 @@ class VxlanNetwork:
 
     def __init__(self, lease: Lease, device: VxlanDevice, ext: ExternalInterface, netlink,
                  network: Optional[IPv4Network], direct_routing: bool = False) -> None:
-        self.lease = lease
+        self.lease = lease  # for flannel-v6.<VNI>: the IPv6 projection (lease.project) of our lease
+        self.family = lease.subnet.version
         self.device = device
         self.ext = ext
         self.netlink = netlink
@@ -269,9 +296,10 @@ class VxlanNetwork:
             if not info.up:
                 self.netlink.set_link_up(self.device.spec.name)
             self.device.check_mac()
-            if not any(a.address.ip == self.lease.subnet.network_address and a.address.network.prefixlen == 32
-                       for a in self.netlink.addr_list(self.device.spec.name)):
-                self.netlink.addr_replace(self.device.spec.name, f"{self.lease.subnet.network_address}/32")
+            addr, plen = self.lease.subnet.network_address, self.lease.subnet.max_prefixlen
+            if not any(a.address.ip == addr and a.address.network.prefixlen == plen
+                       for a in self._addrs(self.device.spec.name)):
+                self.netlink.addr_replace(self.device.spec.name, f"{addr}/{plen}")
             return False
         log.warning("event=vxlan_device_recreate dev=%s reason=%s mac=%s", self.device.spec.name,
                     "missing" if info is None else "replaced behind our back", self.device.mac)
@@ -311,7 +339,7 @@ class VxlanNetwork:
             want_fdb[mac] = lease.attrs.public_ip
             want_routes[subnet] = Route(dst=subnet, gateway=subnet.network_address, oif=dev, onlink=True)
 
-        have_neigh = {n.ip: n for n in nl.neighs(dev)}
+        have_neigh = {n.ip: n for n in self._neighs(dev)}
         for ip, mac in want_neigh.items():
             n = have_neigh.get(ip)
             if n is None or n.mac != mac or not n.state & NUD_PERMANENT:
@@ -333,6 +361,16 @@ class VxlanNetwork:
                     if mac not in want_fdb and f.state & NUD_PERMANENT and f.flags & NTF_SELF and f.dst is not None:
                         self._repair("stale fdb", nl.fdb_del, dev, mac, f.dst)
         self._programmed = programmed
+
+    def _addrs(self, name: str):
+        from fastflannel.kernel.netlink import AF_INET6
+
+        return self.netlink.addr_list(name, family=AF_INET6) if self.family == 6 else self.netlink.addr_list(name)
+
+    def _neighs(self, dev: int):
+        from fastflannel.kernel.netlink import AF_INET6
+
+        return self.netlink.neighs(dev, family=AF_INET6) if self.family == 6 else self.netlink.neighs(dev)
 
     @staticmethod
     def _repair(what: str, fn, *args) -> None:
