@@ -7,7 +7,8 @@ subnet.env (ready) -> backend event loop + lease keeper -> sd_notify READY=1 -> 
 
 Concurrency: plain threads and one ``threading.Event`` (``stop``). SIGTERM/SIGINT set it; every loop
 returns soon after; exit status 0; kernel state is left in place so a restart is seamless (flanneld does
-the same; only the udp backend's TUN goes away with the process).
+the same; only the udp backend's TUN, and the wireguard backend's wireguard-go with its device, go away with the
+process).
 
 Differences from flanneld, on purpose: a store outage during start-up is waited out instead of exiting;
 losing our own lease re-acquires the same subnet instead of shutting down (see subnet/manager.py).
@@ -55,15 +56,23 @@ def make_traffic_manager(config: NetworkConfig, lease, opts: DaemonOptions, prev
     """Return the traffic manager of the mode ``EnableNFTables`` selects, after removing the other mode's objects
     as flanneld does at start (nftables mode: the iptables FLANNEL chains; iptables mode: the nftables tables)."""
     from fastflannel.kernel import iptables, nftables
+    from fastflannel.subnet.subnetfile import read_previous_network_and_subnet
 
+    dual = config.enable_ipv6 and config.ipv6_network is not None and lease.subnet6 is not None
+    nets = [(config.network, lease.subnet)] + ([(config.ipv6_network, lease.subnet6)] if dual else [])
     if config.enable_nftables:
-        iptables.remove_iptables_objects()
-        return nftables.NftTrafficManager(nets=[(config.network, lease.subnet)], masq=opts.ip_masq,
+        for family in (4, 6) if dual else (4,):
+            iptables.remove_iptables_objects(family=family)
+        return nftables.NftTrafficManager(nets=nets, masq=opts.ip_masq,
                                           forward=opts.iptables_forward_rules, resync_s=float(opts.iptables_resync))
     nftables.delete_tables()
-    return iptables.TrafficManager(network=config.network, subnet=lease.subnet, masq=opts.ip_masq,
-                                   forward=opts.iptables_forward_rules, prev_network=prev_network,
-                                   prev_subnet=prev_subnet, resync_s=float(opts.iptables_resync))
+    prevs = [(prev_network, prev_subnet)]
+    if dual:  # ip6tables rules from FLANNEL_IPV6_NETWORK / FLANNEL_IPV6_SUBNET of the previous subnet.env
+        prevs.append(read_previous_network_and_subnet(opts.subnet_file, family=6))
+    managers = [iptables.TrafficManager(network=net, subnet=sub, masq=opts.ip_masq, forward=opts.iptables_forward_rules,
+                                        prev_network=pn, prev_subnet=ps, resync_s=float(opts.iptables_resync))
+                for (net, sub), (pn, ps) in zip(nets, prevs)]
+    return managers[0] if len(managers) == 1 else iptables.TrafficGroup(managers)
 
 
 class StartupError(Exception):

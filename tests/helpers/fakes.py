@@ -89,6 +89,7 @@ class FakeNetlink:
     fail: Dict[str, Exception] = field(default_factory=dict)
     next_index: int = 10
     direct: set = field(default_factory=set)  # IPs that route_get reports as directly connected
+    batches: List[int] = field(default_factory=list)  # size of every batch() call
 
     def _hit(self, name: str, *args) -> None:
         self.calls.append((name,) + args)
@@ -188,6 +189,14 @@ class FakeNetlink:
     def fdb_del(self, ifindex, mac, dst=None):
         self._hit("fdb_del", mac)
         return self.fdb_table.pop((ifindex, mac), None) is not None
+
+    def batch(self, ops):
+        """As ``Netlink.batch``: the same verbs one by one (so ``fail`` and ``calls`` work unchanged)."""
+        from fastflannel.errors import BackendError
+        from fastflannel.kernel.nlbatch import apply_serially
+
+        self.batches.append(len(ops))
+        return apply_serially(self, ops, (BackendError,))
 
     def fdbs(self, ifindex):
         from fastflannel.kernel.netlink import Fdb

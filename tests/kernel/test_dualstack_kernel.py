@@ -126,3 +126,62 @@ def test_hostgw_dual_stack_routes_via_public_ipv6(rig):
         _ping_both(a, b)
         net.handle_events(removed(peer))
         assert nsexec(a, "ip", "-6", "route", "show", "fc00:0:0:2::/64").strip() == ""
+
+
+# -- ip6tables (flannel-compat.md section 8: "IPv6 identical with ff00::/8 and ip6tables") -------------------------
+
+NET6, POD6 = IPv6Network("fc00::/48"), IPv6Network("fc00:0:0:34::/64")
+EXPECTED_NAT6 = [
+    '-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG',
+    '-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment "flanneld masq" -j RETURN',
+    '-A FLANNEL-POSTRTG -s fc00:0:0:34::/64 -d fc00::/48 -m comment --comment "flanneld masq" -j RETURN',
+    '-A FLANNEL-POSTRTG -s fc00::/48 -d fc00:0:0:34::/64 -m comment --comment "flanneld masq" -j RETURN',
+    '-A FLANNEL-POSTRTG ! -s fc00::/48 -d fc00:0:0:34::/64 -m comment --comment "flanneld masq" -j RETURN',
+    '-A FLANNEL-POSTRTG -s fc00::/48 ! -d ff00::/8 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully',
+    '-A FLANNEL-POSTRTG ! -s fc00::/48 -d fc00::/48 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully',
+]
+EXPECTED_FILTER6 = [
+    '-A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD',
+    '-A FLANNEL-FWD -s fc00::/48 -m comment --comment "flanneld forward" -j ACCEPT',
+    '-A FLANNEL-FWD -d fc00::/48 -m comment --comment "flanneld forward" -j ACCEPT',
+]
+
+
+def _rules(ns: str, tool: str, table: str) -> list:
+    return [line for line in nsexec(ns, tool, "-t", table).splitlines() if line.startswith("-A ")]
+
+
+@netns_marks
+def test_ip6tables_rules_exact_and_resynced_beside_ipv4(rig):
+    import shutil
+    import threading
+    import time
+
+    import pytest
+
+    from fastflannel.kernel.iptables import TrafficGroup, TrafficManager
+
+    if shutil.which("ip6tables-restore") is None:
+        pytest.skip("needs ip6tables")
+    ns = rig.netns("t6")
+    v4 = TrafficManager(IPv4Network("10.5.0.0/16"), IPv4Network("10.5.52.0/24"), True, True, netns=ns)
+    v6 = TrafficManager(NET6, POD6, True, True, netns=ns, resync_s=0.2)
+    group = TrafficGroup([v4, v6])
+    for _ in range(2):
+        group.apply()
+    assert _rules(ns, "ip6tables-save", "nat") == EXPECTED_NAT6
+    assert _rules(ns, "ip6tables-save", "filter") == EXPECTED_FILTER6
+    assert any("10.5.52.0/24" in r for r in _rules(ns, "iptables-save", "nat"))
+    assert group.check()
+    stop = threading.Event()
+    t = threading.Thread(target=group.run, args=(stop,), daemon=True)
+    t.start()
+    try:
+        nsexec(ns, "ip6tables", "-t", "nat", "-F", "FLANNEL-POSTRTG")
+        end = time.monotonic() + 10
+        while _rules(ns, "ip6tables-save", "nat") != EXPECTED_NAT6 and time.monotonic() < end:
+            time.sleep(0.1)
+        assert _rules(ns, "ip6tables-save", "nat") == EXPECTED_NAT6
+    finally:
+        stop.set()
+        t.join(5)

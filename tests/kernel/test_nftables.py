@@ -61,6 +61,14 @@ def test_script_is_family_parametrized():
         build_script([(NET, POD), (NET, POD)], True, True, True)
 
 
+def test_ipv6_only_has_no_ipv4_chains():
+    tm = NftTrafficManager([(None, None), (IPv6Network("fc00::/48"), IPv6Network("fc00:0:0:5::/64"))], masq=True,
+                           forward=True, random_fully=True)
+    script = tm.script()
+    assert "add chain ip6 flannel-ipv6 postrtg" in script and "add chain ip flannel-ipv4" not in script
+    assert 'add table ip flannel-ipv4 { comment "rules for flannel-ipv4" ; }' in script
+
+
 def test_removal_payload_removes_jumps_and_chains():
     saved = {"nat": {"POSTROUTING": ['POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG',
                                      "POSTROUTING -j DOCKER"], "FLANNEL-POSTRTG": ["FLANNEL-POSTRTG -j RETURN"]},
@@ -145,3 +153,25 @@ def test_missing_nft_is_a_clear_error(monkeypatch):
     with pytest.raises(nftables.TrafficError, match="install nftables or set EnableNFTables to false"):
         nftables.Nft().run(["list", "tables"])
     assert delete_tables() is False
+
+
+@needs_nft
+@netns_marks
+def test_dual_stack_programs_flannel_ipv6(rig):
+    ns = rig.netns("n")
+    net6, pod6 = IPv6Network("fc00::/48"), IPv6Network("fc00:0:0:5::/64")
+    NftTrafficManager([(NET, POD), (net6, pod6)], masq=True, forward=True, netns=ns).apply()
+    out = nsexec(ns, "nft", "list", "table", "ip6", "flannel-ipv6")
+    rules = [ln.strip() for ln in out.splitlines() if ln.strip().startswith(("meta", "ip6"))]
+    assert rules == [
+        "meta mark 0x00004000 return",
+        "ip6 saddr fc00:0:0:5::/64 ip6 daddr fc00::/48 return",
+        "ip6 saddr fc00::/48 ip6 daddr fc00:0:0:5::/64 return",
+        "ip6 saddr != fc00::/48 ip6 daddr fc00:0:0:5::/64 return",
+        "ip6 saddr fc00::/48 ip6 daddr != ff00::/8 masquerade fully-random",
+        "ip6 saddr != fc00::/48 ip6 daddr fc00::/48 masquerade fully-random",
+        "ip6 saddr fc00::/48 accept",
+        "ip6 daddr fc00::/48 accept",
+    ], out
+    assert "type nat hook postrouting priority srcnat" in out and "type filter hook forward priority filter" in out
+    assert ruleset(ns).startswith(EXPECTED_V4.split("table ip6")[0])  # the IPv4 table unchanged

@@ -330,3 +330,51 @@ def test_public_ipv6_flag_and_env():
     assert parse_options(["--public-ipv6=2001:db8::9"],
                          environ={"FLANNELD_PUBLIC_IPV6": "2001:db8::8"}).public_ipv6 == "2001:db8::9"
     assert parse_options([], environ={}).public_ipv6 == ""
+
+
+# -- 7. CNI plugin: both families as Flannel's plugin hands them out ------------------------------------------------
+
+def test_cni_delegate_has_ranges_and_routes_for_both_families():
+    from fastflannel.cni import plugin as cni
+
+    c = parse_config(DUAL)
+    lease = Lease(IPv4Network("10.5.72.0/24"), dual_attrs(), subnet6=IPv6Network("fc00:0:0:48::/64"))
+    senv = cni.parse_subnet_env(format_subnet_file(c, lease, 1450, False))
+    d = cni.build_delegate({"name": "cbr0", "cniVersion": "0.3.1", "type": "flannel"}, senv)
+    assert d["ipam"] == {
+        "type": "host-local",
+        "ranges": [[{"subnet": "10.5.72.0/24"}], [{"subnet": "fc00:0:0:48::/64"}]],
+        "routes": [{"dst": "10.5.0.0/16"}, {"dst": "fc00::/48"}],
+    }
+    assert (d["type"], d["mtu"], d["ipMasq"], d["isGateway"]) == ("bridge", 1450, True, True)
+
+
+def test_udp_refuses_ipv6_with_a_clear_error():
+    from fastflannel.backend.udp import UDP_IPV6_ERROR, UdpBackend
+    from fastflannel.errors import BackendError
+
+    backend = UdpBackend.__new__(UdpBackend)  # register_network checks the config before touching anything
+    with pytest.raises(BackendError) as ei:
+        backend.register_network(parse_config(DUAL.replace("vxlan", "udp")))
+    assert str(ei.value) == UDP_IPV6_ERROR and "EnableIPv6" in UDP_IPV6_ERROR
+
+
+# -- 9. demo --dual-stack: IPv6 column, udp skipped ------------------------------------------------------------
+
+def test_demo_dual_stack_table_and_udp_skip(monkeypatch):
+    import argparse
+    import io
+
+    from fastflannel.lab import demo
+
+    out = io.StringIO()
+    demo.print_table([{"backend": "vxlan", "reachable": True, "reachable6": True, "mtu": 1450},
+                      {"backend": "host-gw", "reachable": True, "reachable6": False, "mtu": 1500}], out=out)
+    lines = out.getvalue().splitlines()
+    assert lines[0].split()[-1] == "IPv6" and lines[2].split()[-1] == "yes" and lines[3].split()[-1] == "NO"
+    ran = []
+    monkeypatch.setattr(demo, "demo_backend", lambda b, say, **kw: ran.append((b, kw["dual_stack"])) or
+                        {"backend": b, "reachable": True, "reachable6": True})
+    monkeypatch.setattr("fastflannel.lab.testbed.install_signal_handlers", lambda **kw: None)
+    rc = demo.cmd_demo(argparse.Namespace(backends="udp,vxlan", seconds=1.0, verbose=False, dual_stack=True))
+    assert rc == 0 and ran == [("vxlan", True)]
