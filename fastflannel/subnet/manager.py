@@ -57,6 +57,7 @@ RACE_RETRIES = 10  # flannel raceRetries
 DEFAULT_TTL_S = 86400  # flannel subnetTTL: 24 h
 DEFAULT_RENEW_MARGIN_S = 3600  # flannel --subnet-lease-renew-margin default: 60 min
 DEFAULT_RESYNC_S = 60.0  # full re-list of the leases (not in Flannel)
+RESYNC_JITTER = 0.25  # each re-list is due after resync_s * U(0.75, 1.25): hosts started together drift apart
 WATCH_BACKOFF_MIN_S = 0.1  # flannel's watch reconnect backoff: 100 ms ...
 WATCH_BACKOFF_MAX_S = 5.0  # ... doubling up to 5 s
 KEEP_BACKOFF_MIN_S = 1.0  # keep_lease retry after a store error: 1 s doubling ...
@@ -65,6 +66,13 @@ TICK_S = 1.0  # longest time watch_leases goes without yielding (so the caller c
 _POLL_S = 0.2  # granularity of stop/wake checks inside keep_lease
 
 _REMOVED_ATTRS = REMOVED_ATTRS  # placeholder: a store DELETE carries no value
+
+
+def resync_delay(base_s: float, rng: random.Random) -> float:
+    """Seconds until the next full re-list: ``base_s`` spread by +-``RESYNC_JITTER``. A cluster restarted at once
+    (5,000 hosts) would otherwise re-list 5,000 keys each in the same second every ``base_s``; spread, the same
+    re-lists arrive at an even rate of hosts/base_s (docs/scale.md, etcd load)."""
+    return base_s * rng.uniform(1.0 - RESYNC_JITTER, 1.0 + RESYNC_JITTER)
 
 
 class LocalManager:
@@ -312,7 +320,7 @@ class LocalManager:
                     self._wake.set()
                 events = watcher.reset(leases)
                 need_list = False
-                next_resync = time.monotonic() + self.resync_s
+                next_resync = time.monotonic() + resync_delay(self.resync_s, self.rng)
                 log.debug("event=leases_listed revision=%d count=%d changes=%d", rev, len(leases), len(events))
                 yield events
             try:

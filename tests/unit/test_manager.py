@@ -422,3 +422,13 @@ def test_watch_own_key_deleted_wakes_keep_lease():
     finally:
         w.close()
         k.close()
+
+
+def test_resync_delay_spreads_hosts_started_together():
+    from fastflannel.subnet.manager import RESYNC_JITTER, resync_delay
+
+    delays = [resync_delay(60.0, random.Random(seed)) for seed in range(2000)]
+    assert all(60.0 * (1 - RESYNC_JITTER) <= d <= 60.0 * (1 + RESYNC_JITTER) for d in delays)
+    # 2,000 hosts that re-listed in the same second re-list next over a 30 s window, not in one second
+    per_second = [sum(1 for d in delays if s <= d < s + 1) for s in range(45, 75)]
+    assert max(per_second) < 2000 / 30 * 1.6 and min(per_second[1:-1]) > 0
