@@ -1,15 +1,19 @@
 # SPDX-License-Identifier: Apache-2.0
 """Scale benchmarks in the testbed: ``python -m fastflannel.lab.scale`` (figures in docs/scale.md; no CI assertion).
 
-1. programming: N simulated remote leases are written to etcd (batched txns of 100 puts from a testbed host) while
-   one real daemon runs; the time is measured from the first put to the moment the daemon's state, read back, is
-   complete: vxlan 3 kernel entries per lease (route, neighbour, FDB, read with ``ip -j``/``bridge -j``), host-gw
-   one route per lease, udp one fast-path route per lease (counted from its ``event=peer_added`` log lines: the
-   fast path's table is not in the kernel). The PublicIPs are spread over 10.168.0.0/16, which is the underlay
-   (/16) here, so host-gw's routes are on-link. RSS of the daemon before and after, and its fd count.
-2. propagation: one new lease reaches M running daemons (host-gw): every host runs a watcher that polls
-   ``/proc/net/route`` every 2 ms for the new subnet; latency = the watcher's timestamp minus the writer's
+1. programming: N simulated remote leases, one real daemon. ``live``: the daemon runs when the leases are written
+   to etcd (txns of 100 puts from a testbed host); the time runs from the first put. ``restart``: the leases are
+   in etcd before the daemon starts (a host rebooting into a full cluster); the time runs from the daemon's start
+   and from its subnet.env. Complete = the daemon's state read back: vxlan 3 kernel entries per lease (route,
+   neighbour, FDB, read with ``ip``/``bridge``), host-gw one route per lease, udp one fast-path route per lease
+   (counted from its log lines: the fast path's table is not kernel state). The PublicIPs are spread over
+   10.168.0.0/16, the underlay here, so host-gw's routes are on-link. Daemon CPU seconds (steadier than wall time
+   on a shared machine), RSS, fds, and one periodic reconcile of the same state timed in-process.
+2. propagation: one new lease reaches M running daemons (host-gw): every host runs a watcher subscribed to the
+   kernel's route events (no polling) that notes when the new subnet's route appears; latency = the watcher's timestamp minus the writer's
    timestamp just before the put (same clock: one machine).
+3. etcd load (``--etcd-load``): the operations one host does in steady state (re-list, own-key check, keep-alive,
+   watch delivery) against a 3-member etcd holding N leases: etcd CPU per operation and the rate it sustains.
 
 Everything runs inside testbed namespaces and is bounded (fixed counts, deadlines). Output: one line per figure
 and, with ``--json FILE``, the raw numbers.
@@ -51,17 +55,43 @@ for i in range(0, len(pairs), 100):
 print(json.dumps({"t0": t0, "t_written": time.time()}))
 """
 
-# Poll /proc/net/route for a destination (hex, as the file shows it) every 2 ms until seen or the deadline.
+# Wait for a route to a destination (hex, as /proc/net/route shows it) with a netlink subscription to IPv4 route
+# events (RTMGRP_IPV4_ROUTE): blocked in recv, so 50 waiting watchers take no CPU from the daemons they measure
+# (polling /proc every 2 ms did: load 50 on 2 cores). Prints the wall time the RTM_NEWROUTE arrived.
 _WATCHER = r"""
-import sys, time
+import select, socket, struct, sys, time
 dst, deadline = sys.argv[1], time.time() + float(sys.argv[2])
-print("ready", flush=True)
-while time.time() < deadline:
+want = bytes.fromhex(dst)[::-1]
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+s.bind((0, 0x40))
+def present():
     with open("/proc/net/route") as f:
-        if any(line.split("\t")[1] == dst for line in f.read().splitlines()[1:]):
-            print(time.time(), flush=True)
-            sys.exit(0)
-    time.sleep(0.002)
+        return any(line.split("\t")[1] == dst for line in f.read().splitlines()[1:])
+print("ready", flush=True)
+if present():
+    print(time.time(), flush=True)
+    sys.exit(0)
+while time.time() < deadline:
+    if not select.select([s], [], [], max(0.0, deadline - time.time()))[0]:
+        break
+    data, t = s.recv(1 << 16), time.time()
+    off = 0
+    while off + 16 <= len(data):
+        ln, typ = struct.unpack_from("=IH", data, off)
+        if ln < 16:
+            break
+        if typ == 24:
+            a = off + 16 + 12
+            while a + 4 <= off + ln:
+                alen, atype = struct.unpack_from("=HH", data, a)
+                if alen < 4:
+                    break
+                if atype == 1 and data[a + 4:a + alen] == want:
+                    print(t, flush=True)
+                    sys.exit(0)
+                a += (alen + 3) & ~3
+        off += (ln + 3) & ~3
 print("timeout", flush=True)
 sys.exit(1)
 """
