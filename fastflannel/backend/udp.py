@@ -26,6 +26,7 @@ from fastflannel.errors import BackendError
 from fastflannel.backend.peerlog import log_peers_summary, peer_log_level
 from fastflannel.config import NetworkConfig
 from fastflannel.datapath.contract import UDP_ENCAP_OVERHEAD
+from fastflannel.kernel.drops import link_drops, socket_drops
 from fastflannel.kernel.iface import ExternalInterface
 from fastflannel.lease import Event, EventType, Lease, LeaseAttrs
 
@@ -43,6 +44,9 @@ TUN_TXQUEUELEN = 5000
 # TCP run 20-25k -> 4-7k): measured side by side, 8 interleaved pairs on 2 vCPUs, 1 stream 5.84 vs 5.33 Gb/s
 # (within noise), 4 streams 6.39 vs 5.32 Gb/s (docs/fastpath.md "Offloads"). The per-packet path keeps 2.
 OFFLOAD_THREADS = 1
+# The loop's busy-poll window, microseconds (FastPathOptions.busy_poll_us; FASTFLANNEL_UDP_BUSY_POLL_US overrides,
+# 0 turns it off). docs/fastpath.md "Wake-ups" has the measurements behind it.
+BUSY_POLL_US = 0
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -62,6 +66,7 @@ def fastpath_options_from_env():
         check_peer_source=_env_flag("FASTFLANNEL_UDP_CHECK_PEER_SOURCE", True),
         check_inner_dest=_env_flag("FASTFLANNEL_UDP_CHECK_INNER_DEST", True),
         spin=int(os.environ.get("FASTFLANNEL_UDP_SPIN") or FastPathOptions.spin),
+        busy_poll_us=int(os.environ.get("FASTFLANNEL_UDP_BUSY_POLL_US") or BUSY_POLL_US),
         threads=int(os.environ.get("FASTFLANNEL_UDP_THREADS") or FastPathOptions.threads),  # see OFFLOAD_THREADS
         # offloads (docs/fastpath.md "Offloads", Cython only): ON by default, each probed at start with a clean
         # fallback (TUNSETOFFLOAD refused -> plain TUN; UDP_GRO refused -> one datagram per slot; UDP_SEGMENT EIO
@@ -226,7 +231,19 @@ class UdpNetwork:
             log.debug("event=fastpath_stats %s", " ".join(f"{k}={v}" for k, v in self.fastpath.stats().items()))
 
     def stats(self) -> Dict[str, int]:
-        return self.fastpath.stats() if self.fastpath is not None else {}
+        """The fast path's counters plus the drops only the kernel sees (read now, never by the loop):
+        ``tx_drop_tun_queue``, packets the TUN could not queue for our reads (``flannel0`` tx_dropped), and
+        ``rx_drop_udp_rcvbuf``, datagrams dropped at our socket because its receive buffer was full."""
+        if self.fastpath is None:
+            return {}
+        out = self.fastpath.stats()
+        link = link_drops(self.tun_name) if self.tun_name else None
+        if link is not None:
+            out["tx_drop_tun_queue"] = link["tx_dropped"]
+        sock_drops = socket_drops(self.sock) if self.sock is not None else None
+        if sock_drops is not None:
+            out["rx_drop_udp_rcvbuf"] = sock_drops
+        return out
 
     def close(self) -> None:
         """Stop the loop first, then close the fds it used (never the other way round)."""
