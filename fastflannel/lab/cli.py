@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--backends", default=",".join(ALL_BACKENDS), help=f"comma list (default: {','.join(ALL_BACKENDS)})")
     d.add_argument("--seconds", type=float, default=3.0, help="iperf3 duration per backend")
     d.add_argument("-v", "--verbose", action="store_true", help="also print every testbed step")
+    d.add_argument("--dual-stack", action="store_true",
+                   help="IPv4 and IPv6 (EnableIPv6): ping and ping -6 between containers (udp is skipped: IPv4 only)")
     d.set_defaults(func=cmd_demo)
     b = sub.add_parser("bench", help="udp vs vxlan vs host-gw, side by side, interleaved")
     b.add_argument("--quick", action="store_true", help="one short repetition (a CI smoke test)")

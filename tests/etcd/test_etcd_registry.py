@@ -14,6 +14,7 @@ import time
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
+from waiting import wait_for
 
 import shutil
 
@@ -33,15 +34,6 @@ _prefixes = itertools.count()
 
 def vx(ip: str, mac: str = "0a:58:c0:00:02:0a") -> LeaseAttrs:
     return LeaseAttrs(public_ip=IPv4Address(ip), backend_type="vxlan", backend_data={"VNI": 1, "VtepMAC": mac})
-
-
-def wait_for(cond, timeout=10.0, step=0.05):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(step)
-    return cond()
 
 
 @pytest.fixture(scope="module")
