@@ -411,3 +411,25 @@ def test_watch_own_key_deleted_wakes_keep_lease():
     finally:
         w.close()
         k.close()
+
+
+def test_resync_delay_spreads_hosts_started_together():
+    from fastflannel.subnet.manager import RESYNC_JITTER, resync_delay
+
+    delays = [resync_delay(60.0, 40, random.Random(seed)) for seed in range(2000)]
+    assert all(60.0 * (1 - RESYNC_JITTER) <= d <= 60.0 * (1 + RESYNC_JITTER) for d in delays)
+    # 2,000 re-lists due in the same second are spread over a 30 s window instead
+    per_second = [sum(1 for d in delays if s <= d < s + 1) for s in range(45, 75)]
+    assert max(per_second) < 2000 / 30 * 1.6 and min(per_second[1:-1]) > 0
+
+
+def test_resync_period_grows_with_the_cluster():
+    from fastflannel.subnet.manager import RESYNC_CLUSTER_PER_S, resync_delay
+
+    rng = random.Random(5)
+    for n in (10, 60, 500, 5000):
+        mean = sum(resync_delay(60.0, n, rng) for _ in range(400)) / 400
+        period = max(60.0, n / RESYNC_CLUSTER_PER_S)
+        assert 0.95 * period < mean < 1.05 * period
+        assert n / mean <= RESYNC_CLUSTER_PER_S * 1.05 or period == 60.0  # cluster-wide re-lists per second
+    assert resync_delay(60.0, 5000, rng) > 3000  # 5,000 hosts: not every minute
