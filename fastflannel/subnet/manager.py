@@ -25,7 +25,7 @@ Keep (``keep_lease``), deliberately unlike Flannel:
   - store outages log one line when they start and one when they end, and retry with backoff.
 
 Watch (``watch_leases``): snapshot at revision R -> ``LeaseWatcher.reset``; watch from R+1 -> ``update``;
-reconnect with backoff 100 ms -> 5 s; compaction -> re-list + reset; a full re-list every ``resync_s`` so state
+reconnect with backoff 100 ms -> 5 s; compaction -> re-list + reset; a full re-list every ``resync_s`` (longer in large clusters, jittered: ``resync_delay``) so state
 converges even after a missed event (Flannel has none); an empty batch at least every ``tick_s`` (1 s).
 
 Concurrency: plain threads. ``keep_lease`` and ``watch_leases`` run on different threads; they share only
@@ -64,6 +64,8 @@ RACE_RETRIES = 10  # flannel raceRetries
 DEFAULT_TTL_S = 86400  # flannel subnetTTL: 24 h
 DEFAULT_RENEW_MARGIN_S = 3600  # flannel --subnet-lease-renew-margin default: 60 min
 DEFAULT_RESYNC_S = 60.0  # full re-list of the leases (not in Flannel)
+RESYNC_JITTER = 0.25  # each re-list is due after period * U(0.75, 1.25): hosts started together drift apart
+RESYNC_CLUSTER_PER_S = 1.0  # the re-list period grows with the lease count: <= 1 re-list/s over the cluster
 WATCH_BACKOFF_MIN_S = 0.1  # flannel's watch reconnect backoff: 100 ms ...
 WATCH_BACKOFF_MAX_S = 5.0  # ... doubling up to 5 s
 KEEP_BACKOFF_MIN_S = 1.0  # keep_lease retry after a store error: 1 s doubling ...
@@ -74,6 +76,20 @@ TICK_S = 1.0  # longest time watch_leases goes without yielding (so the caller c
 _POLL_S = 0.2  # granularity of stop/wake checks inside keep_lease
 
 _REMOVED_ATTRS = REMOVED_ATTRS  # placeholder: a store DELETE carries no value
+
+
+def resync_delay(base_s: float, n_leases: int, rng: random.Random) -> float:
+    """Seconds until the next full re-list of the ``n_leases`` leases just listed.
+
+    Every host re-lists every lease, so a cluster of n hosts costs etcd n re-lists of n keys per period: at 5,000
+    hosts and 60 s that is 83 re-lists of 1.5 MB (100 ms of etcd CPU each, measured: docs/scale.md) per second,
+    26x what a 3-member etcd on a 2-core machine sustains. The period therefore grows with the cluster so the
+    whole cluster re-lists at most ``RESYNC_CLUSTER_PER_S`` times a second (5,000 hosts: every ~83 min; 60 s up
+    to 60 hosts); the watch delivers every change and a compaction re-lists at once, the periodic re-list only
+    repairs a missed event. Spread by +-``RESYNC_JITTER`` so hosts started together (a cluster-wide restart) do
+    not re-list in the same second."""
+    period = max(base_s, n_leases / RESYNC_CLUSTER_PER_S)
+    return period * rng.uniform(1.0 - RESYNC_JITTER, 1.0 + RESYNC_JITTER)
 
 
 class LocalManager:
@@ -340,7 +356,7 @@ class LocalManager:
                     self._wake.set()
                 events = watcher.reset(leases)
                 need_list = False
-                next_resync = time.monotonic() + self.resync_s
+                next_resync = time.monotonic() + resync_delay(self.resync_s, len(leases), self.rng)
                 log.debug("event=leases_listed revision=%d count=%d changes=%d", rev, len(leases), len(events))
                 yield events
             try:
