@@ -9,7 +9,7 @@ In each world (vxlan, then host-gw):
 - a bulk TCP transfer over IPv6 with equal sha256;
 - keys, lease JSON and subnet.env byte for byte as Flannel writes them (expected values built here by hand);
 - ip6tables masquerade rules on the host started with ``--ip-masq``;
-- kill -9 and restart keep both subnets (and, for vxlan, both VTEP MACs);
+- kill -9 and restart keep both subnets (and, for vxlan, both VTEP MACs); a deleted flannel-v6.1 comes back;
 - a lease deleted in etcd removes that peer's entries of both families on every host.
 """
 from __future__ import annotations
@@ -173,6 +173,15 @@ def test_dual_stack_world(make_testbed, backend):
     if backend == "vxlan":
         assert (mac(h2, "flannel.1"), mac(h2, "flannel-v6.1")) == before_macs
     assert ping(ctrs["h1"], ctrs["h2"].ip6) and ping(ctrs["h2"], ctrs["o1"].ip6) and ping(ctrs["h2"], ctrs["h3"].ip)
+
+    # -- vxlan: a deleted flannel-v6.1 comes back at once (link watcher) with its MAC, and IPv6 flows again -------
+    if backend == "vxlan":
+        mac6 = mac(h1, "flannel-v6.1")
+        h1.run(["ip", "link", "del", "flannel-v6.1"])
+        waiting.wait_for(lambda: h1.run(["ip", "link", "show", "dev", "flannel-v6.1"], check=False).returncode == 0,
+                         10, 0.1, "flannel-v6.1 re-created on h1")
+        assert mac(h1, "flannel-v6.1") == mac6
+        assert ping(ctrs["h1"], ctrs["h3"].ip6) and ping(ctrs["o1"], ctrs["h1"].ip6)
 
     # -- a lease deleted in etcd: that peer's entries of both families go everywhere ----------------------------
     h3.stop_daemon()  # SIGTERM: its kernel state and lease stay (Flannel's shutdown); then the lease is deleted
