@@ -13,13 +13,18 @@ all: compile
 setup: system-deps venv
 
 # Install the system tools the testbed and the daemon use, only when one is missing (an absolute path is a file
-# checked with test -x: Debian's CNI plugins live in /usr/lib/cni, off PATH).
+# checked with test -x: Debian's CNI plugins live in /usr/lib/cni, off PATH), and what building the extension
+# needs (a C compiler, Python's headers, venv).
 system-deps:
 	@missing=""; \
 	for t in etcd:etcd-server etcdctl:etcd-client iperf3:iperf3 ip:iproute2 bridge:iproute2 iptables:iptables iptables-restore:iptables ping:iputils-ping /usr/lib/cni/bridge:containernetworking-plugins \
 	         sockperf:sockperf nft:nftables wireguard-go:wireguard-go wg:wireguard-tools dockerd:docker.io /bin/busybox:busybox-static tcpdump:tcpdump openssl:openssl; do \
 	  case $${t%%:*} in /*) test -x $${t%%:*} ;; *) command -v $${t%%:*} >/dev/null 2>&1 ;; esac || missing="$$missing $${t#*:}"; \
 	done; \
+	command -v cc >/dev/null 2>&1 || missing="$$missing gcc"; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	$(PYTHON) -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+	  || missing="$$missing python3-dev"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" != 0 ]; then echo "need root to install packages (run as root or install:$$missing)"; exit 1; fi; \

@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+from ipaddress import IPv4Address
 from typing import Dict, List, Optional, Sequence
 
 from fastflannel import __version__
@@ -42,7 +43,9 @@ _FLAGS = [
     ("etcd-password", "etcd_password", "str", "", "password for BasicAuth to etcd"),
     ("iface", "iface", "list", None, "interface to use (IP or name) for inter-host communication; repeatable"),
     ("iface-regex", "iface_regex", "list", None, "regex matching the first interface (IP, then name) to use; repeatable"),
+    ("iface-can-reach", "iface_can_reach", "str", "", "detect the interface to use from the route to this IP (what 'ip route get <ip>' uses)"),
     ("public-ip", "public_ip", "str", "", "IP accessible by other nodes for inter-host communication"),
+    ("public-ipv6", "public_ipv6", "str", "", "IPv6 accessible by other nodes for inter-host communication"),
     ("subnet-file", "subnet_file", "str", DEFAULT_SUBNET_FILE, "filename where env variables (subnet, MTU, ...) will be written to"),
     ("subnet-lease-renew-margin", "subnet_lease_renew_margin", "int", 60, "subnet lease renewal margin, in minutes, ranging from 1 to 1439"),
     ("ip-masq", "ip_masq", "bool", False, "setup IP masquerade rule for traffic destined outside of overlay network"),
@@ -136,6 +139,11 @@ def check_options(opts: DaemonOptions) -> None:
         raise UsageError("--etcd-endpoints: at least one endpoint is required")
     if bool(opts.etcd_keyfile) != bool(opts.etcd_certfile):
         raise UsageError("--etcd-keyfile and --etcd-certfile must be given together (TLS needs both)")
+    if opts.iface_can_reach:
+        try:
+            IPv4Address(opts.iface_can_reach)
+        except ValueError:
+            raise UsageError(f"--iface-can-reach={opts.iface_can_reach}: not an IPv4 address") from None
     if not 0 <= opts.healthz_port <= 65535:
         raise UsageError(f"--healthz-port={opts.healthz_port}: not a port number")
 

@@ -57,6 +57,23 @@ class NetworkConfig:
             and self.subnet_min <= net.network_address <= self.subnet_max
         )
 
+    def subnet6_in_range(self, net6: Optional[IPv6Network]) -> bool:
+        """Flannel's ``isIPv6SubnetConfigCompat``: with EnableIPv6 the lease must carry an IPv6 subnet of
+        IPv6SubnetLen between IPv6SubnetMin and IPv6SubnetMax; without it, it must carry none."""
+        if not self.enable_ipv6:
+            return net6 is None
+        if net6 is None or self.ipv6_network is None or self.ipv6_subnet_min is None or self.ipv6_subnet_max is None:
+            return False
+        return (
+            net6.prefixlen == self.ipv6_subnet_len
+            and net6.subnet_of(self.ipv6_network)
+            and self.ipv6_subnet_min <= net6.network_address <= self.ipv6_subnet_max
+        )
+
+    def lease_in_range(self, net: IPv4Network, net6: Optional[IPv6Network]) -> bool:
+        """Return True if a lease for (``net``, ``net6``) is compatible with this config (both families)."""
+        return self.subnet_in_range(net) and self.subnet6_in_range(net6)
+
 
 def _ci_get(obj: Dict[str, Any], name: str, default: Any = None) -> Any:
     if name in obj:
@@ -171,36 +188,41 @@ class _Family:
     max_network_prefix: int  # without SubnetLen, a longer Network prefix is an error
     default_len: int  # SubnetLen when the prefix leaves room for it
     example: str
+    flannel_name: str  # how Flannel's CheckNetworkConfig errors name the network ("Network" / "IPv6Network")
 
 
 V4 = _Family("Network", "SubnetLen", "SubnetMin", "SubnetMax", IPv4Network, IPv4Address, 32,
-             MAX_SUBNET_LEN, MIN_NETWORK_PREFIX_DEFAULT_LEN, 24, "100.96.0.0/16")
+             MAX_SUBNET_LEN, MIN_NETWORK_PREFIX_DEFAULT_LEN, 24, "100.96.0.0/16", "network")
 V6 = _Family("IPv6Network", "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax", IPv6Network, IPv6Address, 128,
-             MAX_SUBNET_LEN6, MIN_NETWORK_PREFIX6, 64, "fc00::/48")
+             MAX_SUBNET_LEN6, MIN_NETWORK_PREFIX6, 64, "fc00::/48", "IPv6Network")
 
 
 def _check_family(raw: Dict[str, Any], fam: _Family):
-    """Return (network, subnet_len, subnet_min, subnet_max) for one family, defaulted as Flannel does."""
+    """Return (network, subnet_len, subnet_min, subnet_max) for one family, defaulted as Flannel does.
+
+    Each message starts with Flannel's own error text (``CheckNetworkConfig``), then says what to change."""
     text = _str_field(raw, fam.network)
+    missing = f"please define a correct {fam.network} parameter in the flannel config"
     if not text:
-        raise ConfigError(f"{fam.network}: required (a CIDR such as \"{fam.example}\")")
+        raise ConfigError(f"{missing}: {fam.network} is required (a CIDR such as \"{fam.example}\")")
     try:
         network = fam.net_cls(text, strict=False)
     except ValueError as e:
-        raise ConfigError(f"{fam.network}: {text!r} is not a CIDR of this address family: {e}") from None
+        raise ConfigError(f"{missing}: {fam.network} {text!r} is not a CIDR of this address family: {e}") from None
     subnet_len = _int_field(raw, fam.subnet_len)
     if subnet_len:
         if subnet_len > fam.max_subnet_len:
-            raise ConfigError(f"{fam.subnet_len}: {subnet_len} is too long; it must be <= {fam.max_subnet_len}")
+            raise ConfigError(f"SubnetLen must be less than /{fam.max_subnet_len + 1}: {fam.subnet_len} is "
+                              f"{subnet_len}; use at most {fam.max_subnet_len}")
         if subnet_len < network.prefixlen + 2:
             raise ConfigError(
-                f"{fam.subnet_len}: {subnet_len} must be at least {fam.network} prefix + 2 = "
-                f"{network.prefixlen + 2} (a network must hold at least 4 subnets)"
+                f"network must be able to accommodate at least four subnets: {fam.subnet_len} {subnet_len} must "
+                f"be at least {fam.network} prefix + 2 = {network.prefixlen + 2}"
             )
     else:
         if network.prefixlen > fam.max_network_prefix:
-            raise ConfigError(f"{fam.network}: /{network.prefixlen} is too small; minimum useful network prefix "
-                              f"is /{fam.max_network_prefix}")
+            raise ConfigError(f"{fam.flannel_name} is too small. Minimum useful network prefix is "
+                              f"/{fam.max_network_prefix}: {fam.network} {network} is /{network.prefixlen}")
         room = fam.default_len - 2
         subnet_len = fam.default_len if network.prefixlen <= room else network.prefixlen + 2
     size = 1 << (fam.bits - subnet_len)
@@ -218,9 +240,10 @@ def _check_family(raw: Dict[str, Any], fam: _Family):
         if int(a) == 0:  # only the zero address counts as unset
             return fam.addr_cls(default)
         if a not in network:
-            raise ConfigError(f"{name}: {a} is not within {fam.network} {network}")
+            raise ConfigError(f"{name} is not in the range of the {fam.network}: {a} is not within {network}")
         if int(a) % size:
-            raise ConfigError(f"{name}: {a} is not aligned to {fam.subnet_len} (a multiple of {size} addresses)")
+            raise ConfigError(f"{name} is not on a SubnetLen boundary: {a} (a multiple of {size} addresses "
+                              f"for {fam.subnet_len} {subnet_len})")
         return a
 
     smin, smax = bound(fam.subnet_min, lo + size), bound(fam.subnet_max, nxt - size)

@@ -7,7 +7,8 @@ subnet.env (ready) -> backend event loop + lease keeper -> sd_notify READY=1 -> 
 
 Concurrency: plain threads and one ``threading.Event`` (``stop``). SIGTERM/SIGINT set it; every loop
 returns soon after; exit status 0; kernel state is left in place so a restart is seamless (flanneld does
-the same; only the udp backend's TUN goes away with the process).
+the same; only the udp backend's TUN, and the wireguard backend's wireguard-go with its device, go away with the
+process).
 
 Differences from flanneld, on purpose: a store outage during start-up is waited out instead of exiting;
 losing our own lease re-acquires the same subnet instead of shutting down (see subnet/manager.py).
@@ -55,15 +56,23 @@ def make_traffic_manager(config: NetworkConfig, lease, opts: DaemonOptions, prev
     """Return the traffic manager of the mode ``EnableNFTables`` selects, after removing the other mode's objects
     as flanneld does at start (nftables mode: the iptables FLANNEL chains; iptables mode: the nftables tables)."""
     from fastflannel.kernel import iptables, nftables
+    from fastflannel.subnet.subnetfile import read_previous_network_and_subnet
 
+    dual = config.enable_ipv6 and config.ipv6_network is not None and lease.subnet6 is not None
+    nets = [(config.network, lease.subnet)] + ([(config.ipv6_network, lease.subnet6)] if dual else [])
     if config.enable_nftables:
-        iptables.remove_iptables_objects()
-        return nftables.NftTrafficManager(nets=[(config.network, lease.subnet)], masq=opts.ip_masq,
+        for family in (4, 6) if dual else (4,):
+            iptables.remove_iptables_objects(family=family)
+        return nftables.NftTrafficManager(nets=nets, masq=opts.ip_masq,
                                           forward=opts.iptables_forward_rules, resync_s=float(opts.iptables_resync))
     nftables.delete_tables()
-    return iptables.TrafficManager(network=config.network, subnet=lease.subnet, masq=opts.ip_masq,
-                                   forward=opts.iptables_forward_rules, prev_network=prev_network,
-                                   prev_subnet=prev_subnet, resync_s=float(opts.iptables_resync))
+    prevs = [(prev_network, prev_subnet)]
+    if dual:  # ip6tables rules from FLANNEL_IPV6_NETWORK / FLANNEL_IPV6_SUBNET of the previous subnet.env
+        prevs.append(read_previous_network_and_subnet(opts.subnet_file, family=6))
+    managers = [iptables.TrafficManager(network=net, subnet=sub, masq=opts.ip_masq, forward=opts.iptables_forward_rules,
+                                        prev_network=pn, prev_subnet=ps, resync_s=float(opts.iptables_resync))
+                for (net, sub), (pn, ps) in zip(nets, prevs)]
+    return managers[0] if len(managers) == 1 else iptables.TrafficGroup(managers)
 
 
 class StartupError(Exception):
@@ -175,10 +184,13 @@ class Daemon:
         from fastflannel.kernel.netlink import Netlink
         from fastflannel.subnet.etcd import EtcdRegistry
         from fastflannel.subnet.manager import LocalManager
-        from fastflannel.subnet.subnetfile import read_previous_network_and_subnet, write_subnet_file
+        from fastflannel.subnet.subnetfile import (
+            read_previous_network_and_subnet, read_previous_subnets, write_subnet_file,
+        )
 
         opts = self.opts
         prev_network, prev_subnet = read_previous_network_and_subnet(opts.subnet_file)
+        prev_subnet6 = read_previous_subnets(opts.subnet_file)[1]
         registry = EtcdRegistry(
             endpoints=opts.etcd_endpoints,
             prefix=opts.etcd_prefix,
@@ -194,6 +206,7 @@ class Daemon:
             registry,
             prefix=opts.etcd_prefix,
             previous_subnet=prev_subnet,
+            previous_subnet6=prev_subnet6,
             ttl=ttl,
             renew_margin_s=margin,
         )
@@ -209,13 +222,15 @@ class Daemon:
         config = self._wait_for_config(manager)
         if config is None:
             return 0
-        log.info("event=config_loaded network=%s subnet_len=%d backend=%s",
-                 config.network, config.subnet_len, config.backend_type)
+        log.info("event=config_loaded network=%s subnet_len=%d ipv6_network=%s ipv6_subnet_len=%d backend=%s",
+                 config.network, config.subnet_len, config.ipv6_network, config.ipv6_subnet_len, config.backend_type)
 
         netlink = stack.enter_context(Netlink())
-        ext = select_interface(opts.iface, opts.iface_regex, opts.public_ip or None, netlink)
-        log.info("event=interface_selected iface=%s iface_addr=%s public_ip=%s mtu=%d",
-                 ext.name, ext.iface_addr, ext.ext_addr, ext.mtu)
+        ext = select_interface(opts.iface, opts.iface_regex, opts.public_ip or None, netlink,
+                               can_reach=opts.iface_can_reach or None,
+                               public_ipv6=opts.public_ipv6 or None, ipv6=config.enable_ipv6)
+        log.info("event=interface_selected iface=%s iface_addr=%s public_ip=%s iface_addr6=%s public_ipv6=%s mtu=%d",
+                 ext.name, ext.iface_addr, ext.ext_addr, ext.iface_addr6, ext.ext_addr6, ext.mtu)
 
         prev_lease = None
         try:
@@ -229,8 +244,9 @@ class Daemon:
         self.network = network
         stack.callback(network.close)
         lease = network.lease
-        log.info("event=network_registered subnet=%s public_ip=%s backend=%s mtu=%d",
-                 lease.subnet, lease.attrs.public_ip, config.backend_type, network.mtu)
+        log.info("event=network_registered subnet=%s subnet6=%s public_ip=%s public_ipv6=%s backend=%s mtu=%d",
+                 lease.subnet, lease.subnet6, lease.attrs.public_ip, lease.attrs.public_ipv6, config.backend_type,
+                 network.mtu)
 
         traffic = make_traffic_manager(config, lease, opts, prev_network, prev_subnet)
         program_traffic = opts.ip_masq or opts.iptables_forward_rules or config.enable_nftables

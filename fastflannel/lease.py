@@ -10,7 +10,10 @@ It is pure: no I/O, no clock. Two deliberate improvements over Flannel (flannel-
 - a snapshot in which a known subnet has *changed* attributes (new VtepMAC or PublicIP) emits Added with
   the new attributes, so the backend reprograms it (Flannel emits nothing, PR #1247);
 - an event that could not be parsed never reaches the watcher (the registry skips it), so one bad value
-  cannot make every remote lease look removed.
+  cannot make every remote lease look removed;
+- leases are known by their IPv4 subnet (unique in the Network); a removal whose IPv6 part differs from the
+  known lease's is the delete of a key the host no longer uses (re-keyed from ``<v4>`` to ``<v4>&<v6>``) and
+  leaves the known lease in place.
 """
 from __future__ import annotations
 
@@ -170,7 +173,34 @@ class LeaseWatcher:
                 self.leases[subnet] = ev.lease
                 out.append(ev)
             else:
-                known = self.leases.pop(subnet, None)
-                if known is not None:  # an unknown removal has nothing programmed to clean up
-                    out.append(Event(EventType.REMOVED, known))
+                known = self.leases.get(subnet)
+                if known is None:  # an unknown removal has nothing programmed to clean up
+                    continue
+                if known.subnet6 != ev.lease.subnet6:
+                    # the key of another (IPv4 subnet, IPv6 subnet) pair went: the host re-keyed its lease (e.g.
+                    # from v4-only to dual stack) and the lease we know is still there
+                    continue
+                del self.leases[subnet]
+                out.append(Event(EventType.REMOVED, known))
         return out
+
+
+def project(lease: Lease, family: int) -> Optional[Lease]:
+    """Return ``lease`` as one address family's backend sees it, or None if it has no such family.
+
+    Family 4 is the lease itself. Family 6 is a Lease whose ``subnet``, ``attrs.public_ip`` and
+    ``attrs.backend_data`` are the IPv6 subnet, PublicIPv6 and BackendV6Data (None without an IPv6 subnet or
+    PublicIPv6: a v4-only lease, which the IPv6 side skips as Flannel does), so one backend class programs either
+    family (no per-family copies of the code)."""
+    if family == 4:
+        return lease
+    if lease.subnet6 is None or lease.attrs.public_ipv6 is None:
+        return None
+    a = lease.attrs
+    return Lease(
+        subnet=lease.subnet6,  # type: ignore[arg-type]
+        attrs=LeaseAttrs(public_ip=a.public_ipv6, backend_type=a.backend_type,  # type: ignore[arg-type]
+                         backend_data=a.backend_v6_data),
+        expiration=lease.expiration,
+        lease_id=lease.lease_id,
+    )

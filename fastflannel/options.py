@@ -25,7 +25,9 @@ class DaemonOptions:
     etcd_password: str = ""
     iface: List[str] = field(default_factory=list)
     iface_regex: List[str] = field(default_factory=list)
+    iface_can_reach: str = ""
     public_ip: str = ""
+    public_ipv6: str = ""
     subnet_file: str = DEFAULT_SUBNET_FILE
     subnet_lease_renew_margin: int = 60  # minutes
     ip_masq: bool = False

@@ -1,10 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
 """Share test tiers, skips and the testbed fixtures across the suite.
 
-Tiers (design A2 rule 11) are pytest markers, skipped with a reason when the machine cannot run them:
+Tiers (design A2 rule 11) are pytest markers, skipped with a reason when the machine cannot run them (the probes
+live in tests/helpers/tiers.py):
 - ``netns``: needs root and a working ``ip netns`` (probed once by creating and deleting a namespace);
 - ``etcd``: needs Debian's etcd-server (``/usr/bin/etcd`` or ``etcd`` on PATH) and ``etcdctl``;
 - ``ext``: needs the compiled ``fastflannel.datapath._fastpath`` (and ``FASTFLANNEL_NO_EXTENSIONS`` unset).
+With ``FASTFLANNEL_REQUIRE_TIERS=1`` (set by ``.ci/run``) every skip - a tier, a missing tool, a module-level
+``importorskip`` - is reported as an error naming what is missing, so CI cannot pass with part of the suite unrun.
 
 The ``make_testbed`` fixture also performs the netns/etcd checks, so a test that forgets a marker skips rather
 than errors. A session-level guard compares ``ip netns list`` before and after the run: namespaces this session
@@ -15,7 +18,6 @@ pytest still unwinds fixtures and tears testbeds down.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -29,103 +31,49 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
+from tiers import REQUIRE_TIERS_ENV, SESSION_NETNS_PREFIX, require, require_tiers, tier_skip_reason
 
 # The machine is shared and noisy: a per-example time limit would make property tests flaky, not stricter.
 settings.register_profile("fastflannel", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("fastflannel")
 
-def _base36(n: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while True:
-        n, r = divmod(n, 36)
-        out = digits[r] + out
-        if n == 0:
-            return out
-
-
-# Prefix of the bare namespaces this session makes: "ff_t" + our pid in base36, so the leak guard of a concurrent
-# run can tell whose they are; the "_" keeps it distinct from testbed prefixes ("ff" + 5 base36).
-SESSION_NETNS_PREFIX = f"ff_t{_base36(os.getpid())}"
 _NETNS_COUNTER = iter(range(1, 1 << 30))
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# capability probes (each cached for the session)
-
-
-@functools.lru_cache(maxsize=None)
-def netns_unavailable() -> str | None:
-    """Return why network-namespace tests cannot run here, or None if they can."""
-    if os.geteuid() != 0:
-        return "netns tests need root"
-    if shutil.which("ip") is None:
-        return "netns tests need iproute2 ('ip' not found)"
-    probe = f"{SESSION_NETNS_PREFIX}-probe"
-    try:
-        add = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, timeout=10)
-        if add.returncode != 0:
-            return f"'ip netns add' does not work here: {add.stderr.strip()}"
-        up = subprocess.run(["ip", "-n", probe, "link", "set", "lo", "up"], capture_output=True, text=True,
-                            timeout=10)
-        if up.returncode != 0:
-            return f"cannot configure a new namespace: {up.stderr.strip()}"
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"'ip netns' unusable: {e}"
-    finally:
-        subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=10)
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def etcd_unavailable() -> str | None:
-    """Return why etcd tests cannot run here, or None if they can."""
-    if not (Path("/usr/bin/etcd").exists() or shutil.which("etcd")):
-        return "etcd tests need etcd (Debian package etcd-server): /usr/bin/etcd not found"
-    if not shutil.which("etcdctl"):
-        return "etcd tests need etcdctl (Debian package etcd-client)"
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def ext_unavailable() -> str | None:
-    """Return why tests of the compiled extension cannot run here, or None if they can."""
-    if os.environ.get("FASTFLANNEL_NO_EXTENSIONS", "") not in ("", "0"):
-        return "FASTFLANNEL_NO_EXTENSIONS is set"
-    try:
-        import fastflannel.datapath._fastpath  # noqa: F401
-    except ImportError as e:
-        return f"extension fastflannel.datapath._fastpath is not built ({e}); run 'make compile'"
-    return None
-
-
-_TIER_CHECKS: dict[str, Callable[[], str | None]] = {
-    "netns": netns_unavailable,
-    "etcd": etcd_unavailable,
-    "ext": ext_unavailable,
-}
-
-
-def require(*tiers: str) -> None:
-    """Skip the running test with a reason unless every named tier can run here."""
-    for tier in tiers:
-        reason = _TIER_CHECKS[tier]()
-        if reason:
-            pytest.skip(reason)
-
-
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    for tier, check in _TIER_CHECKS.items():
-        if item.get_closest_marker(tier) is not None:
-            reason = check()
-            if reason:
-                pytest.skip(reason)
+    reason = tier_skip_reason(item)
+    if reason:
+        pytest.skip(reason)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# FASTFLANNEL_REQUIRE_TIERS=1 (CI): a skip is an error that names what is missing
+
+
+def _as_required(rep: Any) -> None:
+    """Turn the skipped report ``rep`` into a failure that keeps the skip's reason."""
+    reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) and len(rep.longrepr) == 3 else str(rep.longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    rep.outcome = "failed"
+    rep.longrepr = (f"{REQUIRE_TIERS_ENV}=1: skipped, and every tier must run here: {reason}\n"
+                    "Install what is missing (`make system-deps`, `make compile`) or run without "
+                    f"{REQUIRE_TIERS_ENV}.")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.skipped and require_tiers():  # a whole module skipped (importorskip, allow_module_level)
+        _as_required(rep)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
     outcome = yield
     rep = outcome.get_result()
+    if rep.skipped and not hasattr(rep, "wasxfail") and require_tiers():
+        _as_required(rep)
     setattr(item, f"rep_{rep.when}", rep)  # lets fixtures see whether the test failed
 
 

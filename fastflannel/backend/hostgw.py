@@ -22,10 +22,11 @@ import logging
 from typing import Optional
 
 from fastflannel.errors import BackendError
+from fastflannel.backend.dualstack import DualStackNetwork
 from fastflannel.backend.route_network import RouteNetwork, direct_route
 from fastflannel.config import NetworkConfig
 from fastflannel.kernel.iface import ExternalInterface
-from fastflannel.lease import Lease, LeaseAttrs
+from fastflannel.lease import Lease, LeaseAttrs, project
 
 log = logging.getLogger("fastflannel.backend.hostgw")
 
@@ -58,8 +59,17 @@ class HostGwBackend:
         self.ext = ext_iface
         self.netlink = netlink
 
-    def register_network(self, config: NetworkConfig) -> HostGwNetwork:
-        """Acquire the lease (BackendType "host-gw", no BackendData); routes come with the events."""
-        attrs = LeaseAttrs(public_ip=self.ext.ext_addr, backend_type=BACKEND_TYPE)
+    def register_network(self, config: NetworkConfig):
+        """Acquire the lease (BackendType "host-gw", no BackendData; PublicIPv6 with EnableIPv6); routes come with
+        the events. Dual stack: one HostGwNetwork per family (IPv6 routes ``<subnet6> via <PublicIPv6>``)."""
+        if config.enable_ipv6 and self.ext.ext_addr6 != self.ext.iface_addr6:
+            raise BackendError(NAT_ERROR + " (PublicIPv6 differs from the interface's IPv6 address)")
+        attrs = LeaseAttrs(public_ip=self.ext.ext_addr, backend_type=BACKEND_TYPE,
+                           public_ipv6=self.ext.ext_addr6 if config.enable_ipv6 else None)
         lease = self.manager.acquire_lease(attrs)
-        return HostGwNetwork(lease, self.ext.mtu, self.ext, self.netlink, config.network)
+        v4 = HostGwNetwork(lease, self.ext.mtu, self.ext, self.netlink, config.network)
+        lease6 = project(lease, 6) if config.enable_ipv6 else None
+        if lease6 is None:
+            return v4
+        return DualStackNetwork(lease, {
+            4: v4, 6: HostGwNetwork(lease6, self.ext.mtu, self.ext, self.netlink, config.ipv6_network)})

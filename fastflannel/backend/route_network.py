@@ -18,10 +18,13 @@ touched.
 from __future__ import annotations
 
 import logging
+import time
 from ipaddress import IPv4Network
 from typing import Dict, Iterable, List, Optional
 
 from fastflannel.errors import BackendError
+from fastflannel.backend.peerlog import log_peers_summary, peer_log_level
+from fastflannel.kernel import nlbatch
 from fastflannel.kernel.iface import ExternalInterface
 from fastflannel.lease import Event, EventType, Lease
 
@@ -51,39 +54,60 @@ def sync_routes(
     remove_stale: bool,
 ) -> List[str]:
     """Make the main table hold exactly ``desired`` among gateway routes via ``oifs`` inside ``network``.
+    The address family is ``own_subnet``'s (IPv6 for the IPv6 half of a dual-stack network).
 
     Returns a list of human-readable changes (for logs and tests). Errors on single routes are logged and
     the pass continues."""
     oifs = set(oifs)
     current: Dict[IPv4Network, list] = {}
-    for r in netlink.routes():
+    if own_subnet.version == 6:  # the IPv6 half of a dual-stack network (lease.project): its own table dump
+        from fastflannel.kernel.netlink import AF_INET6
+
+        dump = netlink.routes(family=AF_INET6)
+    else:
+        dump = netlink.routes()
+    for r in dump:
         if r.oif in oifs or r.dst in desired:
             current.setdefault(r.dst, []).append(r)
     changes: List[str] = []
+    fixes = []  # (kind, route, op): one pipelined batch (kernel/nlbatch.py)
     for dst, want in desired.items():
         have = current.get(dst, [])
-        if any(want.same_path(h) for h in have):
-            continue
-        try:
-            install_route(netlink, want)
-            changes.append(f"recovered {want}")
-            log.info("event=route_recovered msg=\"Route recovered\" route=%s", want)
-        except BackendError as e:
-            log.error("event=route_recover_failed route=%s error=%s", want, e)
+        if not any(want.same_path(h) for h in have):
+            fixes.append(("recovered", want, _replace_op(want)))
     if remove_stale and network is not None:
         for dst, have in current.items():
             if dst in desired or dst == own_subnet or not dst.subnet_of(network):
                 continue
             for h in have:
-                if h.gateway is None or h.oif not in oifs:
-                    continue
-                try:
-                    netlink.route_del(h.dst, gateway=h.gateway, oif=h.oif)
-                    changes.append(f"removed stale {h}")
-                    log.info("event=route_stale_removed route=%s", h)
-                except BackendError as e:
-                    log.error("event=route_stale_remove_failed route=%s error=%s", h, e)
+                if h.gateway is not None and h.oif in oifs:
+                    fixes.append(("removed stale", h, nlbatch.route_del(h.dst, h.gateway, h.oif)))
+    if not fixes:
+        return changes
+    try:
+        results = netlink.batch([op for _, _, op in fixes])
+    except BackendError as e:
+        results = [e] * len(fixes)
+    level = peer_log_level(len(fixes))
+    for (kind, route, _), err in zip(fixes, results):
+        recovered = kind == "recovered"
+        if err is not None:
+            log.error("event=%s route=%s error=%s", "route_recover_failed" if recovered else "route_stale_remove_failed",
+                      route, err)
+            continue
+        changes.append(f"{kind} {route}")
+        if log.isEnabledFor(level):
+            if recovered:
+                log.log(level, "event=route_recovered msg=\"Route recovered\" route=%s", route)
+            else:
+                log.log(level, "event=route_stale_removed route=%s", route)
+    if level != logging.INFO:
+        log.info("event=routes_synced changes=%d failed=%d", len(changes), len(fixes) - len(changes))
     return changes
+
+
+def _replace_op(route) -> "nlbatch.Op":
+    return nlbatch.route_replace(route.dst, route.gateway, route.oif, route.onlink)
 
 
 class RouteNetwork:
@@ -105,21 +129,44 @@ class RouteNetwork:
         raise NotImplementedError
 
     def handle_events(self, events: List[Event]) -> None:
+        """Program the batch's routes pipelined (one netlink batch; the last event per subnet wins)."""
         self._synced = True
+        t0 = time.monotonic()
+        last: Dict[IPv4Network, Event] = {}
         for ev in events:
+            last.pop(ev.lease.subnet, None)
+            last[ev.lease.subnet] = ev
+        work = []
+        for ev in last.values():
             route = self.route_for(ev.lease)
             if route is None:
                 continue
-            try:
-                if ev.type is EventType.ADDED:
-                    install_route(self.netlink, route)
-                    log.info("event=peer_added subnet=%s public_ip=%s route=%s",
-                             ev.lease.subnet, ev.lease.attrs.public_ip, route)
-                else:
-                    self.netlink.route_del(route.dst, gateway=route.gateway, oif=route.oif)
-                    log.info("event=peer_removed subnet=%s public_ip=%s", ev.lease.subnet, ev.lease.attrs.public_ip)
-            except BackendError as e:
-                log.error("event=route_failed type=%s subnet=%s error=%s", ev.type.value, ev.lease.subnet, e)
+            added = ev.type is EventType.ADDED
+            work.append((ev, route, _replace_op(route) if added else nlbatch.route_del(route.dst, route.gateway,
+                                                                                        route.oif)))
+        if not work:
+            return
+        try:
+            results = self.netlink.batch([op for _, _, op in work])
+        except BackendError as e:
+            results = [e] * len(work)
+        level = peer_log_level(len(events))
+        n = {True: 0, False: 0}
+        for (ev, route, _), err in zip(work, results):
+            added = ev.type is EventType.ADDED
+            if err is not None:
+                log.error("event=route_failed type=%s subnet=%s error=%s", ev.type.value, ev.lease.subnet, err)
+                continue
+            n[added] += 1
+            if not log.isEnabledFor(level):
+                continue
+            if added:
+                log.log(level, "event=peer_added subnet=%s public_ip=%s route=%s",
+                        ev.lease.subnet, ev.lease.attrs.public_ip, route)
+            else:
+                log.log(level, "event=peer_removed subnet=%s public_ip=%s", ev.lease.subnet, ev.lease.attrs.public_ip)
+        log_peers_summary(log, self.backend_type, len(events), n[True], n[False], len(work) - n[True] - n[False],
+                          time.monotonic() - t0)
 
     def reconcile(self, leases: Dict[IPv4Network, Lease]) -> None:
         desired = {}

@@ -19,9 +19,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from dataclasses import replace
 from typing import Dict, List, Optional
 
+from fastflannel.backend.peerlog import log_peers_summary, peer_log_level
 from fastflannel.backend.udp_options import UdpOptions
 from fastflannel.config import NetworkConfig
 from fastflannel.errors import BackendError
@@ -53,9 +55,17 @@ class UdpBackend:
         self.netlink = netlink
 
     def register_network(self, config: NetworkConfig) -> "UdpNetwork":
+        if config.enable_ipv6:  # Flannel's udp backend is IPv4 only too (its C proxy carries raw IPv4 packets)
+            raise BackendError(UDP_IPV6_ERROR)
         options = UdpOptions.load(config.backend_option, os.environ)  # the one place the switches are read
         lease = self.manager.acquire_lease(LeaseAttrs(public_ip=self.ext.ext_addr))
         return UdpNetwork(config, lease, self.ext, self.netlink, options)
+
+
+UDP_IPV6_ERROR = (
+    "the udp backend is IPv4 only (as in Flannel) but the network config has EnableIPv6 true; use the vxlan or "
+    "host-gw backend for dual stack, or set EnableIPv6 to false"
+)
 
 
 class UdpNetwork:
@@ -148,17 +158,25 @@ class UdpNetwork:
         self.netlink.route_replace(str(self.config.network), oif=self.netlink.link_index(self.tun_name))
 
     def handle_events(self, events: List[Event]) -> None:
+        t0 = time.monotonic()
+        level = peer_log_level(len(events))
+        n = {EventType.ADDED: 0, EventType.REMOVED: 0}
+        failed = 0
         for ev in events:
             subnet, peer = ev.lease.subnet, ev.lease.attrs.public_ip
             try:
                 if ev.type is EventType.ADDED:
                     self.fastpath.set_route(subnet, peer)
-                    log.info("event=peer_added subnet=%s public_ip=%s", subnet, peer)
+                    log.log(level, "event=peer_added subnet=%s public_ip=%s", subnet, peer)
                 else:
                     self.fastpath.del_route(subnet)
-                    log.info("event=peer_removed subnet=%s public_ip=%s", subnet, peer)
+                    log.log(level, "event=peer_removed subnet=%s public_ip=%s", subnet, peer)
+                n[ev.type] += 1
             except (OSError, ValueError) as e:
+                failed += 1
                 log.error("event=route_failed subnet=%s public_ip=%s error=%s", subnet, peer, e)
+        log_peers_summary(log, "udp", len(events), n[EventType.ADDED], n[EventType.REMOVED], failed,
+                          time.monotonic() - t0)
 
     def reconcile(self, leases: Dict) -> None:
         self.fastpath.check()  # raises if the loop thread died: the daemon then exits non-zero

@@ -18,6 +18,12 @@ A failure rolls back the entries already added for that peer; removal tries all 
 failure. With ``DirectRouting`` a peer whose PublicIP is directly connected (``ip route get`` shows no gateway)
 gets a plain host-gw route ``<subnet> via <PublicIP>`` instead (shared ``route_network`` helper).
 
+Dual stack (EnableIPv6): a second device ``flannel-v6.<VNI>`` (local = the interface's IPv6, MTU ext - 70, its own
+stable MAC advertised as ``BackendV6Data``) with the same three entries per peer for the peer's IPv6 subnet and
+PublicIPv6 (neighbour ``<subnet6 address>``, FDB ``dst <PublicIPv6>``, onlink route). It is the same class,
+``VxlanNetwork``, given the IPv6 projection of the leases (``lease.project``); ``DualStackNetwork`` feeds both. A peer
+with a v4-only lease gets IPv4 entries only, as in Flannel.
+
 Scale: 3 kernel objects per peer (a FIB entry, a neighbour entry, an FDB hash entry); an event costs 3 netlink
 requests; a reconcile costs 3 dumps plus one request per drifted entry, so 1000 peers every 10 s is cheap.
 
@@ -33,16 +39,21 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Dict, List, Optional
 
 from fastflannel.errors import BackendError
-from fastflannel.backend.route_network import ROUTE_CHECK_INTERVAL_S, direct_route, install_route, sync_routes
-from fastflannel.backend.vxlan_device import VxlanDevice, VxlanSpec, vxlan_mtu
+from fastflannel.backend.peerlog import log_peers_summary, peer_log_level
+from fastflannel.backend.route_network import ROUTE_CHECK_INTERVAL_S, direct_route, sync_routes
+from fastflannel.backend.dualstack import DualStackNetwork
+from fastflannel.backend.vxlan_device import VXLAN6_OVERHEAD, VxlanDevice, VxlanSpec, vxlan_mtu
 from fastflannel.config import NetworkConfig
+from fastflannel.kernel import nlbatch
 from fastflannel.kernel.iface import ExternalInterface
 from fastflannel.kernel.linkevents import LINK_EVENTS_OVERRUN, RTM_DELLINK
-from fastflannel.lease import Event, EventType, Lease, LeaseAttrs, LeaseParseError
+from fastflannel.lease import Event, EventType, Lease, LeaseAttrs, LeaseParseError, project
 
 log = logging.getLogger("fastflannel.backend.vxlan")
 
@@ -96,8 +107,8 @@ class VxlanBackend:
         self.previous_lease = previous_lease
         self.watch_links = watch_links  # start the RTM_DELLINK watcher thread (stopped by Network.close())
 
-    def _previous_mac(self, vni: int) -> Optional[str]:
-        prev = self.previous_lease
+    def _previous_mac(self, vni: int, family: int = 4) -> Optional[str]:
+        prev = project(self.previous_lease, family) if self.previous_lease is not None else None
         if prev is None or prev.attrs.backend_type != BACKEND_TYPE:
             return None
         try:
@@ -107,8 +118,9 @@ class VxlanBackend:
             return None
         return mac if prev_vni == vni else None
 
-    def register_network(self, config: NetworkConfig) -> "VxlanNetwork":
-        """Create/reuse ``flannel.<VNI>``, acquire the lease advertising its MAC, give it the /32, bring it up."""
+    def register_network(self, config: NetworkConfig):
+        """Create/reuse ``flannel.<VNI>`` (and ``flannel-v6.<VNI>`` with EnableIPv6), acquire the lease advertising
+        their MACs (BackendData, BackendV6Data), give them the /32 (/128), bring them up."""
         vni = _int_opt(config, "VNI", DEFAULT_VNI, 0, (1 << 24) - 1)
         port = _int_opt(config, "Port", 0, 0, 65535)
         backend_mtu = _int_opt(config, "MTU", 0, 0, 65535)
@@ -125,19 +137,36 @@ class VxlanBackend:
         direct = _bool_opt(config, "DirectRouting")
         device = VxlanDevice(self.netlink, spec, mac=self._previous_mac(vni))
         device.ensure()
+        device6 = None
+        if config.enable_ipv6:
+            if self.ext.iface_addr6 is None or self.ext.ext_addr6 is None:
+                raise BackendError("EnableIPv6 is true but the external interface has no IPv6 address")
+            spec6 = replace(spec, name=f"flannel-v6.{vni}", local=self.ext.iface_addr6,
+                            mtu=vxlan_mtu(backend_mtu, self.ext.mtu, VXLAN6_OVERHEAD))
+            device6 = VxlanDevice(self.netlink, spec6, mac=self._previous_mac(vni, 6))
+            device6.ensure()
         attrs = LeaseAttrs(
             public_ip=self.ext.ext_addr,
             backend_type=BACKEND_TYPE,
             backend_data={"VNI": vni, "VtepMAC": device.mac},
+            public_ipv6=self.ext.ext_addr6 if device6 is not None else None,
+            backend_v6_data={"VNI": vni, "VtepMAC": device6.mac} if device6 is not None else None,
         )
         lease = self.manager.acquire_lease(attrs)
-        device.configure(lease.subnet.network_address, config.network)
-        log.info("event=device_ready dev=%s type=vxlan vni=%d mac=%s addr=%s/32 mtu=%d direct_routing=%s",
-                 spec.name, vni, device.mac, lease.subnet.network_address, device.mtu, direct)
-        network = VxlanNetwork(lease, device, self.ext, self.netlink, config.network, direct)
-        if self.watch_links and hasattr(self.netlink, "link_events"):
-            network.start_watcher()
-        return network
+        parts = {4: (lease, device, config.network)}
+        lease6 = project(lease, 6)
+        if device6 is not None and lease6 is not None:
+            parts[6] = (lease6, device6, config.ipv6_network)
+        nets = {}
+        for family, (flease, dev, net) in parts.items():
+            dev.configure(flease.subnet.network_address, net)
+            log.info("event=device_ready dev=%s type=vxlan vni=%d mac=%s addr=%s/%d mtu=%d direct_routing=%s",
+                     dev.spec.name, vni, dev.mac, flease.subnet.network_address, flease.subnet.max_prefixlen,
+                     dev.mtu, direct)
+            nets[family] = VxlanNetwork(flease, dev, self.ext, self.netlink, net, direct)
+            if self.watch_links and hasattr(self.netlink, "link_events"):
+                nets[family].start_watcher()
+        return nets[4] if len(nets) == 1 else DualStackNetwork(lease, nets)
 
 
 class VxlanNetwork:
@@ -145,7 +174,8 @@ class VxlanNetwork:
 
     def __init__(self, lease: Lease, device: VxlanDevice, ext: ExternalInterface, netlink,
                  network: Optional[IPv4Network], direct_routing: bool = False) -> None:
-        self.lease = lease
+        self.lease = lease  # for flannel-v6.<VNI>: the IPv6 projection (lease.project) of our lease
+        self.family = lease.subnet.version
         self.device = device
         self.ext = ext
         self.netlink = netlink
@@ -168,17 +198,118 @@ class VxlanNetwork:
             self._handle_events(events)
 
     def _handle_events(self, events: List[Event]) -> None:
+        """Program a batch of events pipelined (kernel/nlbatch.py): removals first (a host that moved to a new
+        subnet keeps its VTEP MAC, and its old FDB entry must go before the new one is written), then every
+        added peer's neighbour and FDB entry in one batch and the routes of the peers whose entries took in a
+        second; a peer that failed anywhere is rolled back, so it is left complete or absent, and one bad lease
+        never stops the others."""
         self._synced = True
-        for ev in events:
+        t0 = time.monotonic()
+        last: Dict[IPv4Network, Event] = {}
+        for ev in events:  # the last event per subnet wins: the kernel only needs the final state
+            last.pop(ev.lease.subnet, None)
+            last[ev.lease.subnet] = ev
+        level = peer_log_level(len(events))
+        removed = [ev.lease for ev in last.values() if ev.type is not EventType.ADDED]
+        added = [ev.lease for ev in last.values() if ev.type is EventType.ADDED]
+        n_removed = self._remove_many(removed, level)
+        n_added, n_failed_add = self._add_many(added, level)
+        failed = len(removed) - n_removed + n_failed_add
+        log_peers_summary(log, BACKEND_TYPE, len(events), n_added, n_removed, failed, time.monotonic() - t0)
+
+    def _peer_failed(self, kind: str, lease: Lease, error: object) -> None:
+        log.error("event=peer_failed type=%s subnet=%s public_ip=%s error=%s",
+                  kind, lease.subnet, lease.attrs.public_ip, error)
+
+    def _add_many(self, leases: List[Lease], level: int) -> tuple:
+        """Program ``leases``; return (programmed, failed)."""
+        nl, dev = self.netlink, self.device.index
+        items, owners, cleanup, failed = [], [], [], 0
+        for lease in leases:
             try:
-                if ev.type is EventType.ADDED:
-                    self._add(ev.lease)
+                mac = self._peer_mac(lease)
+                if mac is None:
+                    continue
+                if self._is_direct(lease.attrs.public_ip):
+                    r = direct_route(lease, self.ext)
+                    items.append(nlbatch.Staged([[nlbatch.route_replace(r.dst, r.gateway, r.oif, r.onlink)]], []))
                 else:
-                    self._remove(ev.lease)
-            except (BackendError, LeaseParseError, ValueError, OSError) as e:
-                # one bad lease must never stop the event loop (it would take every peer's updates with it)
-                log.error("event=peer_failed type=%s subnet=%s public_ip=%s error=%s",
-                          ev.type.value, ev.lease.subnet, ev.lease.attrs.public_ip, e)
+                    gw, pub, subnet = lease.subnet.network_address, lease.attrs.public_ip, lease.subnet
+                    items.append(nlbatch.Staged(
+                        [[nlbatch.neigh_replace(dev, gw, mac), nlbatch.fdb_replace(dev, mac, pub)],
+                         [nlbatch.route_replace(subnet, gw, dev, True)]],
+                        [nlbatch.fdb_del(dev, mac, pub), nlbatch.neigh_del(dev, gw)]))
+            except (BackendError, LeaseParseError, ValueError) as e:
+                self._peer_failed("added", lease, e)
+                failed += 1
+                continue
+            owners.append((lease, mac))
+            old = self._programmed.get(lease.subnet)
+            if old is not None:  # the peer changed its MAC: its old FDB entry would linger
+                try:
+                    old_mac = self._peer_mac(old, quiet=True)
+                except LeaseParseError:
+                    old_mac = None
+                if old_mac and old_mac != mac:
+                    cleanup.append(nlbatch.fdb_del(dev, old_mac))
+        if not items:
+            return 0, failed
+        try:
+            errors, undo_errors = nlbatch.run_staged(nl.batch, items, cleanup)
+        except BackendError as e:  # the socket failed: nothing is known; the next reconcile repairs
+            for lease, _ in owners:
+                self._peer_failed("added", lease, e)
+            return 0, failed + len(owners)
+        for e in undo_errors:
+            log.warning("event=rollback_failed error=%s", e)
+        ok = 0
+        for (lease, mac), item, err in zip(owners, items, errors):
+            if err is not None:
+                self._peer_failed("added", lease, err)
+                failed += 1
+                continue
+            ok += 1
+            self._programmed[lease.subnet] = lease
+            if log.isEnabledFor(level):
+                mode = "direct" if len(item.stages) == 1 else "vxlan"
+                log.log(level, "event=peer_added mode=%s subnet=%s public_ip=%s vtep_mac=%s", mode, lease.subnet,
+                        lease.attrs.public_ip, mac)
+        return ok, failed
+
+    def _remove_many(self, leases: List[Lease], level: int) -> int:
+        """Delete the neighbour, FDB entry and route of every lease (all tried); return how many went cleanly."""
+        nl, dev = self.netlink, self.device.index
+        ops, owners = [], []
+        for lease in leases:
+            self._programmed.pop(lease.subnet, None)
+            if lease.attrs.backend_type != BACKEND_TYPE:
+                continue
+            try:
+                mac = self._peer_mac(lease, quiet=True)
+            except LeaseParseError:
+                mac = None  # never programmed (refused when added); the neighbour and route go anyway
+            mine = [nlbatch.neigh_del(dev, lease.subnet.network_address)]
+            if mac:
+                mine.append(nlbatch.fdb_del(dev, mac))
+            mine.append(nlbatch.route_del(lease.subnet))
+            ops += mine
+            owners += [lease] * len(mine)
+        if not ops:
+            return len(leases)
+        try:
+            results = nl.batch(ops)
+        except BackendError as e:
+            results = [e] * len(ops)
+        errors: Dict[IPv4Network, List[str]] = {}
+        for lease, err in zip(owners, results):
+            if err is not None:
+                errors.setdefault(lease.subnet, []).append(str(err))
+        for lease in {id(x): x for x in owners}.values():
+            if lease.subnet in errors:
+                self._peer_failed("removed", lease, "; ".join(errors[lease.subnet]))
+            elif log.isEnabledFor(level):
+                log.log(level, "event=peer_removed subnet=%s public_ip=%s", lease.subnet, lease.attrs.public_ip)
+        return len(leases) - len(errors)
 
     def _peer_mac(self, lease: Lease, quiet: bool = False) -> Optional[str]:
         if lease.attrs.backend_type != BACKEND_TYPE:
@@ -198,69 +329,6 @@ class VxlanNetwork:
             return False
         return r.gateway is None and r.oif == self.ext.index
 
-    def _add(self, lease: Lease) -> None:
-        mac = self._peer_mac(lease)
-        if mac is None:
-            return
-        nl, dev, subnet = self.netlink, self.device.index, lease.subnet
-        old = self._programmed.get(subnet)
-        if self._is_direct(lease.attrs.public_ip):
-            install_route(nl, direct_route(lease, self.ext))
-            log.info("event=peer_added mode=direct subnet=%s public_ip=%s", subnet, lease.attrs.public_ip)
-        else:
-            gw = subnet.network_address
-            nl.neigh_replace(dev, gw, mac)
-            try:
-                nl.fdb_replace(dev, mac, lease.attrs.public_ip)
-            except BackendError:
-                self._quiet(nl.neigh_del, dev, gw)
-                raise
-            try:
-                nl.route_replace(subnet, gateway=gw, oif=dev, onlink=True)
-            except BackendError:
-                self._quiet(nl.fdb_del, dev, mac, lease.attrs.public_ip)
-                self._quiet(nl.neigh_del, dev, gw)
-                raise
-            log.info("event=peer_added mode=vxlan subnet=%s public_ip=%s vtep_mac=%s", subnet,
-                     lease.attrs.public_ip, mac)
-        if old is not None:  # the peer changed its MAC: its old FDB entry would linger
-            try:
-                old_mac = self._peer_mac(old, quiet=True)
-            except LeaseParseError:
-                old_mac = None
-            if old_mac and old_mac != mac:
-                self._quiet(nl.fdb_del, dev, old_mac)
-        self._programmed[subnet] = lease
-
-    def _remove(self, lease: Lease) -> None:
-        """Delete the neighbour, FDB entry and route of ``lease``; try all three, then report failures."""
-        self._programmed.pop(lease.subnet, None)
-        if lease.attrs.backend_type != BACKEND_TYPE:
-            return
-        try:
-            mac = self._peer_mac(lease, quiet=True)
-        except LeaseParseError:
-            mac = None  # never programmed (refused when added); the neighbour and route go anyway
-        nl, dev, subnet = self.netlink, self.device.index, lease.subnet
-        errors = []
-        for fn, args in ((nl.neigh_del, (dev, subnet.network_address)),
-                         *(((nl.fdb_del, (dev, mac)),) if mac else ()),
-                         (nl.route_del, (subnet,))):
-            try:
-                fn(*args)
-            except BackendError as e:
-                errors.append(str(e))
-        if errors:
-            raise BackendError("; ".join(errors))
-        log.info("event=peer_removed subnet=%s public_ip=%s", subnet, lease.attrs.public_ip)
-
-    @staticmethod
-    def _quiet(fn, *args) -> None:
-        try:
-            fn(*args)
-        except BackendError as e:
-            log.warning("event=rollback_failed error=%s", e)
-
     # -- reconcile ---------------------------------------------------------------------------------
     def ensure_device(self) -> bool:
         """Re-create a missing or incompatible device with the same MAC and /32; return True if it was."""
@@ -269,9 +337,10 @@ class VxlanNetwork:
             if not info.up:
                 self.netlink.set_link_up(self.device.spec.name)
             self.device.check_mac()
-            if not any(a.address.ip == self.lease.subnet.network_address and a.address.network.prefixlen == 32
-                       for a in self.netlink.addr_list(self.device.spec.name)):
-                self.netlink.addr_replace(self.device.spec.name, f"{self.lease.subnet.network_address}/32")
+            addr, plen = self.lease.subnet.network_address, self.lease.subnet.max_prefixlen
+            if not any(a.address.ip == addr and a.address.network.prefixlen == plen
+                       for a in self._addrs(self.device.spec.name)):
+                self.netlink.addr_replace(self.device.spec.name, f"{addr}/{plen}")
             return False
         log.warning("event=vxlan_device_recreate dev=%s reason=%s mac=%s", self.device.spec.name,
                     "missing" if info is None else "replaced behind our back", self.device.mac)
@@ -311,36 +380,60 @@ class VxlanNetwork:
             want_fdb[mac] = lease.attrs.public_ip
             want_routes[subnet] = Route(dst=subnet, gateway=subnet.network_address, oif=dev, onlink=True)
 
-        have_neigh = {n.ip: n for n in nl.neighs(dev)}
+        have_neigh = {n.ip: n for n in self._neighs(dev)}
+        repairs = []  # (what, op): one batch for neighbours and FDB, before the routes that use them
         for ip, mac in want_neigh.items():
             n = have_neigh.get(ip)
             if n is None or n.mac != mac or not n.state & NUD_PERMANENT:
-                self._repair("neigh", nl.neigh_replace, dev, ip, mac)
+                repairs.append(("neigh", nlbatch.neigh_replace(dev, ip, mac)))
         have_fdb: Dict[str, list] = {}
         for f in nl.fdbs(dev):
             have_fdb.setdefault(f.mac, []).append(f)
         for mac, dst in want_fdb.items():
             if not any(f.dst == dst and f.flags & NTF_SELF and f.state & NUD_PERMANENT for f in have_fdb.get(mac, [])):
-                self._repair("fdb", nl.fdb_replace, dev, mac, dst)
+                repairs.append(("fdb", nlbatch.fdb_replace(dev, mac, dst)))
+        self._repair_all(repairs)
         sync_routes(nl, want_routes, [dev, self.ext.index], self.network, self.lease.subnet, self._synced)
 
         if self._synced:  # stale per-peer entries: only ours (permanent, on our device)
+            stale = []
             for ip, n in have_neigh.items():
                 if ip not in want_neigh and n.state & NUD_PERMANENT:
-                    self._repair("stale neigh", nl.neigh_del, dev, ip)
+                    stale.append(("stale neigh", nlbatch.neigh_del(dev, ip)))
             for mac, entries in have_fdb.items():
                 for f in entries:
                     if mac not in want_fdb and f.state & NUD_PERMANENT and f.flags & NTF_SELF and f.dst is not None:
-                        self._repair("stale fdb", nl.fdb_del, dev, mac, f.dst)
+                        stale.append(("stale fdb", nlbatch.fdb_del(dev, mac, f.dst)))
+            self._repair_all(stale)
         self._programmed = programmed
 
-    @staticmethod
-    def _repair(what: str, fn, *args) -> None:
+    def _addrs(self, name: str):
+        from fastflannel.kernel.netlink import AF_INET6
+
+        return self.netlink.addr_list(name, family=AF_INET6) if self.family == 6 else self.netlink.addr_list(name)
+
+    def _neighs(self, dev: int):
+        from fastflannel.kernel.netlink import AF_INET6
+
+        return self.netlink.neighs(dev, family=AF_INET6) if self.family == 6 else self.netlink.neighs(dev)
+
+    def _repair_all(self, repairs: list) -> None:
+        """Run ``(what, op)`` repairs as one batch; one line per repair (DEBUG when there are many), errors always."""
+        if not repairs:
+            return
         try:
-            fn(*args)
-            log.info("event=vxlan_repaired what=%s args=%s", what, " ".join(str(a) for a in args[1:]))
+            results = self.netlink.batch([op for _, op in repairs])
         except BackendError as e:
-            log.error("event=vxlan_repair_failed what=%s error=%s", what, e)
+            results = [e] * len(repairs)
+        level = peer_log_level(len(repairs))
+        for (what, op), err in zip(repairs, results):
+            if err is not None:
+                log.error("event=vxlan_repair_failed what=%s error=%s", what, err)
+            elif log.isEnabledFor(level):
+                log.log(level, "event=vxlan_repaired what=%s args=%s", what, " ".join(str(a) for a in op.args[1:]))
+        if level != logging.INFO:
+            log.info("event=vxlan_repaired_many count=%d failed=%d", len(repairs),
+                     sum(1 for e in results if e is not None))
 
     # -- link watcher ------------------------------------------------------------------------------
     def start_watcher(self) -> None:

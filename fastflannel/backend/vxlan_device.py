@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_interface
 from typing import Optional
 
 from fastflannel.errors import BackendError
@@ -18,11 +18,15 @@ from fastflannel.errors import BackendError
 log = logging.getLogger("fastflannel.backend.vxlan")
 
 VXLAN_OVERHEAD = 50  # bytes: 20 outer IPv4 + 8 UDP + 8 VXLAN header + 14 inner Ethernet
+VXLAN6_OVERHEAD = 70  # bytes: 40 outer IPv6 + 8 + 8 + 14 (the kernel's VXLAN6_HEADROOM: its cap for an IPv6 underlay)
 
 
-def vxlan_mtu(backend_mtu: int, ext_mtu: int) -> int:
-    """Return the device MTU: (``Backend.MTU`` or the external interface MTU) - ``VXLAN_OVERHEAD``."""
-    return (backend_mtu or ext_mtu) - VXLAN_OVERHEAD
+def vxlan_mtu(backend_mtu: int, ext_mtu: int, overhead: int = VXLAN_OVERHEAD) -> int:
+    """Return the device MTU: (``Backend.MTU`` or the external interface MTU) - ``overhead``.
+
+    ``flannel-v6.<VNI>`` uses ``VXLAN6_OVERHEAD``: flanneld asks ext - 50 and the kernel caps it at ext - 70
+    (flannel-compat.md section 5), so asking ext - 70 gives the same device and keeps our MTU check honest."""
+    return (backend_mtu or ext_mtu) - overhead
 
 
 def random_mac() -> str:
@@ -37,7 +41,7 @@ class VxlanSpec:
     name: str
     vni: int
     dev_index: int
-    local: IPv4Address
+    local: "IPv4Address | IPv6Address"  # IPv6 for flannel-v6.<VNI>
     port: int  # 0 = kernel default 8472
     gbp: bool
     learning: bool
@@ -70,15 +74,17 @@ class VxlanDevice:
         self.index = info.index
         self.mtu = s.mtu if s.mtu > 0 else info.mtu
 
-    def configure(self, addr: IPv4Address, network: Optional[IPv4Network]) -> None:
-        """accept_ra 0; ``addr``/32 on the device; other addresses inside ``network`` removed; link up; MAC
-        verified (set back if something changed it, BackendError if it will not stick)."""
+    def configure(self, addr: "IPv4Address | IPv6Address", network: "Optional[IPv4Network | IPv6Network]") -> None:
+        """accept_ra 0; ``addr``/32 (IPv6: /128) on the device; other addresses inside ``network`` removed; link
+        up; MAC verified (set back if something changed it, BackendError if it will not stick)."""
+        from fastflannel.kernel.netlink import AF_INET6
         from fastflannel.kernel.sysctl import write_sysctl
 
         name = self.spec.name
         write_sysctl(f"net/ipv6/conf/{name}/accept_ra", "0", netns=getattr(self.netlink, "netns", None))
-        want = IPv4Interface(f"{addr}/32")
-        for a in self.netlink.addr_list(name):
+        want = ip_interface(f"{addr}/{addr.max_prefixlen}")
+        have = self.netlink.addr_list(name, family=AF_INET6) if addr.version == 6 else self.netlink.addr_list(name)
+        for a in have:
             if a.address != want and network is not None and a.address.ip in network:
                 log.info("event=vxlan_addr_removed dev=%s addr=%s", name, a.address)
                 self.netlink.addr_del(name, a.address)

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any, List, Optional, Sequence, Tuple
 
 
 @dataclass(frozen=True)
 class ExternalInterface:
     """The chosen interface. ``iface_addr`` is the interface's own IPv4; ``ext_addr`` is what the lease
-    advertises as PublicIP (``--public-ip`` or ``iface_addr``)."""
+    advertises as PublicIP (``--public-ip`` or ``iface_addr``). With EnableIPv6, ``iface_addr6`` is the
+    interface's own IPv6 and ``ext_addr6`` the lease's PublicIPv6 (``--public-ipv6`` or ``iface_addr6``);
+    both None for an IPv4-only network."""
 
     name: str
     index: int
     iface_addr: IPv4Address
     ext_addr: IPv4Address
     mtu: int
+    iface_addr6: Optional[IPv6Address] = None
+    ext_addr6: Optional[IPv6Address] = None
 
 
 # -- interface selection (flannel-compat.md section 9; flannel pkg/ipmatch/match.go) -----------------
@@ -36,12 +40,23 @@ def select_interface(
     iface_regexes: "Sequence[str]",
     public_ip: "Optional[str | IPv4Address]",
     netlink: Any,
+    can_reach: "Optional[str | IPv4Address]" = None,
+    public_ipv6: "Optional[str | IPv6Address]" = None,
+    ipv6: bool = False,
 ) -> ExternalInterface:
     """Pick the external interface and address the way flanneld does.
 
     ``--iface`` (name or IP, first match wins), else ``--iface-regex`` (each regex tried against every IPv4
-    address first, then against interface names), else with ``--public-ip`` the interface owning that IP,
-    else the interface of the first default route. ``ext_addr`` is ``public_ip`` or the interface address.
+    address first, then against interface names), then ``--iface-can-reach`` (the interface and source address of
+    the kernel's route to that IP, ``ip route get`` through netlink; also tried when the --iface or --iface-regex
+    values match nothing, as flanneld does), else with ``--public-ip`` the interface owning that IP, else the
+    interface of the first default route. ``ext_addr`` is ``public_ip`` or the interface address.
+
+    ``ipv6`` (EnableIPv6, dual stack): the same interface must also have an IPv6 address (chosen with the same
+    preferences: global > link-local, permanent, non-temporary), else "failed to find IPv6 address for
+    interface X" as in Flannel; ``--public-ipv6`` overrides what the lease advertises. With neither --iface nor
+    --iface-regex, an IPv6 default route on another interface than the IPv4 one is an error (Flannel's rule);
+    unlike Flannel, no IPv6 default route at all is fine (the IPv4 default route's interface is used).
     Raises ``InterfaceError``; blocks on netlink reads only."""
     links = {li.index: li for li in netlink.links()}
     addrs = netlink.addr_list()
@@ -78,7 +93,7 @@ def select_interface(
                 chosen = by_name(spec)
             if chosen is not None:
                 break
-        if chosen is None:
+        if chosen is None and not can_reach:
             flags = " ".join(f"--iface={s}" for s in ifaces)
             raise InterfaceError(f"no interface matches {flags}; available: {names}")
     elif iface_regexes:
@@ -100,9 +115,11 @@ def select_interface(
                             break
             if chosen is not None:
                 break
-        if chosen is None:
+        if chosen is None and not can_reach:
             flags = " ".join(f"--iface-regex={s}" for s in iface_regexes)
             raise InterfaceError(f"no interface address or name matches {flags}; available: {names}")
+    elif can_reach:
+        pass  # below
     elif pub is not None:
         chosen = by_ip(pub)
         if chosen is None:
@@ -118,10 +135,60 @@ def select_interface(
         if chosen is None:
             raise InterfaceError(f"no default route to pick the interface from; pass --iface=<name> (available: {names})")
 
+    if chosen is None and can_reach:
+        chosen = _by_route(IPv4Address(str(can_reach)), links, addrs_of, netlink)
+    assert chosen is not None
     li, ip = chosen
     if not li.mtu:
         raise InterfaceError(f"interface {li.name} reports MTU 0; pick another with --iface")
-    return ExternalInterface(name=li.name, index=li.index, iface_addr=ip, ext_addr=pub or ip, mtu=li.mtu)
+    ip6 = pub6 = None
+    if ipv6:
+        ip6, pub6 = _select_v6(li, links, public_ipv6, netlink, default_route=not (ifaces or iface_regexes or can_reach))
+    return ExternalInterface(name=li.name, index=li.index, iface_addr=ip, ext_addr=pub or ip, mtu=li.mtu,
+                             iface_addr6=ip6, ext_addr6=pub6)
+
+
+def _select_v6(li: Any, links: "dict", public_ipv6: "Optional[str | IPv6Address]", netlink: Any,
+               default_route: bool) -> "Tuple[IPv6Address, IPv6Address]":
+    """Return (interface IPv6, PublicIPv6) for the chosen interface ``li`` (see ``select_interface``)."""
+    from fastflannel.kernel.netlink import AF_INET6
+
+    try:
+        pub6 = IPv6Address(public_ipv6) if public_ipv6 else None
+    except ValueError:
+        raise InterfaceError(f"invalid public IPv6 address: {public_ipv6} (--public-ipv6 / FLANNELD_PUBLIC_IPV6)") from None
+    if default_route:
+        for r in netlink.routes(family=AF_INET6):
+            if r.dst.prefixlen == 0 and r.oif is not None and r.oif in links and r.oif != li.index:
+                raise InterfaceError(
+                    f"v6 default route interface {links[r.oif].name} must be the same with v4 default route "
+                    f"interface {li.name}; pass --iface=<name>"
+                )
+    ip6 = _preferred_addr([a for a in netlink.addr_list(family=AF_INET6) if a.index == li.index])
+    if ip6 is None:
+        raise InterfaceError(
+            f"failed to find IPv6 address for interface {li.name} (EnableIPv6 is true in the network config); "
+            f"add a global IPv6 address to {li.name} or pick another interface with --iface"
+        )
+    return ip6, pub6 or ip6
+
+
+def _by_route(target: IPv4Address, links: Any, addrs_of: Any, netlink: Any) -> "Tuple[Any, IPv4Address]":
+    """--iface-can-reach: the route's output interface, and its preferred source (else the interface's address)."""
+    from fastflannel.errors import KernelError
+
+    try:
+        route = netlink.route_get(target)
+    except KernelError as e:
+        raise InterfaceError(f"--iface-can-reach={target}: no route to it ({e.reason}); add one or use --iface") from None
+    if route.oif is None or route.oif not in links:
+        raise InterfaceError(f"--iface-can-reach={target}: the route to it has no output interface; use --iface")
+    li = links[route.oif]
+    ip = route.prefsrc or _preferred_addr(addrs_of(li.index))
+    if ip is None:
+        raise InterfaceError(f"--iface-can-reach={target}: interface {li.name} (the route to it) has no usable IPv4 "
+                             f"address; use --iface")
+    return li, ip
 
 
 def _usable(a: Any) -> bool:

@@ -23,6 +23,10 @@ current ones are deleted in the same payload. ``check()`` parses ``iptables-save
 than one ``iptables -C`` per rule); ``run()`` re-applies the whole set when anything is missing, every
 ``resync_s`` seconds. Rules are never removed at shutdown (Flannel's behaviour).
 
+Dual stack (EnableIPv6): a second TrafficManager built from IPv6Network and our IPv6 subnet uses ``ip6tables``,
+``ip6tables-save`` and ``ip6tables-restore`` with the same chains, comments and order, and ``ff00::/8`` in place of
+224.0.0.0/4 (Flannel's ip6tables rules); the family comes from the Network. ``TrafficGroup`` runs both.
+
 iptables has no netlink API, so this module shells out to ``iptables-save``/``iptables-restore``; ``netns`` (tests
 only) runs them under ``ip netns exec``.
 """
@@ -33,7 +37,7 @@ import re
 import subprocess
 import threading
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from fastflannel.errors import TrafficError
@@ -46,6 +50,8 @@ MASQ_COMMENT = "flanneld masq"
 FWD_COMMENT = "flanneld forward"
 KUBE_PROXY_MARK = "0x4000/0x4000"  # kube-proxy's masquerade mark: never NAT twice (flannel)
 MULTICAST_V4 = "224.0.0.0/4"
+MULTICAST = {4: MULTICAST_V4, 6: "ff00::/8"}  # what the cluster-source MASQUERADE rule never masquerades
+TOOLS = {4: ("iptables", "iptables-save", "iptables-restore"), 6: ("ip6tables", "ip6tables-save", "ip6tables-restore")}
 RESYNC_S = 5.0  # seconds between checks (flanneld --iptables-resync default)
 FEATURE_VERSION = (1, 6, 2)  # first iptables with both --random-fully and iptables-restore --wait
 CMD_TIMEOUT_S = 30.0
@@ -62,8 +68,8 @@ class Rule:
         return self.chain + " " + " ".join(f'"{a}"' if " " in a else a for a in self.spec)
 
 
-def masq_rules(cluster: IPv4Network, pod: IPv4Network, random_fully: bool) -> List[Rule]:
-    """Return Flannel's masquerade rules, jump first, in order."""
+def masq_rules(cluster: "IPv4Network | IPv6Network", pod: "IPv4Network | IPv6Network", random_fully: bool) -> List[Rule]:
+    """Return Flannel's masquerade rules, jump first, in order (IPv6: the same with ff00::/8)."""
     c, p = str(cluster), str(pod)
     cm = ("-m", "comment", "--comment", MASQ_COMMENT)
     masq = ("-j", "MASQUERADE") + (("--random-fully",) if random_fully else ())
@@ -73,12 +79,12 @@ def masq_rules(cluster: IPv4Network, pod: IPv4Network, random_fully: bool) -> Li
         Rule("nat", MASQ_CHAIN, ("-s", p, "-d", c) + cm + ("-j", "RETURN")),
         Rule("nat", MASQ_CHAIN, ("-s", c, "-d", p) + cm + ("-j", "RETURN")),
         Rule("nat", MASQ_CHAIN, ("!", "-s", c, "-d", p) + cm + ("-j", "RETURN")),
-        Rule("nat", MASQ_CHAIN, ("-s", c, "!", "-d", MULTICAST_V4) + cm + masq),
+        Rule("nat", MASQ_CHAIN, ("-s", c, "!", "-d", MULTICAST[ip_network(c).version]) + cm + masq),
         Rule("nat", MASQ_CHAIN, ("!", "-s", c, "-d", c) + cm + masq),
     ]
 
 
-def forward_rules(cluster: IPv4Network) -> List[Rule]:
+def forward_rules(cluster: "IPv4Network | IPv6Network") -> List[Rule]:
     """Return Flannel's forward rules, jump first, in order."""
     cm = ("-m", "comment", "--comment", FWD_COMMENT)
     return [
@@ -117,26 +123,28 @@ def _run_cmd(argv: Sequence[str], netns: Optional[str] = None, input: Optional[s
 
 
 class TrafficManager:
-    """Owns flanneld's masquerade and forward rules for one (Network, subnet)."""
+    """Owns flanneld's masquerade and forward rules for one (Network, subnet) of one family (ip6tables for an
+    IPv6 Network)."""
 
     def __init__(
         self,
-        network: IPv4Network,
-        subnet: IPv4Network,
+        network: "IPv4Network | IPv6Network",
+        subnet: "IPv4Network | IPv6Network",
         masq: bool,
         forward: bool,
-        prev_network: Optional[IPv4Network] = None,
-        prev_subnet: Optional[IPv4Network] = None,
+        prev_network: "Optional[IPv4Network | IPv6Network]" = None,
+        prev_subnet: "Optional[IPv4Network | IPv6Network]" = None,
         resync_s: float = RESYNC_S,
         random_fully: Optional[bool] = None,
         netns: Optional[str] = None,
     ) -> None:
-        self.network = IPv4Network(network)
-        self.subnet = IPv4Network(subnet)
+        self.network = ip_network(network)
+        self.subnet = ip_network(subnet)
+        self.iptables, self.iptables_save, self.iptables_restore = TOOLS[self.network.version]
         self.masq = masq
         self.forward = forward
-        self.prev_network = IPv4Network(prev_network) if prev_network else None
-        self.prev_subnet = IPv4Network(prev_subnet) if prev_subnet else None
+        self.prev_network = ip_network(prev_network) if prev_network else None
+        self.prev_subnet = ip_network(prev_subnet) if prev_subnet else None
         self.resync_s = resync_s
         self.netns = netns
         self._version: Optional[Tuple[int, ...]] = None
@@ -149,7 +157,7 @@ class TrafficManager:
     def _supports_features(self) -> bool:
         if self._version is None:
             try:
-                out = self._cmd(["iptables", "--version"])
+                out = self._cmd([self.iptables, "--version"])
             except TrafficError:
                 out = ""
             m = re.search(r"v(\d+)\.(\d+)\.(\d+)", out)
@@ -180,7 +188,7 @@ class TrafficManager:
     def _save(self, tables: Sequence[str]) -> Dict[str, Dict[str, List[str]]]:
         out: Dict[str, Dict[str, List[str]]] = {}
         for t in tables:
-            out.update(parse_save(self._cmd(["iptables-save", "-t", t])))
+            out.update(parse_save(self._cmd([self.iptables_save, "-t", t])))
         return out
 
     def payload(self) -> str:
@@ -211,10 +219,10 @@ class TrafficManager:
         payload = self.payload()
         if not payload:
             return
-        argv = ["iptables-restore", "--noflush"] + (["--wait"] if self._supports_features() else [])
+        argv = [self.iptables_restore, "--noflush"] + (["--wait"] if self._supports_features() else [])
         self._cmd(argv, input=payload)
-        log.info("event=iptables_applied masq=%s forward=%s network=%s subnet=%s random_fully=%s",
-                 self.masq, self.forward, self.network, self.subnet, self.random_fully)
+        log.info("event=iptables_applied tool=%s masq=%s forward=%s network=%s subnet=%s random_fully=%s",
+                 self.iptables, self.masq, self.forward, self.network, self.subnet, self.random_fully)
 
     def check(self) -> bool:
         """Return True if our chains exist with exactly the wanted rules in order and every jump rule exists."""
@@ -246,6 +254,32 @@ class TrafficManager:
                 log.error("event=iptables_resync_failed error=%s", e)
 
 
+class TrafficGroup:
+    """Several traffic managers (IPv4 and IPv6) applied, checked and resynced as one."""
+
+    def __init__(self, managers: Sequence[TrafficManager]) -> None:
+        self.managers = list(managers)
+        self.resync_s = min(m.resync_s for m in self.managers)
+
+    def apply(self) -> None:
+        for m in self.managers:
+            m.apply()
+
+    def check(self) -> bool:
+        return all(m.check() for m in self.managers)
+
+    def run(self, stop: threading.Event) -> None:
+        """Like ``TrafficManager.run`` for every member, on one thread; each family is re-applied on its own."""
+        while not stop.wait(self.resync_s):
+            for m in self.managers:
+                try:
+                    if not m.check():
+                        log.warning("event=iptables_drift tool=%s action=reapply", m.iptables)
+                        m.apply()
+                except TrafficError as e:
+                    log.error("event=iptables_resync_failed tool=%s error=%s", m.iptables, e)
+
+
 def removal_payload(saved: Dict[str, Dict[str, List[str]]]) -> str:
     """Return the ``iptables-restore --noflush`` input that removes every FLANNEL chain and every rule jumping to
     one, from ``iptables-save`` output parsed by ``parse_save`` ('' when there is nothing to remove)."""
@@ -263,7 +297,7 @@ def removal_payload(saved: Dict[str, Dict[str, List[str]]]) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def remove_iptables_objects(netns: Optional[str] = None) -> None:
+def remove_iptables_objects(netns: Optional[str] = None, family: int = 4) -> None:
     """Remove iptables mode's chains and jump rules (nftables mode does it at start, flannel main.go).
 
     Flannel only tries FLANNEL-POSTRTG and FLANNEL-FWD in table nat and leaves the jump rules, so its FLANNEL-FWD
@@ -272,10 +306,10 @@ def remove_iptables_objects(netns: Optional[str] = None) -> None:
     try:
         saved: Dict[str, Dict[str, List[str]]] = {}
         for t in ("nat", "filter"):
-            saved.update(parse_save(_run_cmd(["iptables-save", "-t", t], netns)))
+            saved.update(parse_save(_run_cmd([TOOLS[family][1], "-t", t], netns)))
         payload = removal_payload(saved)
         if payload:
-            _run_cmd(["iptables-restore", "--noflush"], netns, input=payload)
+            _run_cmd([TOOLS[family][2], "--noflush"], netns, input=payload)
             log.info("event=iptables_objects_removed reason=nftables_mode")
     except TrafficError as e:
         log.warning("event=iptables_cleanup_failed error=%s", e)

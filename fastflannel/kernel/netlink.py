@@ -18,7 +18,8 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network  # noqa: F401
+from ipaddress import ip_address, ip_interface, ip_network
 from typing import Any, Callable, Iterator, List, Optional, Union
 
 from pyroute2 import IPRoute
@@ -26,7 +27,7 @@ from pyroute2 import config as _pyroute2_config
 from pyroute2.netlink.exceptions import NetlinkError
 
 from fastflannel.errors import KernelError
-from fastflannel.kernel import linkevents
+from fastflannel.kernel import linkevents, nlbatch
 
 log = logging.getLogger("fastflannel.kernel.netlink")
 
@@ -37,6 +38,7 @@ log = logging.getLogger("fastflannel.kernel.netlink")
 _pyroute2_config.disable_mp_signal = True
 
 AF_INET = 2
+AF_INET6 = 10
 AF_BRIDGE = 7
 RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
@@ -51,8 +53,9 @@ IFA_F_DEPRECATED = 0x20
 IFA_F_PERMANENT = 0x80
 VXLAN_DEFAULT_PORT = 8472  # Linux's default (pre-IANA) VXLAN UDP port, used when no dstport is given
 
-Address = Union[str, IPv4Address]
-Prefix = Union[str, IPv4Network]
+Address = Union[str, IPv4Address, IPv6Address]
+Prefix = Union[str, IPv4Network, IPv6Network]
+family_of = {4: AF_INET, 6: AF_INET6}.__getitem__  # IP version -> netlink address family
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class VxlanAttrs:
 
     vni: int
     link: int  # underlay ifindex, 0 if unset
-    local: Optional[IPv4Address]
+    local: "Optional[IPv4Address | IPv6Address]"  # IFLA_VXLAN_LOCAL, or IFLA_VXLAN_LOCAL6 for flannel-v6.<VNI>
     group: Optional[IPv4Address]
     port: int  # UDP destination port; the kernel reports 8472 when none was given
     learning: bool
@@ -83,22 +86,22 @@ class LinkInfo:
 @dataclass(frozen=True)
 class AddrInfo:
     index: int
-    address: IPv4Interface
+    address: "IPv4Interface | IPv6Interface"
     scope: int  # 0 universe, 253 link, 254 host
     flags: int  # IFA_F_*
 
 
 @dataclass(frozen=True)
 class Route:
-    dst: IPv4Network
-    gateway: Optional[IPv4Address] = None
+    dst: "IPv4Network | IPv6Network"
+    gateway: "Optional[IPv4Address | IPv6Address]" = None
     oif: Optional[int] = None
     onlink: bool = False
     table: int = RT_TABLE_MAIN
     type: int = RTN_UNICAST
     proto: int = 0
     scope: int = 0
-    prefsrc: Optional[IPv4Address] = None
+    prefsrc: "Optional[IPv4Address | IPv6Address]" = None
 
     def __str__(self) -> str:
         s = str(self.dst)
@@ -118,7 +121,7 @@ class Route:
 @dataclass(frozen=True)
 class Neigh:
     index: int
-    ip: IPv4Address
+    ip: "IPv4Address | IPv6Address"
     mac: str
     state: int
 
@@ -127,7 +130,7 @@ class Neigh:
 class Fdb:
     index: int
     mac: str
-    dst: Optional[IPv4Address]
+    dst: "Optional[IPv4Address | IPv6Address]"
     state: int
     flags: int
 
@@ -150,6 +153,7 @@ class Netlink:
         kw: dict = {"groups": 0}  # a command socket: no multicast events queue up behind our requests
         if netns is not None:
             kw.update(netns=netns, flags=0)  # flags=0: never create the namespace implicitly
+        self._fast = nlbatch.Channel(netns)  # batches and dumps: a raw socket, opened on first use
         try:
             self._ipr: Optional[IPRoute] = IPRoute(**kw)
         except (NetlinkError, OSError) as e:
@@ -160,6 +164,7 @@ class Netlink:
     def close(self) -> None:
         with self._lock:
             ipr, self._ipr = self._ipr, None
+            self._fast.close()
         if ipr is not None:
             ipr.close()
 
@@ -185,6 +190,17 @@ class Netlink:
                 raise KernelError(what, reason, code) from e
             finally:
                 _drop_stray_messages(self._ipr)
+
+    # -- pipelined batches and dumps (kernel/nlbatch.py) -------------------------------------------------------
+    def batch(self, ops: "List[nlbatch.Op]") -> List[Optional[KernelError]]:
+        """Run ``ops`` (``nlbatch.route_replace(...)`` etc.) pipelined on one socket, in order; return one
+        ``KernelError`` or None per op, as if each verb had been called alone (see ``nlbatch.run_ops``)."""
+        with self._lock:
+            return self._fast.batch(ops, self._name_quiet)
+
+    def _dump(self, what: str, fn: Callable[..., list]) -> list:
+        with self._lock:
+            return self._fast.dump(what, fn)
 
     def _name(self, index: int) -> str:
         info = self.link_by_index(index)
@@ -226,8 +242,8 @@ class Netlink:
         Compatibility is Flannel's (``vxlanLinksIncompat``): type, VNI, underlay index and local IP (when both
         set), group, l2miss, port (when both > 0), GBP. MTU and learning are not compared: an existing device
         keeps its MTU and MAC. An incompatible device is deleted and recreated; the reason is logged.
-        ``port`` 0 omits the attribute so the kernel uses 8472."""
-        local_ip = IPv4Address(local) if local else None
+        ``port`` 0 omits the attribute so the kernel uses 8472. An IPv6 ``local``: flannel-v6.<VNI> (LOCAL6)."""
+        local_ip = ip_address(local) if local else None
         existing = self.link_info(name)
         if existing is not None:
             why = _vxlan_incompat(existing, vni, dev_index, local_ip, port, gbp)
@@ -241,7 +257,7 @@ class Netlink:
         if dev_index:
             spec["vxlan_link"] = dev_index
         if local_ip is not None:
-            spec["vxlan_local"] = str(local_ip)
+            spec["vxlan_local6" if local_ip.version == 6 else "vxlan_local"] = str(local_ip)
         if port > 0:
             spec["vxlan_port"] = port
         if gbp:
@@ -303,18 +319,18 @@ class Netlink:
         return idx
 
     # -- addresses ---------------------------------------------------------------------------------
-    def addr_replace(self, ifname: str, cidr: Union[str, IPv4Interface]) -> None:
-        """Ensure ``cidr`` (e.g. ``10.5.72.0/32``) is on ``ifname`` (idempotent)."""
-        ifa = IPv4Interface(cidr)
-        idx = self._require(ifname)
+    def addr_replace(self, ifname: str, cidr: "Union[str, IPv4Interface, IPv6Interface]") -> None:
+        """Ensure ``cidr`` (e.g. ``10.5.72.0/32`` or ``fc00:0:0:5::/128``) is on ``ifname`` (idempotent)."""
+        ifa = ip_interface(cidr)
+        idx, fam = self._require(ifname), family_of(ifa.version)
         self._call(
             f"addr {ifa} dev {ifname}",
-            lambda i: i.addr("replace", index=idx, address=str(ifa.ip), prefixlen=ifa.network.prefixlen),
+            lambda i: i.addr("replace", index=idx, address=str(ifa.ip), prefixlen=ifa.network.prefixlen, family=fam),
         )
 
-    def addr_list(self, ifname: Optional[str] = None) -> List[AddrInfo]:
-        """Return the IPv4 addresses of ``ifname`` (or of every link)."""
-        kw: dict = {"family": AF_INET}
+    def addr_list(self, ifname: Optional[str] = None, family: int = AF_INET) -> List[AddrInfo]:
+        """Return the addresses of ``family`` (AF_INET or AF_INET6) of ``ifname`` (or of every link)."""
+        kw: dict = {"family": family}
         if ifname is not None:
             idx = self.link_index(ifname)
             if idx is None:
@@ -326,19 +342,19 @@ class Netlink:
             out.append(
                 AddrInfo(
                     index=m["index"],
-                    address=IPv4Interface(f"{m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}"),
+                    address=ip_interface(f"{m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}"),
                     scope=m["scope"],
                     flags=flags if flags is not None else m["flags"],
                 )
             )
         return out
 
-    def addr_del(self, ifname: str, cidr: Union[str, IPv4Interface]) -> None:
-        ifa = IPv4Interface(cidr)
-        idx = self._require(ifname)
+    def addr_del(self, ifname: str, cidr: "Union[str, IPv4Interface, IPv6Interface]") -> None:
+        ifa = ip_interface(cidr)
+        idx, fam = self._require(ifname), family_of(ifa.version)
         self._call(
             f"addr del {ifa} dev {ifname}",
-            lambda i: i.addr("del", index=idx, address=str(ifa.ip), prefixlen=ifa.network.prefixlen),
+            lambda i: i.addr("del", index=idx, address=str(ifa.ip), prefixlen=ifa.network.prefixlen, family=fam),
             ignore=(errno.EADDRNOTAVAIL, errno.ENOENT),
         )
 
@@ -354,7 +370,7 @@ class Netlink:
     ) -> None:
         """``ip route replace dst [via gateway] [dev oif] [onlink] [scope N]`` in ``table``."""
         net = ip_network(dst)
-        spec: dict = {"dst": str(net), "table": table, "proto": RTPROT_BOOT}
+        spec: dict = {"dst": str(net), "table": table, "proto": RTPROT_BOOT, "family": family_of(net.version)}
         if scope is not None:
             spec["scope"] = scope
         if gateway is not None:
@@ -370,7 +386,7 @@ class Netlink:
     ) -> bool:
         """Delete the route; return False if there was none."""
         net = ip_network(dst)
-        spec: dict = {"dst": str(net), "table": table}
+        spec: dict = {"dst": str(net), "table": table, "family": family_of(net.version)}
         if gateway is not None:
             spec["gateway"] = str(gateway)
         if oif is not None:
@@ -398,12 +414,10 @@ class Netlink:
         except KernelError:
             return f"#{index}"
 
-    def routes(self, oif: Optional[int] = None, table: int = RT_TABLE_MAIN) -> List[Route]:
-        """Return the IPv4 unicast routes of ``table`` (optionally only those via ``oif``)."""
-        kw: dict = {"family": AF_INET, "table": table}
-        if oif is not None:
-            kw["oif"] = oif
-        return [_route(m) for m in self._call("route show", lambda i: i.get_routes(**kw))]
+    def routes(self, oif: Optional[int] = None, table: int = RT_TABLE_MAIN, family: int = AF_INET) -> List[Route]:
+        """Return the routes of ``family`` (AF_INET or AF_INET6) in ``table`` (optionally only those via ``oif``):
+        one raw dump decoded by ``nlbatch`` (15x cheaper than pyroute2's decoder for 5,000 routes)."""
+        return self._dump("route show", lambda s, q: nlbatch.dump_routes(s, q, Route, family, table, oif))
 
     def route_get(self, ip: Address) -> Route:
         """``ip route get <ip>``: the route the kernel would use (gateway None means directly connected)."""
@@ -415,30 +429,21 @@ class Netlink:
     # -- neighbours and FDB ------------------------------------------------------------------------
     def neigh_replace(self, ifindex: int, ip: Address, mac: str) -> None:
         """``ip neigh replace <ip> lladdr <mac> dev <ifindex> nud permanent``."""
-        self._call(
-            f"neigh {ip} lladdr {mac} dev {self._name_quiet(ifindex)}",
-            lambda i: i.neigh("replace", ifindex=ifindex, dst=str(ip), lladdr=mac.lower(), state=NUD_PERMANENT),
-        )
+        fam, what = family_of(ip_address(ip).version), f"neigh {ip} lladdr {mac} dev {self._name_quiet(ifindex)}"
+        self._call(what, lambda i: i.neigh("replace", ifindex=ifindex, dst=str(ip), lladdr=mac.lower(),
+                                           state=NUD_PERMANENT, family=fam))
 
     def neigh_del(self, ifindex: int, ip: Address) -> bool:
         r = self._call(
             f"delete neigh {ip} dev {self._name_quiet(ifindex)}",
-            lambda i: i.neigh("del", ifindex=ifindex, dst=str(ip)),
+            lambda i: i.neigh("del", ifindex=ifindex, dst=str(ip), family=family_of(ip_address(ip).version)),
             ignore=(errno.ENOENT, errno.ESRCH),
         )
         return r is not None
 
-    def neighs(self, ifindex: int) -> List[Neigh]:
-        """Return the IPv4 neighbour entries on ``ifindex``."""
-        out = []
-        for m in self._call("neigh show", lambda i: i.get_neighbours(family=AF_INET, ifindex=ifindex)):
-            if m["ifindex"] != ifindex:
-                continue
-            dst, mac = m.get_attr("NDA_DST"), m.get_attr("NDA_LLADDR")
-            if dst is None:
-                continue
-            out.append(Neigh(ifindex, IPv4Address(dst), (mac or "").lower(), m["state"]))
-        return out
+    def neighs(self, ifindex: int, family: int = AF_INET) -> List[Neigh]:
+        """Return the neighbour entries of ``family`` (AF_INET or AF_INET6) on ``ifindex`` (one raw dump)."""
+        return self._dump("neigh show", lambda s, q: nlbatch.dump_neighs(s, q, Neigh, family, ifindex))
 
     def fdb_replace(self, ifindex: int, mac: str, dst: Address) -> None:
         """``bridge fdb replace <mac> dev <ifindex> dst <dst> self permanent``."""
@@ -462,17 +467,8 @@ class Netlink:
         return r is not None
 
     def fdbs(self, ifindex: int) -> List[Fdb]:
-        """Return the FDB entries (AF_BRIDGE) of ``ifindex``."""
-        out = []
-        for m in self._call("fdb show", lambda i: i.get_neighbours(family=AF_BRIDGE, ifindex=ifindex)):
-            if m["ifindex"] != ifindex:
-                continue
-            dst = m.get_attr("NDA_DST")
-            out.append(
-                Fdb(ifindex, (m.get_attr("NDA_LLADDR") or "").lower(), IPv4Address(dst) if dst else None,
-                    m["state"], m["flags"])
-            )
-        return out
+        """Return the FDB entries (AF_BRIDGE) of ``ifindex`` (one raw dump, see ``routes``)."""
+        return self._dump("fdb show", lambda s, q: nlbatch.dump_neighs(s, q, Fdb, AF_BRIDGE, ifindex))
 
     # -- events ------------------------------------------------------------------------------------
     def link_events(
@@ -481,6 +477,7 @@ class Netlink:
         """Yield ``(event, name, index)`` for link add/delete events in this namespace until ``stop`` is set
         (``kernel.linkevents.link_events``: its own raw socket, not this one's)."""
         return linkevents.link_events(stop, netns=self.netns, poll_s=poll_s, ready=ready)
+
 
 def wireguard_socket() -> Any:
     """Return pyroute2's WireGuard generic netlink socket, for ``kernel/wireguard.py`` (which never imports
@@ -526,13 +523,13 @@ def _link_info(m: Any) -> LinkInfo:
         data = li.get_attr("IFLA_INFO_DATA")
         if kind == "vxlan" and data is not None:
             names = {a[0] for a in data["attrs"]}
-            local = data.get_attr("IFLA_VXLAN_LOCAL")
-            group = data.get_attr("IFLA_VXLAN_GROUP")
+            local = data.get_attr("IFLA_VXLAN_LOCAL") or data.get_attr("IFLA_VXLAN_LOCAL6")
+            group = data.get_attr("IFLA_VXLAN_GROUP") or data.get_attr("IFLA_VXLAN_GROUP6")
             vx = VxlanAttrs(
                 vni=data.get_attr("IFLA_VXLAN_ID") or 0,
                 link=data.get_attr("IFLA_VXLAN_LINK") or 0,
-                local=IPv4Address(local) if local else None,
-                group=IPv4Address(group) if group and group != "0.0.0.0" else None,
+                local=ip_address(local) if local else None,
+                group=ip_address(group) if group and group not in ("0.0.0.0", "::") else None,
                 port=data.get_attr("IFLA_VXLAN_PORT") or 0,
                 learning=bool(data.get_attr("IFLA_VXLAN_LEARNING")),
                 gbp="IFLA_VXLAN_GBP" in names,
@@ -550,7 +547,7 @@ def _link_info(m: Any) -> LinkInfo:
 
 
 def _vxlan_incompat(
-    link: LinkInfo, vni: int, dev_index: int, local: Optional[IPv4Address], port: int, gbp: bool
+    link: LinkInfo, vni: int, dev_index: int, local: "Optional[IPv4Address | IPv6Address]", port: int, gbp: bool
 ) -> Optional[str]:
     """Return why ``link`` cannot be reused for the wanted vxlan attributes (Flannel's ``vxlanLinksIncompat``)."""
     if link.kind != "vxlan" or link.vxlan is None:
@@ -579,20 +576,21 @@ def _route(m: Any) -> Route:
     oif = m.get_attr("RTA_OIF")
     src = m.get_attr("RTA_PREFSRC")
     table = m.get_attr("RTA_TABLE") or m["table"]
+    any_addr = "::" if m["family"] == AF_INET6 else "0.0.0.0"
     return Route(
-        dst=IPv4Network(f"{dst or '0.0.0.0'}/{m['dst_len']}", strict=False),
-        gateway=IPv4Address(gw) if gw else None,
+        dst=ip_network(f"{dst or any_addr}/{m['dst_len']}", strict=False),
+        gateway=ip_address(gw) if gw else None,
         oif=oif,
         onlink=bool(m["flags"] & RTNH_F_ONLINK),
         table=table,
         type=m["type"],
         proto=m["proto"],
         scope=m["scope"],
-        prefsrc=IPv4Address(src) if src else None,
+        prefsrc=ip_address(src) if src else None,
     )
 
 
 __all__ = [
-    "AddrInfo", "Fdb", "KernelError", "LinkInfo", "Neigh", "Netlink", "Route", "VxlanAttrs",
+    "AF_INET", "AF_INET6", "AddrInfo", "Fdb", "KernelError", "LinkInfo", "Neigh", "Netlink", "Route", "VxlanAttrs",
     "VXLAN_DEFAULT_PORT", "call_translated", "wireguard_socket", "write_sysctl",
 ]

@@ -266,12 +266,12 @@ class WireGuardGenl:
     """Configure a kernel WireGuard device over generic netlink (pyroute2's socket from ``netlink.wireguard_socket``);
     keys are base64 text. Calls are serialised by a lock; every error is a ``KernelError`` naming the request."""
 
-    def __init__(self) -> None:
+    def __init__(self, sock: Any = None) -> None:
         from fastflannel.kernel.netlink import call_translated, wireguard_socket
 
         self._translated = call_translated
         self._lock = threading.Lock()
-        self._wg: Any = wireguard_socket()
+        self._wg: Any = sock if sock is not None else wireguard_socket()  # ``sock``: tests pass a stand-in
 
     def close(self) -> None:
         with self._lock:

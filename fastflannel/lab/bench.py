@@ -13,7 +13,9 @@ addresses in isolated namespaces), one container per host, traffic container(h1)
 - ``udp-plain``: the same Cython loop without offloads (``FASTFLANNEL_UDP_TUN_OFFLOAD=0``,
   ``FASTFLANNEL_UDP_GRO=0``): one TUN read/write per packet, batching (``sendmmsg``/``recvmmsg``) only. This is
   the per-packet design (flanneld's shape, batched); what the offloads buy is udp / udp-plain;
-- ``udp-python``: the same backend with the pure-Python twin (``FASTFLANNEL_NO_EXTENSIONS=1`` in the daemons).
+- ``udp-python``: the same backend with the pure-Python twin (``FASTFLANNEL_NO_EXTENSIONS=1`` in the daemons);
+- ``wireguard``: the wireguard backend, encrypted (ChaCha20-Poly1305) by wireguard-go here (no kernel module on
+  this machine; with the module it is the kernel's): what encryption costs. Its CPU is the daemons' children's.
 
 Repetitions are interleaved so drift on a noisy machine hits every mode alike: rep 1 runs host-gw, vxlan, udp,
 udp-plain, udp-python; rep 2 the same list rotated by one; and so on. Per mode and repetition:
@@ -55,7 +57,7 @@ from fastflannel.datapath.contract import COUNTER_NAMES
 
 BENCH_NETWORK = "100.96.0.0/16"
 HEALTHZ_PORT = 8471
-ALL_MODES = ("host-gw", "vxlan", "udp", "udp-plain", "udp-python")
+ALL_MODES = ("host-gw", "vxlan", "udp", "udp-plain", "udp-python", "wireguard")
 MODE_SPECS: Dict[str, Dict[str, Any]] = {
     "host-gw": {"backend": "host-gw", "env": {}, "user_space": False},
     "vxlan": {"backend": "vxlan", "env": {}, "user_space": False},
@@ -63,6 +65,7 @@ MODE_SPECS: Dict[str, Dict[str, Any]] = {
     "udp-plain": {"backend": "udp", "env": {"FASTFLANNEL_UDP_TUN_OFFLOAD": "0", "FASTFLANNEL_UDP_GRO": "0"},
                   "user_space": True},
     "udp-python": {"backend": "udp", "env": {"FASTFLANNEL_NO_EXTENSIONS": "1"}, "user_space": True},
+    "wireguard": {"backend": "wireguard", "env": {}, "user_space": False},  # wireguard-go: not our fast path
 }
 UDP_PAYLOAD = 64
 SETTLE_S = 0.5  # after a UDP flood: let queues drain before the next test
@@ -330,7 +333,7 @@ class ModeCluster:
     def daemon_cpu(self) -> float:
         from fastflannel.lab.measure import process_cpu_seconds
 
-        return sum(process_cpu_seconds(h.daemon.pid) for h in self.tb.hosts)
+        return sum(process_cpu_seconds(pid) for h in self.tb.hosts for pid in _with_children(h.daemon.pid))
 
     def check_daemons(self) -> None:
         for h in self.tb.hosts:
@@ -381,6 +384,15 @@ class ModeCluster:
                    udp64_sent=ru.packets, udp64_lost=ru.lost_packets)
         time.sleep(SETTLE_S)
         return row
+
+
+def _with_children(pid: int) -> List[int]:
+    """Return ``pid`` and its child processes (wireguard-go under the wireguard backend's daemon)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [pid, *map(int, f.read().split())]
+    except OSError:
+        return [pid]
 
 
 def _wait_ping(node, ip, timeout: float) -> bool:
@@ -471,7 +483,7 @@ def write_chart(summary: Dict[str, Dict[str, Dict[str, float]]], modes: Sequence
               ("syscalls_per_packet", "syscalls per packet (user/kernel)"),
               ("bytes_copied_per_byte", "bytes copied per byte delivered")]
     colors = {"host-gw": "#4c72b0", "vxlan": "#55a868", "udp": "#dd8452", "udp-plain": "#8172b3",
-              "udp-python": "#c44e52"}
+              "udp-python": "#c44e52", "wireguard": "#937860"}
     fig, axes = plt.subplots(2, 4, figsize=(16, 7.5))
     for ax, (key, label) in zip(axes.flat, panels):
         meds, los, his, names = [], [], [], []

@@ -16,7 +16,7 @@ from typing import List
 from fastflannel.lab.progress import Progress
 
 DEMO_NETWORK = "100.96.0.0/16"
-ALL_BACKENDS = ("udp", "vxlan", "host-gw")
+ALL_BACKENDS = ("udp", "vxlan", "host-gw", "wireguard")
 
 
 def _fmt(v: float, digits: int = 2) -> str:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import random
+import re
 import statistics
 import sys
 import time
@@ -102,67 +103,172 @@ def _lease_value(backend: str, i: int, rng: random.Random) -> str:
     return LeaseAttrs(IPv4Address(_public_ip(i)), "" if backend == "udp" else backend).to_json()
 
 
+_ADDED_RE = re.compile(r"event=peer_added |event=peers_programmed .*? added=(\d+)")
+
+
+def _logged_added(text: str) -> int:
+    """Peers the daemon logged as added: one per ``event=peer_added`` line plus ``added=N`` of each summary line."""
+    return sum(int(m.group(1)) if m.group(1) else 1 for m in _ADDED_RE.finditer(text))
+
+
 def _count_state(host, backend: str) -> int:
-    """Return how many leases ``host`` has fully programmed (the minimum over the entry kinds)."""
+    """Return how many leases ``host`` has fully programmed (the minimum over the entry kinds), read back with
+    iproute2's text output (cheaper than ``-j`` at 5,000 entries), not with the daemon's own decoder."""
     if backend == "udp":
-        return host.daemon_log_text().count("event=peer_added")
-    routes = json.loads(host.run(["ip", "-j", "-4", "route", "show", "root", str(NETWORK)]).stdout or "[]")
-    n_routes = sum(1 for r in routes if r.get("gateway"))
+        return _logged_added(host.daemon_log_text())  # the fast path's table is not kernel state
+    routes = host.run(["ip", "-4", "route", "show", "root", str(NETWORK)]).stdout
+    n_routes = sum(1 for line in routes.splitlines() if " via " in line)
     if backend == "host-gw":
         return n_routes
-    neigh = json.loads(host.run(["ip", "-j", "neigh", "show", "dev", "flannel.1"]).stdout or "[]")
-    fdb = json.loads(host.run(["bridge", "-j", "fdb", "show", "dev", "flannel.1"]).stdout or "[]")
-    n_fdb = sum(1 for f in fdb if f.get("dst"))
-    return min(n_routes, len(neigh), n_fdb)
+    neigh = host.run(["ip", "-4", "neigh", "show", "dev", "flannel.1", "nud", "permanent"]).stdout
+    fdb = host.run(["bridge", "fdb", "show", "dev", "flannel.1"]).stdout
+    n_fdb = sum(1 for line in fdb.splitlines() if " dst " in line)
+    return min(n_routes, len(neigh.splitlines()), n_fdb)
+
+
+def _cpu_s(pid: int) -> float:
+    """user + system CPU seconds of ``pid`` (its threads included)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _wait_ready(host, timeout: float = 60.0) -> None:
     host.wait_subnet_env(timeout=timeout)
 
 
-def run_programming(backend: str, n: int, *, timeout: float = 300.0, poll_s: float = 0.25,
-                    log_fn=None) -> Dict[str, Any]:
-    """Measure one daemon programming ``n`` remote leases of ``backend``; return the figures."""
+def _wait_complete(h, backend: str, n: int, deadline: float, poll_s: float) -> int:
+    count = 0
+    while True:
+        count = _count_state(h, backend)
+        if count >= n or time.time() > deadline or h.daemon.poll() is not None:
+            return count
+        time.sleep(poll_s)
+
+
+def _daemon_took(text: str) -> float:
+    """Sum of ``took_s`` of the daemon's summary lines: its own time to program the batches (no polling)."""
+    return round(sum(float(x) for x in re.findall(r"event=peers_programmed .*?took_s=([0-9.]+)", text)), 3)
+
+
+def run_programming(backend: str, n: int, *, mode: str = "live", timeout: float = 300.0, poll_s: float = 0.25,
+                    reconcile: bool = False, log_fn=None) -> Dict[str, Any]:
+    """Measure one daemon programming ``n`` remote leases of ``backend``; return the figures.
+
+    ``mode="live"``: the daemon runs when the leases are written (txns of 100 puts); the time runs from the first
+    put. ``mode="restart"``: the leases are in etcd when the daemon starts (a host rebooting into a full cluster);
+    the time runs from the daemon's start (``total_s``, includes Python start-up and the lease) and from its
+    subnet.env (``after_ready_s``). ``cpu_s``: the daemon's CPU from its start to complete. With ``reconcile``,
+    one periodic reconcile of the same state is then timed in this process (``reconcile_cpu_s``)."""
     say = log_fn or log.info
     rng = random.Random(1000 + n)
     with Testbed(1, underlay=UNDERLAY, log=lambda m: None) as tb:
         tb.put_config({"Network": str(NETWORK), "Backend": {"Type": backend}})
         h = tb.hosts[0]
-        h.start_daemon(f"--healthz-port={HEALTHZ_PORT}")
-        _wait_ready(h)
-        own = IPv4Network(h.read_subnet_env()["FLANNEL_SUBNET"], strict=False)
-        time.sleep(1.0)
-        pid = h.daemon.pid
-        rss0, fds0 = _rss_kb(pid), _fds(pid)
-        pairs = [(f"{tb.prefix_key}/subnets/{str(s).replace('/', '-')}", _lease_value(backend, i, rng))
-                 for i, s in enumerate(_subnets(n, own))]
-        data = tb.workdir / "leases.json"
-        data.write_text(json.dumps(pairs))
+        pairs_for = lambda own: [(f"{tb.prefix_key}/subnets/{str(s).replace('/', '-')}", _lease_value(backend, i, rng))
+                                 for i, s in enumerate(_subnets(n, own))]
         writer = tb.workdir / "writer.py"
         writer.write_text(_WRITER)
+        data = tb.workdir / "leases.json"
         out = tb.add_outside_host()
-        w = json.loads(out.run([sys.executable, "-I", str(writer), tb.etcd[0].endpoint, str(data)],
-                               timeout=120).stdout)
+
+        def write(pairs) -> Dict[str, float]:
+            data.write_text(json.dumps(pairs))
+            return json.loads(out.run([sys.executable, "-I", str(writer), tb.etcd[0].endpoint, str(data)],
+                                      timeout=300).stdout)
+
         deadline = time.time() + timeout
-        count = 0
-        while True:
-            count = _count_state(h, backend)
-            now = time.time()
-            if count >= n or now > deadline or h.daemon.poll() is not None:
-                break
-            time.sleep(poll_s)
+        if mode == "restart":
+            w = write(pairs_for(IPv4Network("100.64.0.0/24")))  # _subnets skips x.x.0.0/24: free for the daemon
+            t_start = time.time()
+            h.start_daemon(f"--healthz-port={HEALTHZ_PORT}")
+            pid = h.daemon.pid
+            rss0, fds0, cpu0 = 0, 0, 0.0
+            _wait_ready(h, timeout=timeout)
+            t_ready = time.time()
+            count = _wait_complete(h, backend, n, deadline, poll_s)
+            t0 = t_start
+        else:
+            h.start_daemon(f"--healthz-port={HEALTHZ_PORT}")
+            _wait_ready(h)
+            own = IPv4Network(h.read_subnet_env()["FLANNEL_SUBNET"], strict=False)
+            time.sleep(1.0)
+            pid = h.daemon.pid
+            rss0, fds0, cpu0 = _rss_kb(pid), _fds(pid), _cpu_s(pid)
+            w = write(pairs_for(own))
+            t0 = t_ready = w["t0"]
+            count = _wait_complete(h, backend, n, deadline, poll_s)
         done = time.time()
+        cpu = _cpu_s(pid) - cpu0 if h.daemon.poll() is None else float("nan")
         ok = count >= n
         time.sleep(1.0)
-        res = {"backend": backend, "leases": n, "ok": ok, "programmed": count,
+        res = {"backend": backend, "mode": mode, "leases": n, "ok": ok, "programmed": count,
                "kernel_entries": (3 * count if backend == "vxlan" else count if backend == "host-gw" else 0),
-               "write_s": round(w["t_written"] - w["t0"], 3), "total_s": round(done - w["t0"], 3),
-               "rss_kb_before": rss0, "rss_kb_after": _rss_kb(pid), "fds_before": fds0, "fds_after": _fds(pid),
-               "poll_s": poll_s}
-        say(f"programming {backend}: {count}/{n} leases ({res['kernel_entries']} kernel entries) in "
-            f"{res['total_s']:.2f} s from the first put (puts took {res['write_s']:.2f} s); RSS "
-            f"{rss0 / 1024:.1f} -> {res['rss_kb_after'] / 1024:.1f} MiB; fds {fds0} -> {res['fds_after']}")
+               "write_s": round(w["t_written"] - w["t0"], 3), "total_s": round(done - t0, 3),
+               "after_ready_s": round(done - t_ready, 3), "daemon_took_s": _daemon_took(h.daemon_log_text()),
+               "cpu_s": round(cpu, 3), "rss_kb_before": rss0, "rss_kb_after": _rss_kb(pid),
+               "fds_before": fds0, "fds_after": _fds(pid), "poll_s": poll_s}
+        if reconcile and ok and backend != "udp":
+            res["reconcile_cpu_s"] = _time_reconcile(tb, h, backend)
+        say(f"programming {backend} ({mode}): {count}/{n} leases ({res['kernel_entries']} kernel entries) complete "
+            f"{res['total_s']:.2f} s from the {'daemon start' if mode == 'restart' else 'first put'} "
+            f"({res['after_ready_s']:.2f} s after {'subnet.env' if mode == 'restart' else 'it'}; daemon's own "
+            f"batches {res['daemon_took_s']:.2f} s; puts took {res['write_s']:.2f} s); daemon CPU {cpu:.2f} s; "
+            f"RSS {rss0 / 1024:.1f} -> {res['rss_kb_after'] / 1024:.1f} MiB; fds {fds0} -> {res['fds_after']}"
+            + (f"; one reconcile {res['reconcile_cpu_s']:.3f} s CPU" if "reconcile_cpu_s" in res else ""))
         return res
+
+
+def _time_reconcile(tb, h, backend: str) -> float:
+    """Stop the daemon (its kernel state stays), then time one ``reconcile`` of the same leases by the product's
+    own network object in this process (``time.process_time``: user + system CPU, the dumps' kernel time too)."""
+    from fastflannel.backend import get_backend
+    from fastflannel.config import parse_config
+    from fastflannel.kernel.iface import ExternalInterface
+    from fastflannel.kernel.netlink import Netlink
+
+    h.stop_daemon()
+    logging.getLogger("fastflannel").setLevel(logging.WARNING)  # the product's own INFO lines are not figures
+    own = IPv4Network(h.read_subnet_env()["FLANNEL_SUBNET"], strict=False)
+    config = parse_config(json.dumps({"Network": str(NETWORK), "Backend": {"Type": backend}}))
+    with Netlink(netns=h.netns) as nl:
+        info = nl.link_info("eth0")
+        ext = ExternalInterface("eth0", info.index, h.ip, h.ip, info.mtu)
+        leases = _read_leases(tb, h)
+        mine = leases.pop(own)
+
+        class _Manager:  # hands the network its own lease, as the subnet manager would
+            def acquire_lease(self, attrs):
+                return mine
+
+        kw = {"watch_links": False} if backend == "vxlan" else {}
+        net = get_backend(backend)(_Manager(), ext, nl, **kw).register_network(config)
+        try:
+            net.handle_events([])  # marks the network synced: the pass includes the stale-entry check
+            t = time.process_time()
+            net.reconcile(leases)
+            return round(time.process_time() - t, 3)
+        finally:
+            net.close()
+
+
+def _read_leases(tb, h) -> Dict[IPv4Network, Any]:
+    """Every lease in the testbed's etcd (read from a testbed namespace, never from the root one)."""
+    import base64
+
+    from fastflannel.lease import Lease, LeaseAttrs
+
+    key = base64.b64encode(f"{tb.prefix_key}/subnets/".encode()).decode()
+    end = base64.b64encode(f"{tb.prefix_key}/subnets0".encode()).decode()
+    body = json.dumps({"key": key, "range_end": end})
+    fetch = ("import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(urllib.request.Request("
+             "sys.argv[1], data=sys.argv[2].encode()), timeout=60).read().decode())")
+    raw = h.run([sys.executable, "-I", "-c", fetch, tb.etcd[0].endpoint + "/v3/kv/range", body], timeout=90).stdout
+    out: Dict[IPv4Network, Any] = {}
+    for kv in json.loads(raw).get("kvs", []):
+        k = base64.b64decode(kv["key"]).decode().rsplit("/", 1)[1]
+        subnet = IPv4Network(k.replace("-", "/"))
+        out[subnet] = Lease(subnet, LeaseAttrs.from_json(base64.b64decode(kv["value"])))
+    return out
 
 
 def run_propagation(n_hosts: int, reps: int = 5, *, log_fn=None) -> Dict[str, Any]:
@@ -214,6 +320,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastflannel.lab.scale", description=__doc__.split("\n\n")[0])
     p.add_argument("--leases", type=int, default=1000)
     p.add_argument("--backends", default="vxlan,udp,host-gw")
+    p.add_argument("--modes", default="restart,live", help="restart: leases in etcd before the daemon starts; "
+                   "live: written while it runs")
+    p.add_argument("--no-reconcile", action="store_true", help="skip timing one reconcile after each run")
     p.add_argument("--hosts", type=int, default=10, help="daemons for the propagation figure (0: skip)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", help="write the raw figures to this file")
@@ -222,7 +331,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     install_signal_handlers(sigterm=KeyboardInterrupt)
     results: Dict[str, Any] = {"programming": [], "propagation": None, "cpus": os.cpu_count()}
     for backend in [b for b in ns.backends.split(",") if b]:
-        results["programming"].append(run_programming(backend, ns.leases))
+        for mode in [m for m in ns.modes.split(",") if m]:
+            results["programming"].append(run_programming(backend, ns.leases, mode=mode,
+                                                           reconcile=not ns.no_reconcile and mode == "live"))
     if ns.hosts:
         results["propagation"] = run_propagation(ns.hosts, ns.reps)
     if ns.json:

@@ -41,6 +41,7 @@ LEASE_EVENTS = {  # log event -> label
     "lease_reacquired": "reacquired",
 }
 PEER_EVENTS = {"peer_added": "added", "peer_removed": "removed"}
+PEERS_SUMMARY_EVENT = "peers_programmed"  # large batches: one INFO line with added=N removed=M instead
 # logged by backends/traffic when a netlink or iptables change failed (each also logged at ERROR or WARNING)
 KERNEL_ERROR_EVENTS = frozenset({
     "peer_failed", "route_failed", "route_recover_failed", "route_stale_remove_failed", "vxlan_repair_failed",
@@ -228,6 +229,12 @@ class Metrics:
             self.lease_events.labels(LEASE_EVENTS[event]).inc()
         elif event in PEER_EVENTS:
             self.peer_events.labels(PEER_EVENTS[event]).inc()
+        elif event == PEERS_SUMMARY_EVENT and record is not None:  # a snapshot's one line (backend.log_peers_summary)
+            text = record.getMessage()
+            for field, label in (("added", "added"), ("removed", "removed")):
+                m = re.search(rf"(?:^|\s){field}=(\d+)", text)
+                if m and int(m.group(1)):
+                    self.peer_events.labels(label).inc(int(m.group(1)))
         elif event in KERNEL_ERROR_EVENTS:
             self.kernel_errors.labels(event).inc()
         elif event in RECONNECT_EVENTS:

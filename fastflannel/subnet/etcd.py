@@ -37,7 +37,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 from urllib.parse import urlsplit
 
@@ -59,6 +59,7 @@ from fastflannel.subnet.registry import (
     config_key,
     lease_from_kv,
     log_skipped,
+    removed_lease,
     subnet_key,
     subnets_prefix,
 )
@@ -303,8 +304,8 @@ class EtcdRegistry:
                 continue
         return out, int(r["header"]["revision"])
 
-    def get_subnet(self, subnet: IPv4Network) -> Optional[Lease]:
-        r = self._call("get subnet", lambda c: self._range(c, subnet_key(self.prefix, subnet)))
+    def get_subnet(self, subnet: IPv4Network, subnet6: Optional[IPv6Network] = None) -> Optional[Lease]:
+        r = self._call("get subnet", lambda c: self._range(c, subnet_key(self.prefix, subnet, subnet6)))
         kvs = r.get("kvs") or []
         if not kvs:
             return None
@@ -323,8 +324,9 @@ class EtcdRegistry:
         except SubnetError as e:
             log.warning("event=lease_revoke_failed lease_id=%x error=%r", lease_id, str(e))
 
-    def create_subnet(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease:
-        key = subnet_key(self.prefix, subnet)
+    def create_subnet(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int,
+                      subnet6: Optional[IPv6Network] = None) -> Lease:
+        key = subnet_key(self.prefix, subnet, subnet6)
         lease_id = self._grant(ttl) if ttl > 0 else 0
         put: Dict[str, Any] = {"key": _encode(key), "value": _encode(attrs.to_json())}
         if lease_id:
@@ -351,15 +353,15 @@ class EtcdRegistry:
                 if lease_id:
                     self._revoke(lease_id)
                 raise SubnetExistsError(subnet, key)
-        return Lease(subnet, attrs, time.time() + ttl if lease_id else 0.0, lease_id)
+        return Lease(subnet, attrs, time.time() + ttl if lease_id else 0.0, lease_id, subnet6=subnet6)
 
     def _lease_ttl(self, lease_id: int) -> int:
         r = self._call("lease ttl", lambda c: c.post(c.get_url("/kv/lease/timetolive"), json={"ID": lease_id}))
         return int(r.get("TTL", -1))
 
     def update_subnet(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int,
-                      lease_id: Optional[int] = None) -> Lease:
-        key = subnet_key(self.prefix, subnet)
+                      lease_id: Optional[int] = None, subnet6: Optional[IPv6Network] = None) -> Lease:
+        key = subnet_key(self.prefix, subnet, subnet6)
         for _ in range(2):
             lid = 0
             remaining = 0
@@ -379,7 +381,7 @@ class EtcdRegistry:
                     lease_id = None  # it expired between the check and the put: grant a new one
                     continue
                 raise
-            return Lease(subnet, attrs, time.time() + remaining if lid else 0.0, lid)
+            return Lease(subnet, attrs, time.time() + remaining if lid else 0.0, lid, subnet6=subnet6)
         raise EtcdRequestError(f"update of {key} failed: etcd lease vanished twice")  # pragma: no cover
 
     def refresh(self, lease_id: int) -> int:
@@ -389,8 +391,8 @@ class EtcdRegistry:
             raise LeaseNotFoundError(lease_id)
         return ttl
 
-    def delete_subnet(self, subnet: IPv4Network) -> None:
-        key = subnet_key(self.prefix, subnet)
+    def delete_subnet(self, subnet: IPv4Network, subnet6: Optional[IPv6Network] = None) -> None:
+        key = subnet_key(self.prefix, subnet, subnet6)
         self._call("delete subnet", lambda c: c.post(c.get_url("/kv/deleterange"), json={"key": _encode(key)}))
 
     # -- watch -------------------------------------------------------------------------------------------------
@@ -462,8 +464,8 @@ class EtcdRegistry:
                     key = _decode(kv.get("key", "")).decode("utf-8", errors="replace")
                     try:
                         if ev.get("type") == "DELETE":
-                            net, _net6 = parse_subnet_key(key.rsplit("/", 1)[-1])
-                            items.append((EventType.REMOVED, net))
+                            net, net6 = parse_subnet_key(key.rsplit("/", 1)[-1])
+                            items.append((EventType.REMOVED, removed_lease(net, net6)))
                         else:
                             items.append((EventType.ADDED, self._parse_kv(kv)))
                     except ValueError as e:

@@ -4,8 +4,11 @@
 Acquire (``acquire_lease``), up to ``RACE_RETRIES`` attempts, each on a fresh listing:
   1. our PublicIP already holds a lease -> config-compatible: re-put it (same etcd lease if still alive, else a new
      one; a key without an etcd lease, Flannel's "reservation", stays one); incompatible: delete it;
-  2. else the previous subnet from subnet.env, if compatible and free;
-  3. else ``pick_subnet`` (random among the first 100 free).
+  2. else the previous subnet(s) from subnet.env (FLANNEL_SUBNET, and FLANNEL_IPV6_SUBNET with EnableIPv6), if
+     compatible and free;
+  3. else ``pick_subnet`` (random among the first 100 free), for IPv6 too (chosen independently, as Flannel).
+  Dual stack: the key is ``<v4>-<len>&<v6>-<len6>`` and a lease is compatible only if both parts are (a v4-only
+  lease of our PublicIP is deleted and re-allocated when EnableIPv6 is turned on, as in Flannel).
   The create is atomic; a lost race is retried with a fresh listing (Flannel exits 1 instead).
 
 Keep (``keep_lease``), deliberately unlike Flannel:
@@ -30,7 +33,7 @@ import random
 import threading
 import time
 from dataclasses import replace
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from typing import Iterator, List, Optional, Tuple
 
 from fastflannel.config import NetworkConfig, parse_config
@@ -40,6 +43,7 @@ from fastflannel.subnet.allocator import pick_subnet
 from fastflannel.subnet.registry import (
     CompactedError,
     LeaseNotFoundError,
+    REMOVED_ATTRS,
     Registry,
     SubnetExistsError,
     WatchBatch,
@@ -60,7 +64,7 @@ KEEP_BACKOFF_MAX_S = 30.0  # ... to 30 s (Flannel retries renewal once a minute)
 TICK_S = 1.0  # longest time watch_leases goes without yielding (so the caller can check stop)
 _POLL_S = 0.2  # granularity of stop/wake checks inside keep_lease
 
-_REMOVED_ATTRS = LeaseAttrs(public_ip=IPv4Address(0))  # placeholder: a store DELETE carries no value
+_REMOVED_ATTRS = REMOVED_ATTRS  # placeholder: a store DELETE carries no value
 
 
 class LocalManager:
@@ -71,6 +75,7 @@ class LocalManager:
         registry: Registry,
         prefix: Optional[str] = None,
         previous_subnet: Optional[IPv4Network] = None,
+        previous_subnet6: Optional[IPv6Network] = None,
         rng: Optional[random.Random] = None,
         ttl: int = DEFAULT_TTL_S,
         renew_margin_s: float = DEFAULT_RENEW_MARGIN_S,
@@ -85,6 +90,7 @@ class LocalManager:
         self.registry = registry
         self.prefix = (prefix if prefix is not None else getattr(registry, "prefix", "/coreos.com/network")).rstrip("/")
         self.previous_subnet = previous_subnet
+        self.previous_subnet6 = previous_subnet6
         self.rng = rng or random.Random()
         self.ttl = ttl
         self.renew_margin_s = renew_margin_s
@@ -134,8 +140,9 @@ class LocalManager:
                 time.sleep(self.rng.uniform(0, 0.01 * attempt))  # de-synchronise hosts started together
                 continue
             log.info(
-                "event=lease_acquired subnet=%s public_ip=%s ttl=%d lease_id=%x source=%s",
-                lease.subnet, attrs.public_ip, self.ttl if lease.lease_id else 0, lease.lease_id, how,
+                "event=lease_acquired subnet=%s subnet6=%s public_ip=%s public_ipv6=%s ttl=%d lease_id=%x source=%s",
+                lease.subnet, lease.subnet6, attrs.public_ip, attrs.public_ipv6, self.ttl if lease.lease_id else 0,
+                lease.lease_id, how,
             )
             self._set_current(lease)
             return lease
@@ -144,27 +151,34 @@ class LocalManager:
     def _try_acquire(self, config: NetworkConfig, attrs: LeaseAttrs, leases: List[Lease]) -> Tuple[Lease, str]:
         mine = next((x for x in leases if x.attrs.public_ip == attrs.public_ip), None)
         if mine is not None:
-            if config.subnet_in_range(mine.subnet):
+            # Flannel's isSubnetConfigCompat && isIPv6SubnetConfigCompat: with EnableIPv6 a v4-only lease is
+            # incompatible (deleted, then both families allocated), without it a dual-stack one is
+            if config.lease_in_range(mine.subnet, mine.subnet6):
                 # a key without an etcd lease is an operator reservation: keep it one (Flannel turns it into a 24 h lease)
                 ttl = self.ttl if mine.lease_id else 0
-                return self.registry.update_subnet(mine.subnet, attrs, ttl, lease_id=mine.lease_id or None), "public_ip"
+                return self.registry.update_subnet(mine.subnet, attrs, ttl, lease_id=mine.lease_id or None,
+                                                   subnet6=mine.subnet6), "public_ip"
             log.warning(
-                "event=lease_incompatible subnet=%s public_ip=%s network=%s subnet_len=%d action=delete",
-                mine.subnet, attrs.public_ip, config.network, config.subnet_len,
+                "event=lease_incompatible subnet=%s subnet6=%s public_ip=%s network=%s subnet_len=%d "
+                "ipv6_network=%s action=delete",
+                mine.subnet, mine.subnet6, attrs.public_ip, config.network, config.subnet_len, config.ipv6_network,
             )
-            self.registry.delete_subnet(mine.subnet)
+            self.registry.delete_subnet(mine.subnet, mine.subnet6)
             leases = [x for x in leases if x.subnet != mine.subnet]
         taken = [x.subnet for x in leases]
-        prev = self.previous_subnet
+        taken6 = [x.subnet6 for x in leases if x.subnet6 is not None]
+        prev, prev6 = self.previous_subnet, self.previous_subnet6 if config.enable_ipv6 else None
         if prev is not None:
-            if not config.subnet_in_range(prev):
-                log.info("event=previous_subnet_ignored subnet=%s reason=not_in_config network=%s", prev, config.network)
-            elif any(prev.overlaps(t) for t in taken):
-                log.info("event=previous_subnet_ignored subnet=%s reason=taken", prev)
+            if not config.lease_in_range(prev, prev6):
+                log.info("event=previous_subnet_ignored subnet=%s subnet6=%s reason=not_in_config network=%s "
+                         "ipv6_network=%s", prev, prev6, config.network, config.ipv6_network)
+            elif any(prev.overlaps(t) for t in taken) or (prev6 is not None and any(prev6.overlaps(t) for t in taken6)):
+                log.info("event=previous_subnet_ignored subnet=%s subnet6=%s reason=taken", prev, prev6)
             else:
-                return self.registry.create_subnet(prev, attrs, self.ttl), "previous_subnet"
+                return self.registry.create_subnet(prev, attrs, self.ttl, subnet6=prev6), "previous_subnet"
         subnet = pick_subnet(config, taken, self.rng, prefix=self.prefix)
-        return self.registry.create_subnet(subnet, attrs, self.ttl), "allocated"
+        subnet6 = pick_subnet(config, taken6, self.rng, prefix=self.prefix, family=6) if config.enable_ipv6 else None
+        return self.registry.create_subnet(subnet, attrs, self.ttl, subnet6=subnet6), "allocated"
 
     def lookup_lease_by_public_ip(self, ip: IPv4Address) -> Optional[Lease]:
         """Return the stored lease advertising ``ip`` as PublicIP (first found), or None."""
@@ -226,7 +240,7 @@ class LocalManager:
         self, lease: Lease, lost_logged: bool, conflict_holder: Optional[IPv4Address]
     ) -> Tuple[Lease, bool, Optional[IPv4Address]]:
         """Verify our key; re-create it if gone. Return (lease, lost_logged, conflict_holder)."""
-        cur = self.registry.get_subnet(lease.subnet)
+        cur = self.registry.get_subnet(lease.subnet, lease.subnet6)
         if cur is not None and cur.attrs == lease.attrs:
             if cur.lease_id != lease.lease_id:
                 lease = replace(lease, lease_id=cur.lease_id)
@@ -242,7 +256,7 @@ class LocalManager:
         if not lost_logged:
             log.warning("event=lease_lost subnet=%s public_ip=%s action=reacquire", lease.subnet, lease.attrs.public_ip)
         try:
-            new = self.registry.create_subnet(lease.subnet, lease.attrs, self.ttl)
+            new = self.registry.create_subnet(lease.subnet, lease.attrs, self.ttl, subnet6=lease.subnet6)
         except SubnetExistsError:
             self._wake.set()  # someone (maybe us, via a retried request) wrote it meanwhile: look again
             return lease, True, conflict_holder
@@ -344,5 +358,6 @@ class LocalManager:
                 events.append(Event(EventType.ADDED, item))
             else:
                 subnet = item.subnet if isinstance(item, Lease) else item
-                events.append(Event(EventType.REMOVED, Lease(subnet, _REMOVED_ATTRS)))
+                subnet6 = item.subnet6 if isinstance(item, Lease) else None
+                events.append(Event(EventType.REMOVED, Lease(subnet, _REMOVED_ATTRS, subnet6=subnet6)))
         return watcher.update(events) if events else []

@@ -1,7 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """The registry seam: the store's KV verbs for Flannel's layout, with no lease policy (flannel ``Registry``).
 
-Keys are ``<prefix>/config`` and ``<prefix>/subnets/<ip>-<len>``; values are exactly ``LeaseAttrs.to_json()``.
+Keys are ``<prefix>/config`` and ``<prefix>/subnets/<ip>-<len>`` (dual stack: ``<ip>-<len>&<ip6>-<len6>``, so
+every verb that names a key takes the lease's IPv6 subnet too, ``subnet6``, None for a v4-only lease); values are
+exactly ``LeaseAttrs.to_json()``.
 Policy (reuse by PublicIP, previous subnet, allocation, retries, keep-alive, reconnects) is the manager's.
 
 Expiration: a listing is one range call. Flannel follows every key with a ``LeaseTimeToLive`` call (N+1 round
@@ -20,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from typing import Iterator, List, Optional, Protocol, Tuple, Union
 
 from fastflannel.ip import make_subnet_key, parse_subnet_key
@@ -28,7 +30,16 @@ from fastflannel.lease import EventType, Lease, LeaseAttrs
 from fastflannel.subnet import SubnetError
 
 WatchItem = Tuple[EventType, Union[Lease, IPv4Network]]
-"""(ADDED, Lease) for a put; (REMOVED, subnet) for a delete or lease expiry (a delete carries no value)."""
+"""(ADDED, Lease) for a put; (REMOVED, ``removed_lease(subnet, subnet6)``) for a delete or lease expiry (a delete
+carries no value, only the key: the Lease has ``REMOVED_ATTRS``). A bare IPv4Network is still accepted as a
+v4-only removal."""
+
+REMOVED_ATTRS = LeaseAttrs(public_ip=IPv4Address(0))  # placeholder: a store DELETE carries no value
+
+
+def removed_lease(subnet: IPv4Network, subnet6: Optional[IPv6Network] = None) -> Lease:
+    """Return the Lease a DELETE of the key for (``subnet``, ``subnet6``) stands for."""
+    return Lease(subnet, REMOVED_ATTRS, subnet6=subnet6)
 
 
 class SubnetExistsError(SubnetError):
@@ -80,14 +91,16 @@ class Registry(Protocol):
         """List every parsable lease under ``<prefix>/subnets`` in one range call; return (leases, revision).
         Unparsable keys/values are logged and skipped."""
 
-    def get_subnet(self, subnet: IPv4Network) -> Optional[Lease]:
+    def get_subnet(self, subnet: IPv4Network, subnet6: Optional[IPv6Network] = None) -> Optional[Lease]:
         """Return the lease stored for ``subnet`` (with its etcd lease ID), or None if absent or unparsable."""
 
-    def create_subnet(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease:
+    def create_subnet(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int,
+                      subnet6: Optional[IPv6Network] = None) -> Lease:
         """Atomically create the key if absent, bound to a freshly granted ``ttl`` lease (``ttl`` 0: no lease).
         Raise ``SubnetExistsError`` if the key exists; the granted lease is revoked on any failure."""
 
-    def update_subnet(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int, lease_id: Optional[int] = None) -> Lease:
+    def update_subnet(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int, lease_id: Optional[int] = None,
+                      subnet6: Optional[IPv6Network] = None) -> Lease:
         """Put the key unconditionally, reusing etcd lease ``lease_id`` if it is still alive, else granting a new
         ``ttl`` lease (``ttl`` 0: no lease, a Flannel "reservation")."""
 
@@ -95,7 +108,7 @@ class Registry(Protocol):
         """Keep etcd lease ``lease_id`` alive (one keep-alive); return its TTL in seconds.
         Raise ``LeaseNotFoundError`` if it has expired or was revoked."""
 
-    def delete_subnet(self, subnet: IPv4Network) -> None:
+    def delete_subnet(self, subnet: IPv4Network, subnet6: Optional[IPv6Network] = None) -> None:
         """Delete the key (no error if absent)."""
 
     def watch_subnets(self, start_revision: int, stop: threading.Event) -> Iterator[WatchBatch]:
@@ -115,9 +128,9 @@ def subnets_prefix(prefix: str) -> str:
     return prefix.rstrip("/") + "/subnets"
 
 
-def subnet_key(prefix: str, subnet: IPv4Network) -> str:
-    """Return ``<prefix>/subnets/<ip>-<len>``."""
-    return subnets_prefix(prefix) + "/" + make_subnet_key(subnet)
+def subnet_key(prefix: str, subnet: IPv4Network, subnet6: Optional[IPv6Network] = None) -> str:
+    """Return ``<prefix>/subnets/<ip>-<len>`` (``&<ip6>-<len6>`` appended for a dual-stack lease)."""
+    return subnets_prefix(prefix) + "/" + make_subnet_key(subnet, subnet6)
 
 
 def lease_from_kv(key: str, value: "str | bytes", lease_id: int = 0) -> Lease:

@@ -110,9 +110,12 @@ def _one(env: Dict[str, List[str]], path: str, key: str, cls):  # type: ignore[n
         return None
 
 
-def read_previous_network_and_subnet(path: str) -> "tuple[Optional[IPv4Network], Optional[IPv4Network]]":
-    """Return (FLANNEL_NETWORK, FLANNEL_SUBNET) of an existing subnet file (for masq-rule recycling); None if bad."""
+def read_previous_network_and_subnet(path: str, family: int = 4):  # type: ignore[no-untyped-def]
+    """Return (FLANNEL_NETWORK, FLANNEL_SUBNET) of an existing subnet file (for masq-rule recycling); None if bad.
+    ``family`` 6: (FLANNEL_IPV6_NETWORK, FLANNEL_IPV6_SUBNET)."""
     env = _read(path)
+    if family == 6:
+        return _one(env, path, "FLANNEL_IPV6_NETWORK", IPv6Network), _one(env, path, "FLANNEL_IPV6_SUBNET", IPv6Network)
     return _one(env, path, "FLANNEL_NETWORK", IPv4Network), _one(env, path, "FLANNEL_SUBNET", IPv4Network)
 
 

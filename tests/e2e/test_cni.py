@@ -275,7 +275,7 @@ def container_netns(netns_name):
 @pytest.mark.etcd
 @pytest.mark.parametrize("backend", ["vxlan", "udp"])
 def test_cni_attach_three_hosts(make_testbed, container_netns, cni_ready, tmp_path, backend):
-    from e2e import wait_for
+    from waiting import wait_for
 
     tb = make_testbed(3)
     tb.put_config({"Network": "100.96.0.0/16", "Backend": {"Type": backend}})

@@ -220,11 +220,15 @@ def busybox_image(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("backend", ["vxlan", "udp"])
-def test_docker_containers_across_hosts(make_testbed, docker_root, backend):
+@pytest.mark.parametrize("backend,nftables", [("vxlan", False), ("udp", False), ("vxlan", True)],
+                         ids=["vxlan", "udp", "vxlan-nftables"])
+def test_docker_containers_across_hosts(make_testbed, docker_root, backend, nftables):
+    """Docker's FORWARD policy is DROP (as docker sets it when it turns forwarding on). In iptables mode
+    FLANNEL-FWD accepts the overlay's traffic; in nftables mode Flannel's ``forward`` chain is a base chain of its
+    own and cannot overrule iptables' DROP, so the test adds the DOCKER-USER rules docs/troubleshooting.md gives."""
     root, dockerds = docker_root
     tb = make_testbed(2)
-    tb.put_config({"Network": NETWORK, "Backend": {"Type": backend}})
+    tb.put_config({"Network": NETWORK, "Backend": {"Type": backend}, **({"EnableNFTables": True} if nftables else {})})
     for h in tb.hosts:
         h.start_daemon("--ip-masq")
     image = busybox_image(root / "busybox.tar")
@@ -235,7 +239,11 @@ def test_docker_containers_across_hosts(make_testbed, docker_root, backend):
         dockerds.append(d)
         opts = d.options_from_dropin()
         assert opts == [f"--bip={env['FLANNEL_SUBNET']}", "--ip-masq=false", f"--mtu={env['FLANNEL_MTU']}"], opts
+        h.run(["iptables", "-P", "FORWARD", "DROP"])
         d.start(opts)
+        if nftables:  # docs/troubleshooting.md, "Docker: FORWARD policy DROP"
+            for flag in ("-s", "-d"):
+                h.run(["iptables", "-I", "DOCKER-USER", flag, NETWORK, "-j", "ACCEPT"])
         d.docker("import", str(image), IMAGE)
         d.docker("run", "-d", "--name", "c1", IMAGE, BUSYBOX, "sleep", "600")
         c = DockerContainer(d, "c1")

@@ -56,6 +56,10 @@ def test_events_from_log_records():
         blog = logging.getLogger("fastflannel.backend.vxlan")
         blog.info("event=peer_added mode=vxlan subnet=10.1.3.0/24 public_ip=10.0.0.2")
         blog.error("event=peer_failed type=added subnet=10.1.4.0/24 public_ip=10.0.0.3 error=EEXIST")
+        from fastflannel.backend.peerlog import log_peers_summary
+
+        log_peers_summary(blog, "vxlan", 100, 97, 2, 1, 0.5)  # a snapshot: one INFO line counts 97 + 2 peers
+        log_peers_summary(blog, "vxlan", 3, 3, 0, 0, 0.1)  # a live batch: per-peer lines count, this is DEBUG
         logging.getLogger("fastflannel.backend").error("event=route_failed subnet=x error=y")
         mid = parse_metrics(m.render()[2].decode())
         assert mid["fastflannel_etcd_unavailable"] == 1
@@ -73,8 +77,8 @@ def test_events_from_log_records():
     assert v['fastflannel_lease_events_total{event="renewed"}'] == 2
     assert v['fastflannel_lease_events_total{event="lost"}'] == 1
     assert v['fastflannel_lease_events_total{event="reacquired"}'] == 1
-    assert v['fastflannel_peer_events_total{event="added"}'] == 1
-    assert v['fastflannel_peer_events_total{event="removed"}'] == 0
+    assert v['fastflannel_peer_events_total{event="added"}'] == 1 + 97
+    assert v['fastflannel_peer_events_total{event="removed"}'] == 2
     assert v['fastflannel_kernel_programming_errors_total{event="peer_failed"}'] == 1
     assert v['fastflannel_kernel_programming_errors_total{event="route_failed"}'] == 1
     assert v['fastflannel_etcd_reconnects_total{reason="recovered"}'] == 1
@@ -178,7 +182,7 @@ print(got)
 @pytest.mark.netns
 @pytest.mark.etcd
 def test_metrics_scraped_while_traffic_flows(make_testbed, tmp_path):
-    from e2e import wait_for
+    from waiting import wait_for
 
     tb = make_testbed(3)
     tb.put_config({"Network": "100.96.0.0/16", "Backend": {"Type": "udp"}})

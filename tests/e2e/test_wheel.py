@@ -1,6 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """The wheel users install: ``python -m build`` gives an sdist and a wheel (built from that sdist, so the sdist is
-complete), and the wheel installs into a fresh venv on a machine without a compiler and runs.
+complete), and the wheel installs into a fresh venv on a machine without a compiler and runs. The wheel carries the
+compiled module and no Cython or C sources, its metadata the SPDX license expression; the sdist keeps the sources and
+``pip install`` of the sdist on a machine with a compiler builds and runs the compiled fast path.
 
 "Without a compiler": the install and the commands run with PATH holding only the new venv's bin and a directory
 of shims that fail for gcc, cc, c++, clang and ld, and CC/CXX=/bin/false; pip is told to use binary packages only,
@@ -13,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -63,6 +66,46 @@ def test_wheel_contents(built):
     for script in ("fastflanneld = fastflannel.cli:main", "fastflannel = fastflannel.lab.cli:main",
                    "fastflannel-cni = fastflannel.cni.plugin:main"):
         assert script in entry
+
+
+SOURCE_SUFFIXES = (".pyx", ".pxd", ".pxi", ".c", ".h")
+
+
+def test_wheel_has_no_sources_and_an_spdx_license(built):
+    _sdist, whl = built
+    names = zipfile.ZipFile(whl).namelist()
+    assert [n for n in names if n.endswith(SOURCE_SUFFIXES)] == [], names
+    assert "fastflannel/datapath/_fastpath.pyi" in names and "fastflannel/py.typed" in names
+    meta = zipfile.ZipFile(whl).read(f"fastflannel-{__version__}.dist-info/METADATA").decode()
+    assert "License-Expression: Apache-2.0" in meta.splitlines(), meta[:1500]
+
+
+def test_sdist_has_the_sources(built):
+    sdist, _whl = built
+    with tarfile.open(sdist) as t:
+        names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
+    want = {"setup.py", "pyproject.toml", "fastflannel/datapath/_fastpath.pyx", "fastflannel/datapath/_fastpath.pxd",
+            "fastflannel/datapath/includes/fastpath.h", "fastflannel/datapath/includes/system.pxd",
+            "contrib/docker.service.d/fastflannel.conf"}
+    want |= {str(p.relative_to(ROOT)) for p in (ROOT / "fastflannel" / "datapath" / "parts").glob("*.pxi")}
+    assert want <= names, sorted(want - names)
+    assert not [n for n in names if n.endswith(".so")], names
+
+
+def test_sdist_installs_with_a_compiler(built, tmp_path):
+    """``pip install fastflannel-<v>.tar.gz`` on a machine with a compiler: pip builds it (build isolation, the
+    build requirements from the configured index) and the installed package runs the compiled fast path."""
+    sdist, _whl = built
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", venv])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FASTFLANNEL_", "VIRTUAL_ENV", "PYTHON"))}
+    env.update(PATH=f"{venv / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    _run([venv / "bin" / "python", "-m", "pip", "install", "-q", sdist], env=env, cwd=tmp_path, timeout=900)
+    code = ("import pathlib, fastflannel.datapath.fastpath as f; print(f.implementation_module().IMPLEMENTATION); "
+            "d = pathlib.Path(f.__file__).parent; print(sorted(p.name for p in d.rglob('*') "
+            "if p.suffix in ('.pyx', '.pxd', '.pxi')))")
+    out = _run([venv / "bin" / "python", "-c", code], env=env, cwd=tmp_path).stdout.split("\n")
+    assert out[:2] == ["cython", "[]"], out
 
 
 def test_wheel_installs_and_runs_without_a_compiler(built, tmp_path):

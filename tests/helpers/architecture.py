@@ -39,8 +39,10 @@ LAYER_OF: dict[str, str] = {
     "fastflannel.cni": "cni",
     "fastflannel.options": "daemon",
     "fastflannel.daemon": "daemon",
+    "fastflannel.dockeropts": "daemon",  # reads the daemon's subnet.env for dockerd (fastflannel docker-opts)
     "fastflannel.cli": "cli",
     "fastflannel.__main__": "cli",
+    "fastflannel.dockeropts": "cli",
     "fastflannel.lab": "lab",
 }
 PRODUCT_LAYERS = ("base", "kernel", "datapath", "subnet", "service", "backend", "cni", "daemon", "cli")
@@ -53,7 +55,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "backend": {"base", "kernel", "datapath", "subnet"},
     "cni": {"base"},
     "daemon": {"base", "kernel", "datapath", "subnet", "service", "backend"},
-    "cli": {"base", "daemon"},
+    "cli": {"base", "kernel", "datapath", "subnet", "service", "backend", "cni", "daemon"},
     "lab": set(PRODUCT_LAYERS),
 }
 

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import threading
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Network, ip_address, ip_interface, ip_network
 from typing import Dict, List, Optional, Tuple
 
 import pytest
@@ -40,13 +40,14 @@ def netns_marks(fn):
 class FakeManager:
     """SubnetManager stand-in: ``acquire_lease`` returns ``subnet`` with the attrs it was given."""
 
-    def __init__(self, subnet: str = "100.96.1.0/24") -> None:
+    def __init__(self, subnet: str = "100.96.1.0/24", subnet6: Optional[str] = None) -> None:
         self.subnet = IPv4Network(subnet)
+        self.subnet6 = IPv6Network(subnet6) if subnet6 else None
         self.acquired: List[LeaseAttrs] = []
 
     def acquire_lease(self, attrs: LeaseAttrs) -> Lease:
         self.acquired.append(attrs)
-        return Lease(subnet=self.subnet, attrs=attrs)
+        return Lease(subnet=self.subnet, attrs=attrs, subnet6=self.subnet6)
 
     def watch_leases(self, own: Lease, stop: threading.Event):  # pragma: no cover - not used by these tests
         while not stop.wait(0.05):
@@ -88,6 +89,7 @@ class FakeNetlink:
     fail: Dict[str, Exception] = field(default_factory=dict)
     next_index: int = 10
     direct: set = field(default_factory=set)  # IPs that route_get reports as directly connected
+    batches: List[int] = field(default_factory=list)  # size of every batch() call
 
     def _hit(self, name: str, *args) -> None:
         self.calls.append((name,) + args)
@@ -113,7 +115,7 @@ class FakeNetlink:
         self._hit("ensure_vxlan", name)
         if name not in self.links:
             self.next_index += 1
-            self.links[name] = dict(index=self.next_index, vni=vni, dev=dev_index, local=IPv4Address(local),
+            self.links[name] = dict(index=self.next_index, vni=vni, dev=dev_index, local=ip_address(local),
                                     port=port, gbp=gbp, learning=learning, mtu=mtu, mac=mac, up=False)
         return self.link_info(name)
 
@@ -130,58 +132,71 @@ class FakeNetlink:
         return self.links.pop(name, None) is not None
 
     def addr_replace(self, ifname, cidr):
-        self.addrs.setdefault(ifname, set()).add(IPv4Interface(cidr))
+        self.addrs.setdefault(ifname, set()).add(ip_interface(cidr))
 
-    def addr_list(self, ifname=None):
+    def addr_list(self, ifname=None, family=2):
         from fastflannel.kernel.netlink import AddrInfo
 
         idx = self.link_index(ifname)
-        return [AddrInfo(idx, a, 0, 0x80) for a in sorted(self.addrs.get(ifname, ()))]
+        version = 6 if family == 10 else 4
+        return [AddrInfo(idx, a, 0, 0x80) for a in sorted(self.addrs.get(ifname, ()), key=str)
+                if a.version == version]
 
     def addr_del(self, ifname, cidr):
-        self.addrs.get(ifname, set()).discard(IPv4Interface(cidr))
+        self.addrs.get(ifname, set()).discard(ip_interface(cidr))
 
     def route_replace(self, dst, gateway=None, oif=None, onlink=False, table=254):
         self._hit("route_replace", str(dst))
-        self.route_table[IPv4Network(dst)] = (IPv4Address(gateway) if gateway else None, oif, onlink)
+        self.route_table[ip_network(dst)] = (ip_address(gateway) if gateway else None, oif, onlink)
 
     def route_del(self, dst, gateway=None, oif=None, table=254):
         self._hit("route_del", str(dst))
-        return self.route_table.pop(IPv4Network(dst), None) is not None
+        return self.route_table.pop(ip_network(dst), None) is not None
 
-    def routes(self, oif=None, table=254):
+    def routes(self, oif=None, table=254, family=2):
         from fastflannel.kernel.netlink import Route
 
+        version = 6 if family == 10 else 4
         return [Route(dst=d, gateway=g, oif=o, onlink=ol) for d, (g, o, ol) in self.route_table.items()
-                if oif is None or o == oif]
+                if (oif is None or o == oif) and d.version == version]
 
     def route_get(self, ip):
         from fastflannel.kernel.netlink import Route
 
-        ip = IPv4Address(ip)
-        gw = None if ip in self.direct else IPv4Address("10.168.0.1")
-        return Route(dst=IPv4Network(f"{ip}/32"), gateway=gw, oif=2)
+        ip = ip_address(ip)
+        gw = None if ip in self.direct else ip_address("10.168.0.1" if ip.version == 4 else "fd00::1")
+        return Route(dst=ip_network(f"{ip}/{ip.max_prefixlen}"), gateway=gw, oif=2)
 
     def neigh_replace(self, ifindex, ip, mac):
         self._hit("neigh_replace", str(ip))
-        self.neigh_table[(ifindex, IPv4Address(ip))] = mac
+        self.neigh_table[(ifindex, ip_address(ip))] = mac
 
     def neigh_del(self, ifindex, ip):
         self._hit("neigh_del", str(ip))
-        return self.neigh_table.pop((ifindex, IPv4Address(ip)), None) is not None
+        return self.neigh_table.pop((ifindex, ip_address(ip)), None) is not None
 
-    def neighs(self, ifindex):
+    def neighs(self, ifindex, family=2):
         from fastflannel.kernel.netlink import Neigh
 
-        return [Neigh(i, ip, mac, 0x80) for (i, ip), mac in self.neigh_table.items() if i == ifindex]
+        version = 6 if family == 10 else 4
+        return [Neigh(i, ip, mac, 0x80) for (i, ip), mac in self.neigh_table.items()
+                if i == ifindex and ip.version == version]
 
     def fdb_replace(self, ifindex, mac, dst):
         self._hit("fdb_replace", mac)
-        self.fdb_table[(ifindex, mac)] = IPv4Address(dst)
+        self.fdb_table[(ifindex, mac)] = ip_address(dst)
 
     def fdb_del(self, ifindex, mac, dst=None):
         self._hit("fdb_del", mac)
         return self.fdb_table.pop((ifindex, mac), None) is not None
+
+    def batch(self, ops):
+        """As ``Netlink.batch``: the same verbs one by one (so ``fail`` and ``calls`` work unchanged)."""
+        from fastflannel.errors import BackendError
+        from fastflannel.kernel.nlbatch import apply_serially
+
+        self.batches.append(len(ops))
+        return apply_serially(self, ops, (BackendError,))
 
     def fdbs(self, ifindex):
         from fastflannel.kernel.netlink import Fdb

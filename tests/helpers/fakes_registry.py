@@ -16,7 +16,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from fastflannel.lease import EventType, Lease, LeaseAttrs
@@ -29,6 +29,7 @@ from fastflannel.subnet.registry import (
     config_key,
     lease_from_kv,
     log_skipped,
+    removed_lease,
     subnet_key,
     subnets_prefix,
 )
@@ -84,8 +85,9 @@ class FakeRegistry:
         """Put ``<prefix>/subnets/<name>`` = value behind the registry's back (another host, an operator)."""
         return self._mutate("PUT", subnets_prefix(self.prefix) + "/" + name, value, lease)
 
-    def put_lease(self, subnet: str, attrs: LeaseAttrs, lease: int = 0) -> int:
-        return self._mutate("PUT", subnet_key(self.prefix, IPv4Network(subnet)), attrs.to_json(), lease)
+    def put_lease(self, subnet: str, attrs: LeaseAttrs, lease: int = 0, subnet6: Optional[str] = None) -> int:
+        key = subnet_key(self.prefix, IPv4Network(subnet), IPv6Network(subnet6) if subnet6 else None)
+        return self._mutate("PUT", key, attrs.to_json(), lease)
 
     def delete_raw(self, name: str) -> int:
         return self._mutate("DELETE", subnets_prefix(self.prefix) + "/" + name)
@@ -156,9 +158,9 @@ class FakeRegistry:
                     log_skipped(log, key, e)
             return out, self.revision
 
-    def get_subnet(self, subnet: IPv4Network) -> Optional[Lease]:
+    def get_subnet(self, subnet: IPv4Network, subnet6: Optional[IPv6Network] = None) -> Optional[Lease]:
         self._enter("get_subnet", subnet)
-        key = subnet_key(self.prefix, subnet)
+        key = subnet_key(self.prefix, subnet, subnet6)
         with self.cond:
             kv = self.kv.get(key)
             if kv is None:
@@ -169,27 +171,28 @@ class FakeRegistry:
                 log_skipped(log, key, e)
                 return None
 
-    def create_subnet(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease:
+    def create_subnet(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int,
+                      subnet6: Optional[IPv6Network] = None) -> Lease:
         self._enter("create_subnet", subnet, attrs, ttl)
-        key = subnet_key(self.prefix, subnet)
+        key = subnet_key(self.prefix, subnet, subnet6)
         with self.cond:
             if key in self.kv:
                 raise SubnetExistsError(subnet, key)
             lid = self.grant(ttl) if ttl else 0
             self._mutate("PUT", key, attrs.to_json(), lid)
-            return Lease(subnet, attrs, time.time() + ttl if ttl else 0.0, lid)
+            return Lease(subnet, attrs, time.time() + ttl if ttl else 0.0, lid, subnet6=subnet6)
 
     def update_subnet(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int,
-                      lease_id: Optional[int] = None) -> Lease:
+                      lease_id: Optional[int] = None, subnet6: Optional[IPv6Network] = None) -> Lease:
         self._enter("update_subnet", subnet, attrs, ttl, lease_id)
-        key = subnet_key(self.prefix, subnet)
+        key = subnet_key(self.prefix, subnet, subnet6)
         with self.cond:
             if lease_id and lease_id in self.leases:
                 lid = lease_id
             else:
                 lid = self.grant(ttl) if ttl else 0
             self._mutate("PUT", key, attrs.to_json(), lid)
-            return Lease(subnet, attrs, time.time() + ttl if ttl else 0.0, lid)
+            return Lease(subnet, attrs, time.time() + ttl if ttl else 0.0, lid, subnet6=subnet6)
 
     def refresh(self, lease_id: int) -> int:
         self._enter("refresh", lease_id)
@@ -199,9 +202,9 @@ class FakeRegistry:
             self.refreshes[lease_id] += 1
             return self.leases[lease_id]
 
-    def delete_subnet(self, subnet: IPv4Network) -> None:
+    def delete_subnet(self, subnet: IPv4Network, subnet6: Optional[IPv6Network] = None) -> None:
         self._enter("delete_subnet", subnet)
-        key = subnet_key(self.prefix, subnet)
+        key = subnet_key(self.prefix, subnet, subnet6)
         with self.cond:
             if key in self.kv:
                 self._mutate("DELETE", key)
@@ -237,7 +240,8 @@ class FakeRegistry:
                     if typ == "PUT":
                         items.append((EventType.ADDED, lease_from_kv(key, value, lease)))
                     else:
-                        items.append((EventType.REMOVED, lease_from_kv(key, '{"PublicIP":"0.0.0.0"}').subnet))
+                        gone = lease_from_kv(key, '{"PublicIP":"0.0.0.0"}')
+                        items.append((EventType.REMOVED, removed_lease(gone.subnet, gone.subnet6)))
                 except ValueError as e:
                     log_skipped(log, key, e)
                     skipped.append(key)

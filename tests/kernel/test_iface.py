@@ -104,3 +104,28 @@ def test_select_in_namespace(rig):
         assert (e.name, str(e.iface_addr), e.mtu) == ("eth0", "10.168.0.2", 1500)
         assert e.index == nl.link_index("eth0")
         assert select_interface([], [r"10\.168\."], None, nl).name == "eth0"
+
+
+@netns_marks
+def test_iface_can_reach_follows_the_kernel_route(rig):
+    """--iface-can-reach: the interface and source address of ``ip route get`` (netlink), as flanneld."""
+    ns = rig.host("h", "10.168.0.2/24")
+    ipn(ns, "link", "add", "uplink2", "mtu", "9000", "type", "veth", "peer", "name", "uplink2p")
+    ipn(ns, "link", "set", "uplink2p", "up")
+    ipn(ns, "addr", "add", "192.168.77.2/24", "dev", "uplink2")
+    ipn(ns, "addr", "add", "192.168.77.3/24", "dev", "uplink2")
+    ipn(ns, "link", "set", "uplink2", "up")
+    ipn(ns, "route", "add", "10.50.0.0/16", "via", "192.168.77.1", "dev", "uplink2", "src", "192.168.77.3")
+    ipn(ns, "route", "add", "default", "via", "10.168.0.1", "dev", "eth0")
+    with Netlink(netns=ns) as nl:
+        e = select_interface([], [], None, nl, can_reach="10.50.3.4")
+        assert (e.name, str(e.iface_addr), str(e.ext_addr), e.mtu) == ("uplink2", "192.168.77.3", "192.168.77.3", 9000)
+        assert select_interface([], [], None, nl, can_reach="192.168.77.9").name == "uplink2"
+        assert select_interface([], [], None, nl, can_reach="203.0.113.5").name == "eth0"  # the default route
+        # --iface and --iface-regex win when they match, and fall through to the route when they do not
+        assert select_interface(["eth0"], [], None, nl, can_reach="10.50.3.4").name == "eth0"
+        assert select_interface(["eth9"], [], None, nl, can_reach="10.50.3.4").name == "uplink2"
+        assert select_interface([], ["nomatch"], None, nl, can_reach="10.50.3.4").name == "uplink2"
+        ipn(ns, "route", "del", "default")
+        with pytest.raises(InterfaceError, match="--iface-can-reach=203.0.113.5: no route to it"):
+            select_interface([], [], None, nl, can_reach="203.0.113.5")

@@ -145,3 +145,25 @@ def test_missing_nft_is_a_clear_error(monkeypatch):
     with pytest.raises(nftables.TrafficError, match="install nftables or set EnableNFTables to false"):
         nftables.Nft().run(["list", "tables"])
     assert delete_tables() is False
+
+
+@needs_nft
+@netns_marks
+def test_dual_stack_programs_flannel_ipv6(rig):
+    ns = rig.netns("n")
+    net6, pod6 = IPv6Network("fc00::/48"), IPv6Network("fc00:0:0:5::/64")
+    NftTrafficManager([(NET, POD), (net6, pod6)], masq=True, forward=True, netns=ns).apply()
+    out = nsexec(ns, "nft", "list", "table", "ip6", "flannel-ipv6")
+    rules = [ln.strip() for ln in out.splitlines() if ln.strip().startswith(("meta", "ip6"))]
+    assert rules == [
+        "meta mark 0x00004000 return",
+        "ip6 saddr fc00:0:0:5::/64 ip6 daddr fc00::/48 return",
+        "ip6 saddr fc00::/48 ip6 daddr fc00:0:0:5::/64 return",
+        "ip6 saddr != fc00::/48 ip6 daddr fc00:0:0:5::/64 return",
+        "ip6 saddr fc00::/48 ip6 daddr != ff00::/8 masquerade fully-random",
+        "ip6 saddr != fc00::/48 ip6 daddr fc00::/48 masquerade fully-random",
+        "ip6 saddr fc00::/48 accept",
+        "ip6 daddr fc00::/48 accept",
+    ], out
+    assert "type nat hook postrouting priority srcnat" in out and "type filter hook forward priority filter" in out
+    assert ruleset(ns).startswith(EXPECTED_V4.split("table ip6")[0])  # the IPv4 table unchanged

@@ -88,19 +88,22 @@ def test_order_neigh_fdb_route_and_skip_foreign():
     assert nl.route_table == {IPv4Network("100.96.2.0/24"): (IPv4Address("100.96.2.0"), dev, True)}
 
 
-@pytest.mark.parametrize("failing, undone", [
-    ("fdb_replace", ["neigh_del"]),
-    ("route_replace", ["fdb_del", "neigh_del"]),
+@pytest.mark.parametrize("failing, undone, batches", [
+    ("fdb_replace", ["neigh_del"], [4, 1, 2]),  # neigh+FDB of B and C; C's route; B's rollback
+    ("route_replace", ["fdb_del", "neigh_del"], [4, 2, 2]),  # neigh+FDB; both routes; B's rollback
 ])
-def test_rollback_on_partial_failure(failing, undone, caplog):
+def test_rollback_on_partial_failure(failing, undone, batches, caplog):
     nl, net = _fake_net()
     nl.fail[failing] = BackendError(f"{failing}: boom")
     net.handle_events(added(PEER_B, PEER_C))
     names = [c[0] for c in nl.calls]
     i = names.index(failing)
-    assert names[i + 1:i + 1 + len(undone)] == undone
-    assert {ip for (_, ip) in nl.neigh_table} == {IPv4Address("100.96.3.0")}  # C still programmed
-    assert "boom" in caplog.text
+    assert set(undone) <= set(names[i + 1:])  # B's entries are rolled back after the failure
+    dev = nl.links["flannel.1"]["index"]
+    assert {ip for (_, ip) in nl.neigh_table} == {IPv4Address("100.96.3.0")}  # C programmed, nothing of B
+    assert set(nl.fdb_table) == {(dev, MAC_C)} and set(nl.route_table) == {IPv4Network("100.96.3.0/24")}
+    assert "subnet=100.96.2.0/24" in caplog.text and "boom" in caplog.text
+    assert nl.batches == batches  # pipelined: one batch per stage, not one request per entry
 
 
 def test_removal_tries_every_entry():

@@ -58,3 +58,12 @@ def test_version_and_bad_margin_exit_codes():
     r = subprocess.run([sys.executable, "-m", "fastflannel", "--subnet-lease-renew-margin=5000"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "subnet-lease-renew-margin" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_iface_can_reach_flag():
+    from fastflannel.cli import UsageError, parse_options
+
+    assert parse_options(["--iface-can-reach=10.0.0.1"], environ={}).iface_can_reach == "10.0.0.1"
+    assert parse_options([], environ={"FLANNELD_IFACE_CAN_REACH": "10.0.0.2"}).iface_can_reach == "10.0.0.2"
+    with pytest.raises(UsageError, match="--iface-can-reach=eth0: not an IPv4 address"):
+        parse_options(["-iface-can-reach=eth0"], environ={})

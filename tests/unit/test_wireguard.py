@@ -251,3 +251,102 @@ def test_ipv6_and_single_device_modes_refused_clearly(tmp_path):
     be = WireguardBackend(Manager(), ext, FakeNl(), device_factory=None, key_file=str(tmp_path / "k"))
     with pytest.raises(BackendError, match="Mode=auto"):
         be.register_network(cfg('{"Type":"wireguard","Mode":"auto"}'))
+
+
+# -- kernel path (no module on this kernel): probe/fallback and the generic netlink wrapper ----------------------
+class ProbeNl:
+    def __init__(self, existing=None, add_error=None):
+        self.existing, self.add_error, self.calls = existing, add_error, []
+
+    def link_info(self, name):
+        return self.existing
+
+    def add_wireguard(self, name, mtu):
+        self.calls.append(("add", name, mtu))
+        if self.add_error:
+            raise self.add_error
+        return LinkInfo(name, 9, "wireguard", mtu, "", False)
+
+    def delete_link(self, name):
+        self.calls.append(("del", name))
+        self.existing = None
+
+    def set_mtu(self, name, mtu):
+        self.calls.append(("mtu", name, mtu))
+
+
+def test_probe_prefers_the_kernel_and_falls_back_with_a_clear_error(monkeypatch):
+    import errno
+
+    from fastflannel.errors import KernelError
+    from fastflannel.kernel import wireguard as kwg
+
+    monkeypatch.setattr(kwg, "WireGuardGenl", lambda: "genl")
+    monkeypatch.delenv("FASTFLANNEL_WIREGUARD", raising=False)
+    nl = ProbeNl()
+    dev = kwg.open_device(nl, "flannel-wg", 1420)
+    assert dev.kind == "kernel" and nl.calls == [("add", "flannel-wg", 1420)]
+    nl = ProbeNl(existing=LinkInfo("flannel-wg", 9, "wireguard", 1500, "", True))  # reused, MTU set
+    assert kwg.open_device(nl, "flannel-wg", 1420).kind == "kernel" and nl.calls == [("mtu", "flannel-wg", 1420)]
+    nomod = KernelError("wireguard flannel-wg", "Operation not supported", errno.EOPNOTSUPP)
+    monkeypatch.setenv("FASTFLANNEL_WIREGUARD_GO", "/nonexistent/wireguard-go")
+    monkeypatch.setattr(kwg.shutil, "which", lambda _: None)
+    with pytest.raises(BackendError, match="no wireguard module and wireguard-go is not installed"):
+        kwg.open_device(ProbeNl(add_error=nomod), "flannel-wg", 1420)
+    with pytest.raises(KernelError, match="Operation not supported"):  # forced kernel: no fallback
+        kwg.open_device(ProbeNl(add_error=nomod), "flannel-wg", 1420, impl="kernel")
+    other = KernelError("wireguard flannel-wg", "Permission denied", errno.EPERM)
+    with pytest.raises(KernelError, match="Permission denied"):  # only "no module" falls back
+        kwg.open_device(ProbeNl(add_error=other), "flannel-wg", 1420)
+    with pytest.raises(BackendError, match="must be kernel, userspace or empty"):
+        kwg.open_device(ProbeNl(), "flannel-wg", 1420, impl="both")
+
+
+def test_genl_wrapper_decodes_pyroute2_messages_and_builds_peer_requests():
+    """The genl wrapper against messages encoded and decoded by pyroute2's own wgmsg (the kernel's format)."""
+    from pyroute2.netlink.generic.wireguard import wgmsg
+
+    from fastflannel.kernel.wireguard import ZERO_KEY, WireGuardGenl
+
+    pub, peer_pub, psk = (public_key(generate_private_key()) for _ in range(3))
+
+    def peer(key, psk_b64, port):
+        return {"attrs": [["WGPEER_A_PUBLIC_KEY", key], ["WGPEER_A_PRESHARED_KEY", psk_b64],
+                          ["WGPEER_A_ENDPOINT", {"addr": "10.168.0.3", "port": port}],
+                          ["WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", 25],
+                          ["WGPEER_A_ALLOWEDIPS", [{"attrs": [["WGALLOWEDIP_A_FAMILY", 2],
+                                                              ["WGALLOWEDIP_A_IPADDR", bytes([100, 96, 2, 0])],
+                                                              ["WGALLOWEDIP_A_CIDR_MASK", 24]]}]]]}
+
+    m = wgmsg()
+    m["cmd"], m["version"], m["header"]["type"] = 0, 1, 0x20
+    m["attrs"] = [["WGDEVICE_A_LISTEN_PORT", 51820], ["WGDEVICE_A_PUBLIC_KEY", pub],
+                  ["WGDEVICE_A_PEERS", [peer(peer_pub, psk, 51820), peer(pub, ZERO_KEY, 0)]]]
+    m.encode()
+    decoded = wgmsg(m.data)
+    decoded.decode()
+
+    class Sock:
+        sets = []
+
+        def info(self, ifname):
+            return [decoded]
+
+        def set(self, ifname, **kw):
+            self.sets.append((ifname, kw))
+
+        def close(self):
+            pass
+
+    g = WireGuardGenl(Sock())
+    st = g.dump("flannel-wg")
+    assert (st.listen_port, st.public_key) == (51820, pub)
+    assert st.peers[peer_pub] == WgPeer(peer_pub, "10.168.0.3:51820", ("100.96.2.0/24",), psk, 25)
+    assert st.peers[pub] == WgPeer(pub, None, ("100.96.2.0/24",), None, 25)  # no endpoint, zero PSK = none
+    g.set_peer("flannel-wg", peer_pub, ("10.168.0.3", 51820), ["100.96.2.0/24"], None, 0)
+    g.remove_peer("flannel-wg", peer_pub)
+    (_, add), (_, rm) = Sock.sets
+    assert add["peer"] == {"public_key": peer_pub, "replace_allowed_ips": True, "allowed_ips": ["100.96.2.0/24"],
+                           "persistent_keepalive": 0, "preshared_key": ZERO_KEY, "endpoint_addr": "10.168.0.3",
+                           "endpoint_port": 51820}
+    assert rm["peer"] == {"public_key": peer_pub, "remove": True}
