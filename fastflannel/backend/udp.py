@@ -28,6 +28,7 @@ from fastflannel.backend.udp_options import UdpOptions
 from fastflannel.config import NetworkConfig
 from fastflannel.errors import BackendError
 from fastflannel.datapath.contract import UDP_ENCAP_OVERHEAD
+from fastflannel.kernel.drops import link_drops, socket_drops
 from fastflannel.kernel.iface import ExternalInterface
 from fastflannel.lease import Event, EventType, Lease, LeaseAttrs
 
@@ -42,7 +43,8 @@ def fastpath_options(opts: UdpOptions, threads: int):
     from fastflannel.datapath.fastpath import FastPathOptions
 
     return FastPathOptions(check_peer_source=opts.check_peer_source, check_inner_dest=opts.check_inner_dest,
-                           spin=opts.bench_spin, threads=threads, tun_offload=opts.tun_offload,
+                           spin=opts.bench_spin, busy_poll_us=opts.bench_busy_poll_us, threads=threads,
+                           tun_offload=opts.tun_offload,
                            udp_gso=opts.udp_gso, udp_gro=opts.udp_gro)
 
 
@@ -194,7 +196,19 @@ class UdpNetwork:
             log.debug("event=fastpath_stats %s", " ".join(f"{k}={v}" for k, v in self.fastpath.stats().items()))
 
     def stats(self) -> Dict[str, int]:
-        return self.fastpath.stats() if self.fastpath is not None else {}
+        """The fast path's counters plus the drops only the kernel sees (read now, never by the loop):
+        ``tx_drop_tun_queue``, packets the TUN could not queue for our reads (``flannel0`` tx_dropped), and
+        ``rx_drop_udp_rcvbuf``, datagrams dropped at our socket because its receive buffer was full."""
+        if self.fastpath is None:
+            return {}
+        out = self.fastpath.stats()
+        link = link_drops(self.tun_name) if self.tun_name else None
+        if link is not None:
+            out["tx_drop_tun_queue"] = link["tx_dropped"]
+        sock_drops = socket_drops(self.sock) if self.sock is not None else None
+        if sock_drops is not None:
+            out["rx_drop_udp_rcvbuf"] = sock_drops
+        return out
 
     def close(self) -> None:
         """Stop the loop first, then close the fds it used (never the other way round)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Mapping, Optional
 
+from fastflannel.datapath.contract import MAX_BUSY_POLL_US
 from fastflannel.errors import BackendError
 
 DEFAULT_PORT = 8285
@@ -35,6 +36,7 @@ ENV = {
     "udp_gro": "FASTFLANNEL_UDP_GRO",
     "bench_threads": "FASTFLANNEL_UDP_THREADS",
     "bench_spin": "FASTFLANNEL_UDP_SPIN",
+    "bench_busy_poll_us": "FASTFLANNEL_UDP_BUSY_POLL_US",
     "bench_txqueuelen": "FASTFLANNEL_UDP_TXQUEUELEN",
     "bench_rcvbuf": "FASTFLANNEL_UDP_RCVBUF",
     "bench_gso_max_size": "FASTFLANNEL_UDP_GSO_MAX_SIZE",
@@ -42,7 +44,8 @@ ENV = {
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 _RANGES = {  # integer knobs: (min, max)
-    "bench_threads": (1, 2), "bench_spin": (0, 1024), "bench_txqueuelen": (1, 1 << 20),
+    "bench_threads": (1, 2), "bench_spin": (0, 1024), "bench_busy_poll_us": (0, MAX_BUSY_POLL_US),
+    "bench_txqueuelen": (1, 1 << 20),
     "bench_rcvbuf": (4096, 1 << 30), "bench_gso_max_size": (1, 65536),
 }
 
@@ -62,6 +65,7 @@ class UdpOptions:
     # measurement knobs: benchmarks and tests only; None/0 = the measured default
     bench_threads: Optional[int] = None  # loop threads; None: 1 with both offloads, else 2
     bench_spin: int = 8  # bursts read without poll() while a fd keeps returning data (0: poll every burst)
+    bench_busy_poll_us: int = 0  # the loop's busy-poll window before sleeping, us (0: off; docs/fastpath.md "Wake-ups")
     bench_txqueuelen: int = TUN_TXQUEUELEN  # flannel0's txqueuelen
     bench_rcvbuf: Optional[int] = None  # SO_RCVBUF bytes; None: 32 MiB with GRO, else 4 MiB (fastpath.py)
     bench_gso_max_size: int = 0  # TUN gso_max_size; 0: the kernel's (62000 measured harmful)

@@ -21,9 +21,10 @@ same key and port, address and route, and every known peer replayed; then the de
 leases: missing or drifted peers set, peers of no known lease removed (after the first event batch). The endpoint is
 only set when absent, so WireGuard's roaming is not undone every 10 s.
 
-Modes: ``separate`` (default) is the one implemented; IPv6 (``flannel-wg-v6``, ``BackendV6Data``) and the
-single-device modes ``auto``/``ipv4``/``ipv6`` are validated but refused with a clear error until the dual-stack
-work lands (docs/configuration.md).
+Modes: ``separate`` (default) is the one implemented: with ``EnableIPv6`` a second device ``flannel-wg-v6`` (the
+same key, ``ListenPortV6``, /128, ``<IPv6Network> dev flannel-wg-v6``) advertised in ``BackendV6Data``, its peers
+fed with the IPv6 projection of the leases (``lease.project``, ``DualStackNetwork``), endpoints ``[PublicIPv6]:Port``.
+The single-device modes ``auto``/``ipv4``/``ipv6`` are validated but refused with a clear error (docs/configuration.md).
 
 Scale: one peer per remote host, one UAPI/genl request per event; a reconcile is one dump plus one request per
 drifted peer.
@@ -33,16 +34,18 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv4Network
+import socket
+from ipaddress import IPv4Network, ip_interface
 from typing import Dict, List, Optional
 
+from fastflannel.backend.dualstack import DualStackNetwork
 from fastflannel.backend.route_network import ROUTE_CHECK_INTERVAL_S
 from fastflannel.backend.wgkey import WgKeyError, key_file_path, load_or_create_private_key, parse_key, public_key
 from fastflannel.config import NetworkConfig
 from fastflannel.errors import BackendError
 from fastflannel.kernel.iface import ExternalInterface
 from fastflannel.kernel.wireguard import WgDevice, WgPeer, open_device
-from fastflannel.lease import Event, EventType, Lease, LeaseAttrs, LeaseParseError
+from fastflannel.lease import Event, EventType, Lease, LeaseAttrs, LeaseParseError, project
 
 log = logging.getLogger("fastflannel.backend.wireguard")
 
@@ -109,8 +112,9 @@ def wireguard_mtu(backend_mtu: int, ext_mtu: int) -> int:
     return (backend_mtu or ext_mtu) - WIREGUARD_OVERHEAD
 
 
-def lease_peer(lease: Lease, opts: WgOptions) -> WgPeer:
-    """Return the peer for a remote wireguard lease; raise LeaseParseError if its BackendData is not usable."""
+def lease_peer(lease: Lease, opts: WgOptions, own_port: Optional[int] = None) -> WgPeer:
+    """Return the peer for a remote wireguard lease (or its IPv6 projection); raise LeaseParseError if its
+    BackendData is not usable. ``own_port``: our listen port of that family, used when the lease says 0."""
     d = lease.attrs.backend_data
     if not isinstance(d, dict):
         raise LeaseParseError(f"BackendData: wireguard lease needs an object with PublicKey and Port, got {d!r}")
@@ -123,7 +127,9 @@ def lease_peer(lease: Lease, opts: WgOptions) -> WgPeer:
     port = low.get("port", 0) or 0
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise LeaseParseError(f"BackendData.Port: {port!r} is not a UDP port")
-    return WgPeer(public_key=key.strip(), endpoint=f"{lease.attrs.public_ip}:{port or opts.listen_port}",
+    ip = lease.attrs.public_ip
+    host = f"[{ip}]" if ip.version == 6 else str(ip)
+    return WgPeer(public_key=key.strip(), endpoint=f"{host}:{port or own_port or opts.listen_port}",
                   allowed_ips=(str(lease.subnet),), preshared_key=opts.psk, keepalive=opts.keepalive)
 
 
@@ -139,39 +145,55 @@ class WireguardBackend:
         self.device_factory = device_factory
         self.key_file = key_file or key_file_path()
 
-    def register_network(self, config: NetworkConfig) -> "WireguardNetwork":
+    def register_network(self, config: NetworkConfig):
+        """Devices (flannel-wg, and flannel-wg-v6 with EnableIPv6) with our key, then the lease advertising it, then
+        addresses and routes. Returns one WireguardNetwork, or a DualStackNetwork of both families."""
         opts = parse_options(config)
-        if opts.mode != "separate" or config.enable_ipv6:
-            raise BackendError(f"wireguard: Mode={opts.mode} with EnableIPv6={config.enable_ipv6} is not supported "
-                               f"yet; use Mode separate with IPv4 only (docs/configuration.md)")
+        if opts.mode != "separate":
+            raise BackendError(f"wireguard: Mode={opts.mode} (one device for both families) is not supported yet; "
+                               f"use Mode separate (the default; docs/configuration.md)")
         if not config.enable_ipv4 or config.network is None:
             raise BackendError("wireguard: needs EnableIPv4 and Network")
+        if config.enable_ipv6 and (self.ext.ext_addr6 is None or config.ipv6_network is None):
+            raise BackendError("EnableIPv6 is true but the external interface has no IPv6 address")
         private_key, created = load_or_create_private_key(self.key_file)
         pub = public_key(private_key)
         log.info("event=wireguard_key path=%s created=%s public_key=%s", self.key_file, created, pub)
         mtu = wireguard_mtu(opts.mtu, self.ext.mtu)
-        network = WireguardNetwork(self.netlink, opts, private_key, pub, mtu, config.network, self.device_factory)
-        network.ensure_device()
-        attrs = LeaseAttrs(public_ip=self.ext.ext_addr, backend_type=BACKEND_TYPE,
-                           backend_data={"PublicKey": pub, "Port": opts.listen_port})
+        nets = {4: WireguardNetwork(self.netlink, opts, private_key, pub, mtu, config.network, self.device_factory)}
+        if config.enable_ipv6:
+            nets[6] = WireguardNetwork(self.netlink, opts, private_key, pub, mtu, config.ipv6_network,
+                                       self.device_factory, dev=DEVICE_NAME_V6, port=opts.listen_port_v6)
         try:
-            network.lease = self.manager.acquire_lease(attrs)
+            for n in nets.values():
+                n.ensure_device()
+            attrs = LeaseAttrs(public_ip=self.ext.ext_addr, backend_type=BACKEND_TYPE,
+                               backend_data={"PublicKey": pub, "Port": opts.listen_port},
+                               public_ipv6=self.ext.ext_addr6 if 6 in nets else None,
+                               backend_v6_data={"PublicKey": pub, "Port": opts.listen_port_v6} if 6 in nets else None)
+            lease = self.manager.acquire_lease(attrs)
         except BaseException:
-            network.close()
+            for n in nets.values():
+                n.close()
             raise
-        network.configure_link()
-        log.info("event=device_ready dev=%s type=wireguard impl=%s public_key=%s port=%d addr=%s/32 mtu=%d "
-                 "psk=%s keepalive_s=%d", DEVICE_NAME, network.device.kind, pub, opts.listen_port,
-                 network.lease.subnet.network_address, mtu, "set" if opts.psk else "none", opts.keepalive)
-        return network
+        for family, n in nets.items():
+            n.lease = project(lease, family)
+            n.configure_link()
+            log.info("event=device_ready dev=%s type=wireguard impl=%s public_key=%s port=%d addr=%s/%d mtu=%d "
+                     "psk=%s keepalive_s=%d", n.dev, n.device.kind, pub, n.port, n.lease.subnet.network_address,
+                     n.lease.subnet.max_prefixlen, mtu, "set" if opts.psk else "none", opts.keepalive)
+        return nets[4] if len(nets) == 1 else DualStackNetwork(lease, nets)
 
 
 class WireguardNetwork:
     reconcile_interval = ROUTE_CHECK_INTERVAL_S
 
-    def __init__(self, netlink, opts: WgOptions, private_key: str, pub: str, mtu: int,
-                 network: IPv4Network, device_factory=open_device) -> None:
+    def __init__(self, netlink, opts: WgOptions, private_key: str, pub: str, mtu: int, network,
+                 device_factory=open_device, dev: str = DEVICE_NAME, port: Optional[int] = None) -> None:
         self.netlink = netlink
+        self.dev = dev  # flannel-wg (IPv4) or flannel-wg-v6
+        self.port = opts.listen_port if port is None else port
+        self.family = network.version
         self.opts = opts
         self._private_key = private_key
         self.public_key = pub
@@ -187,30 +209,38 @@ class WireguardNetwork:
     # -- device ------------------------------------------------------------------------------------
     def ensure_device(self) -> bool:
         """Create the device (or a new one if it died) with our key and port; return True if it was created."""
-        if self.device is not None and self.device.alive() and self.netlink.link_info(DEVICE_NAME) is not None:
+        if self.device is not None and self.device.alive() and self.netlink.link_info(self.dev) is not None:
             return False
         if self.device is not None:
-            log.warning("event=wireguard_device_recreate dev=%s impl=%s reason=gone", DEVICE_NAME, self.device.kind)
+            log.warning("event=wireguard_device_recreate dev=%s impl=%s reason=gone", self.dev, self.device.kind)
             self.device.close()
-        self.device = self.device_factory(self.netlink, DEVICE_NAME, self.mtu)
-        log.info("event=wireguard_device dev=%s impl=%s", DEVICE_NAME, self.device.kind)
-        self.device.configure(self._private_key, self.opts.listen_port)
+        self.device = self.device_factory(self.netlink, self.dev, self.mtu)
+        log.info("event=wireguard_device dev=%s impl=%s", self.dev, self.device.kind)
+        self.device.configure(self._private_key, self.port)
         return True
 
     def configure_link(self) -> None:
-        """/32 of the lease (others inside the Network removed), link up, ``<Network> dev flannel-wg scope link``."""
+        """/32 (/128) of the lease (others inside the Network removed), link up, ``<Network> dev <dev> scope link``."""
         nl = self.netlink
-        want = IPv4Interface(f"{self.lease.subnet.network_address}/32")
-        for a in nl.addr_list(DEVICE_NAME):
+        want = self._address()
+        for a in self._addrs():
             if a.address != want and a.address.ip in self.network:
-                log.info("event=wireguard_addr_removed dev=%s addr=%s", DEVICE_NAME, a.address)
-                nl.addr_del(DEVICE_NAME, a.address)
-        nl.addr_replace(DEVICE_NAME, want)
-        nl.set_link_up(DEVICE_NAME)
+                log.info("event=wireguard_addr_removed dev=%s addr=%s", self.dev, a.address)
+                nl.addr_del(self.dev, a.address)
+        nl.addr_replace(self.dev, want)
+        nl.set_link_up(self.dev)
         self._ensure_route()
 
+    def _address(self):
+        return ip_interface(f"{self.lease.subnet.network_address}/{self.lease.subnet.max_prefixlen}")
+
+    def _addrs(self):
+        if self.family == 6:
+            return self.netlink.addr_list(self.dev, family=socket.AF_INET6)
+        return self.netlink.addr_list(self.dev)
+
     def _ensure_route(self) -> None:
-        self.netlink.route_replace(self.network, oif=self.netlink.link_index(DEVICE_NAME), scope=RT_SCOPE_LINK)
+        self.netlink.route_replace(self.network, oif=self.netlink.link_index(self.dev), scope=RT_SCOPE_LINK)
 
     # -- events ------------------------------------------------------------------------------------
     def handle_events(self, events: List[Event]) -> None:
@@ -234,7 +264,7 @@ class WireguardNetwork:
             return None
         if self.lease is not None and lease.subnet == self.lease.subnet:
             return None
-        peer = lease_peer(lease, self.opts)
+        peer = lease_peer(lease, self.opts, self.port)
         if peer.public_key == self.public_key:
             raise LeaseParseError(f"BackendData.PublicKey is our own public key: host {lease.attrs.public_ip} uses "
                                   f"a copy of our key file")
@@ -268,7 +298,7 @@ class WireguardNetwork:
         if lease.attrs.backend_type != BACKEND_TYPE:
             return
         try:
-            key = lease_peer(lease, self.opts).public_key
+            key = lease_peer(lease, self.opts, self.port).public_key
         except LeaseParseError:
             key = programmed.public_key if programmed else None
         for k in {key, programmed.public_key if programmed else None} - {None}:
@@ -307,10 +337,10 @@ class WireguardNetwork:
             self._peers = peers
 
     def _ensure_address(self) -> None:
-        want = IPv4Interface(f"{self.lease.subnet.network_address}/32")
-        if not any(a.address == want for a in self.netlink.addr_list(DEVICE_NAME)):
-            self.netlink.addr_replace(DEVICE_NAME, want)
-            self.netlink.set_link_up(DEVICE_NAME)
+        want = self._address()
+        if not any(a.address == want for a in self._addrs()):
+            self.netlink.addr_replace(self.dev, want)
+            self.netlink.set_link_up(self.dev)
 
     @staticmethod
     def _repair(what: str, fn, arg) -> None:
@@ -325,4 +355,4 @@ class WireguardNetwork:
         with self._lock:
             if self.device is not None:
                 self.device.close()
-                log.info("event=wireguard_closed dev=%s impl=%s", DEVICE_NAME, self.device.kind)
+                log.info("event=wireguard_closed dev=%s impl=%s", self.dev, self.device.kind)

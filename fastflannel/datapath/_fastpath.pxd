@@ -5,7 +5,7 @@ The ctl wire struct ``ff_command`` is defined here and nowhere else; it is packe
 slots, verdicts, commands, roles, wire constants and the per-peer counter blocks come from the contract
 (``includes/contract.pxd``, generated from ``contract.py``).
 """
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from posix.uio cimport iovec
 
 from fastflannel.datapath.includes.contract cimport *  # generated from contract.py by setup.py
@@ -133,6 +133,7 @@ cdef struct ff_state:
     int check_dest
     unsigned int batch
     unsigned int spin  # bursts read without poll() while a fd keeps returning data (0: poll every burst)
+    int64_t busy_ns  # busy-poll window bound after a burst, ns (0: off; each loop adapts its own window below it)
     int vnet  # TUN fd has IFF_VNET_HDR (+ TSO offloads): every read/write starts with a virtio_net_hdr
     int gso  # send split segments with UDP_SEGMENT (cleared on EIO)
     int gro  # the UDP socket has UDP_GRO: receives carry a segment size cmsg

@@ -21,7 +21,7 @@ from cpython.mem cimport PyMem_RawCalloc, PyMem_RawFree, PyMem_RawMalloc
 # EWOULDBLOCK == EAGAIN on Linux (asm-generic/errno.h): testing EAGAIN covers both. EBADF, ENOMEM, EPIPE and the
 # other fatal errnos come with the contract (includes/contract.pxd, cimported by _fastpath.pxd).
 from libc.errno cimport EAGAIN, EINTR, EIO, ETIMEDOUT, errno
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 from posix.uio cimport iovec, writev
 from posix.unistd cimport close, read, write
@@ -54,9 +54,11 @@ from fastflannel.datapath.includes.system cimport (
     recvmmsg,
     send,
     sendmmsg,
+    sched_yield,
     sendto,
     sockaddr_in,
 )
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 import socket as _socket
 import time as _time
@@ -105,7 +107,7 @@ cdef class Proxy:
     def __cinit__(self, int tun_fd, int udp_fd, uint32_t net, int net_plen, int subnet_len, uint32_t own_net,
                   int own_plen, uint32_t tun_ip, int mtu, int port, bint check_peer_source,
                   bint check_inner_dest, unsigned int batch, *, unsigned int spin=8, bint tun_offload=False,
-                  bint udp_gso=True, bint udp_gro=False):
+                  bint udp_gso=True, bint udp_gro=False, unsigned int busy_poll_us=0):
         cdef ff_state *st
         self._ctl = [None, None, None]
         self._ctl_fd[0] = self._ctl_fd[1] = self._ctl_fd[2] = -1
@@ -133,6 +135,7 @@ cdef class Proxy:
         st.check_dest = check_inner_dest
         st.batch = batch
         st.spin = spin
+        st.busy_ns = <int64_t>busy_poll_us * 1000
         st.vnet = tun_offload
         st.gso = udp_gso and tun_offload  # segments to send in runs exist only in offload mode
         st.gro = udp_gro

@@ -71,6 +71,11 @@ COUNTER_NAMES: Tuple[str, ...] = (
     "rx_batch_le_16",
     "rx_batch_le_64",
     "rx_batch_gt_64",
+    # wake-ups and the busy-poll window (docs/fastpath.md "Wake-ups"; FastPathOptions.busy_poll_us)
+    "polls_slept",  # blocking poll() calls entered with nothing ready: the loop went to sleep (one wake-up each)
+    "busy_polls",  # zero-timeout polls made inside busy-poll windows
+    "busy_hits",  # windows that found data before they ran out (a wake-up saved)
+    "busy_misses",  # windows that ran out (then the loop slept)
 )
 COUNTER_INDEX: Dict[str, int] = {name: i for i, name in enumerate(COUNTER_NAMES)}
 
@@ -159,6 +164,8 @@ def fastpath_error(err: int, what: str) -> FastPathError:
 
 # --- encapsulation and wire constants ---------------------------------------------------------------------------
 
+MAX_BUSY_POLL_US = 10000  # the loop's busy-poll window limit: a bound on spinning, never a way to burn a core
+
 UDP_ENCAP_OVERHEAD = 28  # bytes: 20 outer IPv4 + 8 UDP; TUN MTU = external MTU - 28 (flannel encapOverhead)
 
 IPV4_HDR_MIN = 20  # bytes, IHL 5
@@ -183,6 +190,11 @@ UDP_SEGMENT = 103
 UDP_GRO = 104
 SEGS_MAX = 256  # segments one TSO super-packet may split into (gso_size >= 256 for 64 KB)
 WSLOTS = 64  # rx offload mode: pending TUN writes (single or coalesced packets) per flush
+# busy-poll window (run loop): events fed to the window policy (twin.busy_window_next, C ff_busy_next)
+BUSY_HIT = 1  # data came within the window
+BUSY_MISS = 2  # the window ran out: the loop sleeps
+BUSY_WOKE = 3  # a sleep ended (after slept_ns)
+BUSY_FLOOR_SHIFT = 3  # misses halve the window down to max >> 3, never to 0 while busy-polling is on
 
 # The C names of the constants above (enums in the generated contract.pxd).
 C_CONSTANTS: Dict[str, int] = {
@@ -193,6 +205,7 @@ C_CONSTANTS: Dict[str, int] = {
     "FF_VNET": VNET_HDR_LEN, "VIRTIO_F_NEEDS_CSUM": VIRTIO_F_NEEDS_CSUM, "VIRTIO_GSO_NONE": VIRTIO_GSO_NONE,
     "VIRTIO_GSO_TCPV4": VIRTIO_GSO_TCPV4, "FF_SOL_UDP": SOL_UDP, "FF_UDP_SEGMENT": UDP_SEGMENT,
     "FF_UDP_GRO": UDP_GRO, "FF_SEGS_MAX": SEGS_MAX, "FF_WSLOTS": WSLOTS,
+    "BUSY_HIT": BUSY_HIT, "BUSY_MISS": BUSY_MISS, "BUSY_WOKE": BUSY_WOKE, "BUSY_FLOOR_SHIFT": BUSY_FLOOR_SHIFT,
     "FF_PEER_SHIFT": PEER_CHUNK_SHIFT, "FF_PEER_CHUNK": 1 << PEER_CHUNK_SHIFT,
     **COMMANDS,
     "ROLE_BOTH": ROLE_BOTH, "ROLE_TX": ROLE_TX, "ROLE_RX": ROLE_RX,

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from fastflannel.datapath import twin as _fastpath_py
 from fastflannel.datapath.contract import (
+    MAX_BUSY_POLL_US,
     SOL_UDP,
     UDP_ENCAP_OVERHEAD,
     UDP_GRO,
@@ -85,6 +86,8 @@ def implementation_module(name: Optional[str] = None) -> Any:
     raise ValueError(f"unknown fast path implementation {name!r}")
 
 
+
+
 @dataclass(frozen=True)
 class FastPathOptions:
     """Switches of the fast path. The checks are fastflannel's additions to Flannel, each on by default."""
@@ -94,6 +97,10 @@ class FastPathOptions:
     batch: int = 64  # max packets per recvmmsg/sendmmsg/TUN-drain burst
     threads: int = 2  # 2: one loop thread per direction; 1: one thread for both (docs/fastpath.md: measured)
     spin: int = 8  # bursts read without poll() while a fd keeps returning data; 0: poll() before every burst
+    # busy-poll window: when nothing is ready after a burst, look again (zero-timeout poll, yielding the CPU)
+    # for up to this many microseconds before sleeping in poll(); adaptive below it (docs/fastpath.md "Wake-ups").
+    # 0: off (sleep at once). An idle loop never spins: a window starts only after a wake-up.
+    busy_poll_us: int = 0
     # Offloads (docs/fastpath.md "Offloads"; Cython only). tun_offload: tun_fd was opened with IFF_VNET_HDR and
     # TSO (tun.open_tun_offload): split super-packets on read, write coalesced GSO packets. udp_gso: send the
     # segments of a run with UDP_SEGMENT (only in offload mode). udp_gro: enable UDP_GRO on udp_fd.
@@ -167,6 +174,8 @@ class FastPath:
             raise ValueError(f"batch {options.batch} out of range 1..{MAX_BATCH}")
         if not 0 <= options.spin <= 1024:
             raise ValueError(f"spin {options.spin} out of range 0..1024")
+        if not 0 <= options.busy_poll_us <= MAX_BUSY_POLL_US:
+            raise ValueError(f"busy_poll_us {options.busy_poll_us} out of range 0..{MAX_BUSY_POLL_US}")
         if options.threads not in (1, 2):
             raise ValueError(f"threads must be 1 or 2, not {options.threads}")
         for name, fd in (("tun_fd", tun_fd), ("udp_fd", udp_fd)):
@@ -204,6 +213,7 @@ class FastPath:
             tun_fd, udp_fd, int(network.network_address), network.prefixlen, subnet_len,
             int(own_subnet.network_address), own_subnet.prefixlen, int(self.tun_ip), mtu, port,
             bool(options.check_peer_source), bool(options.check_inner_dest), options.batch, spin=options.spin,
+            busy_poll_us=options.busy_poll_us,
             tun_offload=bool(options.tun_offload), udp_gso=bool(options.udp_gso), udp_gro=bool(options.udp_gro))
 
     # --- lifecycle ---

@@ -15,11 +15,16 @@ import errno
 import os
 import select
 import socket
+import time
 from array import array
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from fastflannel.datapath.contract import (  # noqa: F401  (re-exported: the twin's module is the oracle's namespace)
     BATCH_BUCKETS,
+    BUSY_FLOOR_SHIFT,
+    BUSY_HIT,
+    BUSY_MISS,
+    BUSY_WOKE,
     CMD_DEL_ROUTE,
     CMD_PEER_ADD,
     CMD_PEER_DEL,
@@ -59,6 +64,10 @@ from fastflannel.datapath.twin_rules import (  # noqa: F401
 # counter slots the loop below writes (names from the contract: a typo is a KeyError at import)
 _CTL_COMMANDS = COUNTER_INDEX["ctl_commands"]
 _POLLS = COUNTER_INDEX["polls"]
+_POLLS_SLEPT = COUNTER_INDEX["polls_slept"]
+_BUSY_POLLS = COUNTER_INDEX["busy_polls"]
+_BUSY_HITS = COUNTER_INDEX["busy_hits"]
+_BUSY_MISSES = COUNTER_INDEX["busy_misses"]
 _RX_BATCHES = COUNTER_INDEX["rx_batches"]
 _RX_BATCH_PACKETS = COUNTER_INDEX["rx_batch_packets"]
 _RX_BYTES = COUNTER_INDEX["rx_bytes"]
@@ -94,6 +103,22 @@ _P_TX_DROP_SEND = PEER_INDEX["tx_drop_send"]
 _P_TX_PACKETS = PEER_INDEX["tx_packets"]
 
 
+def busy_window_next(window: int, max_ns: int, event: int, slept_ns: int = 0) -> int:
+    """Return the busy-poll window (ns) after ``event``; the C loop's ff_busy_next is the same policy.
+
+    BUSY_HIT (data came within the window) keeps it; BUSY_MISS (it ran out, the loop sleeps) halves it, down to
+    ``max_ns >> BUSY_FLOOR_SHIFT``; BUSY_WOKE (a sleep of ``slept_ns`` ended) restores ``max_ns`` if the full
+    window would have caught that wake-up. ``max_ns`` 0: busy-polling is off, the window is 0.
+    """
+    if max_ns <= 0:
+        return 0
+    if event == BUSY_MISS:
+        return max(window >> 1, max_ns >> BUSY_FLOOR_SHIFT)
+    if event == BUSY_WOKE and slept_ns < max_ns:
+        return max_ns
+    return window
+
+
 def _mask(plen: int) -> int:
     return (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF if plen else 0
 
@@ -108,7 +133,7 @@ class Proxy:
     def __init__(self, tun_fd: int, udp_fd: int, net: int, net_plen: int, subnet_len: int, own_net: int,
                  own_plen: int, tun_ip: int, mtu: int, port: int, check_peer_source: bool,
                  check_inner_dest: bool, batch: int, *, spin: int = 8, tun_offload: bool = False,
-                 udp_gso: bool = True, udp_gro: bool = False) -> None:
+                 udp_gso: bool = True, udp_gro: bool = False, busy_poll_us: int = 0) -> None:
         if tun_offload or udp_gro:  # the offload loop exists in the extension only; the split and coalescing
             raise ValueError("the pure-Python fast path has no offload mode (tun_offload/udp_gro)")  # reference is above
         self._tun_fd = tun_fd
@@ -124,6 +149,7 @@ class Proxy:
         self._check_peer = check_peer_source
         self._check_dest = check_inner_dest
         self._batch = batch
+        self._busy_ns = busy_poll_us * 1000
         self._table = array("I", bytes(4 << (subnet_len - net_plen)))
         self._route_pid = array("I", bytes(4 << (subnet_len - net_plen)))  # peer id per table slot
         self._peers: Dict[int, int] = {}  # accepted peer address -> peer id
@@ -375,13 +401,12 @@ class Proxy:
             poller.register(self._tun_fd, select.POLLIN)
         if role != ROLE_TX:
             poller.register(self._udp_fd, select.POLLIN)
-        c = self._c
+        window = self._busy_ns
         while True:
             try:
-                events = poller.poll()
+                events, window = self._wait(poller, window)
             except InterruptedError:  # pragma: no cover - PEP 475 retries for us
                 continue
-            c[_POLLS] += 1
             for fd, ev in events:
                 if ev & select.POLLNVAL:
                     raise fastpath_error(errno.EBADF, f"{ROLE_NAMES[role]} loop: poll on fd {fd}")
@@ -395,6 +420,35 @@ class Proxy:
                         raise fastpath_error(errno.EPIPE, f"tx loop: tun fd {fd} hung up")
                 if fd == self._udp_fd and role != ROLE_TX:
                     self._rx_burst()
+
+    def _wait(self, poller: "select.poll", window: int) -> Tuple[list, int]:
+        """Mirror of the C ff_wait: look without waiting; if nothing is ready busy-poll up to ``window`` ns
+        (yielding between looks), then sleep. Return the events and the next window; count as the C loop does."""
+        c = self._c
+        events = poller.poll(0)
+        c[_POLLS] += 1
+        if events:
+            return events, window
+        if window > 0:
+            t0 = time.monotonic_ns()
+            while True:
+                os.sched_yield()
+                events = poller.poll(0)
+                c[_BUSY_POLLS] += 1
+                if events:
+                    c[_BUSY_HITS] += 1
+                    return events, busy_window_next(window, self._busy_ns, BUSY_HIT)
+                if time.monotonic_ns() - t0 >= window:
+                    break
+            c[_BUSY_MISSES] += 1
+            window = busy_window_next(window, self._busy_ns, BUSY_MISS)
+        c[_POLLS] += 1  # counted before: a reader sees a sleeping loop as asleep
+        c[_POLLS_SLEPT] += 1
+        t0 = time.monotonic_ns()
+        events = poller.poll()
+        if self._busy_ns > 0:
+            window = busy_window_next(window, self._busy_ns, BUSY_WOKE, time.monotonic_ns() - t0)
+        return events, window
 
     def _wait_writable(self, fd: int) -> bool:
         p = select.poll()

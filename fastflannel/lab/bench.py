@@ -1,59 +1,60 @@
 # SPDX-License-Identifier: Apache-2.0
 """``fastflannel bench``: what the udp backend costs over kernel VXLAN (and no overlay at all), measured.
 
-Method
-------
-One 2-host cluster per mode (a Testbed each: own namespaces, own etcd; all alive at once; the same underlay
-addresses in isolated namespaces), one container per host, traffic container(h1) -> container(h2). Modes:
+One 2-host cluster per mode (a Testbed each: own namespaces, own etcd; all alive at once), one container per
+host, traffic container(h1) -> container(h2). Modes (``MODE_SPECS``; ``--variant NAME=MODE[:ENV=V,...]`` adds
+more, e.g. ``udp-base=udp:PYTHONPATH=/tmp/ffbase`` runs the daemons from another checkout, for before/after in
+one run):
 
 - ``host-gw``: no overlay, the kernel routes container subnets via the peer host (the reference floor);
 - ``vxlan``: the kernel's vxlan device encapsulates;
-- ``udp``: the udp backend with the Cython fast path and its defaults: TUN TSO/GRO (``IFF_VNET_HDR``) with UDP
-  GSO/GRO, i.e. ~45 inner packets per kernel crossing (docs/fastpath.md "Offloads");
-- ``udp-plain``: the same Cython loop without offloads (``FASTFLANNEL_UDP_TUN_OFFLOAD=0``,
-  ``FASTFLANNEL_UDP_GRO=0``): one TUN read/write per packet, batching (``sendmmsg``/``recvmmsg``) only. This is
-  the per-packet design (flanneld's shape, batched); what the offloads buy is udp / udp-plain;
-- ``udp-python``: the same backend with the pure-Python twin (``FASTFLANNEL_NO_EXTENSIONS=1`` in the daemons);
+- ``udp``: the udp backend with the Cython fast path and its defaults (docs/fastpath.md);
+- ``udp-plain``: the same loop without offloads (``FASTFLANNEL_UDP_TUN_OFFLOAD=0 FASTFLANNEL_UDP_GRO=0``);
+- ``udp-python``: the same backend with the pure-Python twin (``FASTFLANNEL_NO_EXTENSIONS=1``);
 - ``wireguard``: the wireguard backend, encrypted (ChaCha20-Poly1305) by wireguard-go here (no kernel module on
   this machine; with the module it is the kernel's): what encryption costs. Its CPU is the daemons' children's.
 
-Repetitions are interleaved so drift on a noisy machine hits every mode alike: rep 1 runs host-gw, vxlan, udp,
-udp-plain, udp-python; rep 2 the same list rotated by one; and so on. Per mode and repetition:
+Repetitions are interleaved (rep *r* runs the mode list rotated by *r*), so drift on a noisy machine hits every
+mode alike, and ratios to VXLAN are medians of per-round ratios. The tests (``--tests``, default all; what each
+measures is in docs/benchmarks.md "What is measured"):
 
-- RTT: iputils ``ping`` (10 ms interval), p50 and p99;
-- TCP throughput, 1 and 4 streams (iperf3, receiver side);
-- small packets: iperf3 UDP with 64-byte payloads at unlimited bitrate: datagrams/s delivered and loss %;
-- CPU seconds per GB over the 1-stream TCP run: both daemons' CPU time (/proc/<pid>/stat) plus the machine's
-  softirq time (/proc/stat), divided by payload GB delivered. iperf3's own CPU is not in it (reported apart);
-- for the udp modes, the fast path's counters over the same TCP run (deltas of ``GET /debug/fastpath`` on each
-  daemon's healthz port, read inside the host's namespace): syscalls per packet delivered, packets per
-  batch, copies per packet and bytes moved across the user/kernel boundary per payload byte delivered. Every
-  packet forwarded in user space crosses the boundary twice per daemon: TUN -> user and user -> socket on
-  the sending host (``tx_*``), socket -> user and user -> TUN on the receiving one (``rx_*``). Kernel modes
-  (host-gw, vxlan) cross it zero times: no daemon is in the data path. With offloads also: segments per TUN
-  read (sender: ``tx_tso_segments / tx_tso_reads``), datagrams per UDP receive (receiver: ``rx_gro_datagrams /
-  rx_gro_receives``) and packets per coalesced TUN write (receiver: ``rx_coalesced_packets /
-  rx_coalesced_writes``); "kernel crossings" count the TUN reads/writes and socket sends/receives per direction.
+- ``ping``: iputils ping every 10 ms, RTT p50/p99, and the daemons' CPU under that light load;
+- ``rr``: sockperf TCP ping-pong with 64-byte messages: transactions/s, one-way latency p50/p99, and for the
+  udp modes polls (and polls that slept) per transaction;
+- ``flood``: 64-byte UDP datagrams offered with ``sendmmsg`` faster than the data path takes, delivered rate and
+  loss by place (``fastflannel.lab.smallpkt.loss_by_place``);
+- ``tcp1``/``tcp4``: iperf3 TCP, 1 and 4 streams: rate, retransmits, CPU core-seconds per Gbit (daemons + iperf3
+  + softirq) and the fast path's per-packet figures (syscalls, batches, segments per crossing, copies);
+- ``udp64``: iperf3 UDP with 64-byte payloads at unlimited bitrate (the old small-packet figure);
+- ``idle``: the daemons' CPU over 3 s without traffic.
 
-Output: progress lines, a table (median with min-max per mode, then ratios of medians to VXLAN), a JSON file
-``<out>/bench-<timestamp>.json`` (+ ``<out>/latest.json``) and a chart ``<out>/bench.png`` when matplotlib is
-installed (the optional extra ``bench``). Ctrl-C or SIGTERM tears every testbed down and keeps the partial JSON.
+Output: progress lines, a table, a JSON file ``<out>/bench-<timestamp>.json`` (+ ``latest.json``) and a chart
+``<out>/bench.png`` with matplotlib (``fastflannel.lab.benchout``). Ctrl-C or SIGTERM tears every testbed down
+and keeps the partial JSON.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
-import math
-import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from fastflannel.datapath.contract import COUNTER_NAMES
+from fastflannel.lab.benchout import (  # noqa: F401  (re-exported: the bench's public surface)
+    METRICS,
+    NO_RATIO,
+    _finite,
+    code_state,
+    format_table,
+    machine_info,
+    paired_ratios,
+    ratios,
+    summarize,
+    write_chart,
+    write_json,
+)
 
 BENCH_NETWORK = "100.96.0.0/16"
 HEALTHZ_PORT = 8471
@@ -67,42 +68,33 @@ MODE_SPECS: Dict[str, Dict[str, Any]] = {
     "udp-python": {"backend": "udp", "env": {"FASTFLANNEL_NO_EXTENSIONS": "1"}, "user_space": True},
     "wireguard": {"backend": "wireguard", "env": {}, "user_space": False},  # wireguard-go: not our fast path
 }
+OVERLAY_DEVICE = {"udp": "flannel0", "vxlan": "flannel.1", "host-gw": ""}
+ALL_TESTS = ("ping", "rr", "flood", "tcp1", "tcp4", "udp64", "idle")
 UDP_PAYLOAD = 64
+IDLE_S = 3.0
 SETTLE_S = 0.5  # after a UDP flood: let queues drain before the next test
 
-# (key, label, unit, digits, higher_is_better)
-METRICS: List[tuple] = [
-    ("tcp1_gbps", "TCP 1 stream", "Gb/s", 2, True),
-    ("tcp4_gbps", "TCP 4 streams", "Gb/s", 2, True),
-    ("tcp1_retransmits", "TCP 1 stream retransmits", "", 0, False),
-    ("tun_tx_dropped", "  TUN queue drops (TCP 1 stream)", "", 0, False),
-    ("udp_rcvbuf_errors", "  UDP rcvbuf drops (TCP 1 stream)", "", 0, False),
-    ("udp64_kpps", "UDP 64 B delivered", "kpps", 1, True),
-    ("udp64_loss_pct", "UDP 64 B loss", "%", 1, False),
-    ("rtt_p50_ms", "RTT p50", "ms", 3, False),
-    ("rtt_p99_ms", "RTT p99", "ms", 3, False),
-    ("cpu_s_per_gb", "CPU s/GB (daemons+softirq)", "s/GB", 2, False),
-    ("daemon_cpu_s_per_gb", "  daemons' CPU s/GB", "s/GB", 2, False),
-    ("softirq_s_per_gb", "  softirq s/GB", "s/GB", 2, False),
-    ("syscalls_per_packet", "syscalls per packet", "", 2, False),
-    ("sender_tx_syscalls_per_packet", "  sender tx syscalls/packet", "", 2, False),
-    ("receiver_rx_syscalls_per_packet", "  receiver rx syscalls/packet", "", 2, False),
-    ("packets_per_batch", "packets per batch", "", 1, True),
-    ("segments_per_tun_read", "  segments per TUN read (TSO)", "", 1, True),
-    ("datagrams_per_receive", "  datagrams per UDP receive (GRO)", "", 1, True),
-    ("packets_per_coalesced_write", "  packets per coalesced TUN write", "", 1, True),
-    ("sender_tx_packets_per_batch", "  sender tx packets/batch", "", 1, True),
-    ("receiver_rx_packets_per_batch", "  receiver rx packets/batch", "", 1, True),
-    ("copies_per_packet", "user/kernel copies per packet", "", 2, False),
-    ("bytes_copied_per_byte", "bytes copied per byte delivered", "", 2, False),
-]
 
-# zero or undefined for the kernel reference: the absolute figures say it
-NO_RATIO = {"tun_tx_dropped", "udp_rcvbuf_errors", "daemon_cpu_s_per_gb",
-            "syscalls_per_packet", "sender_tx_syscalls_per_packet", "receiver_rx_syscalls_per_packet",
-            "packets_per_batch", "sender_tx_packets_per_batch", "receiver_rx_packets_per_batch",
-            "segments_per_tun_read", "datagrams_per_receive", "packets_per_coalesced_write",
-            "copies_per_packet", "bytes_copied_per_byte", "tcp1_retransmits", "udp64_loss_pct"}
+def parse_variant(text: str) -> tuple:
+    """Parse ``NAME=MODE[:ENV=V,ENV=V]`` into (name, spec): MODE's spec with the extra environment.
+
+    Raise ValueError saying what is wrong (unknown mode, missing ``=``, a name that is already a mode).
+    """
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise ValueError(f"--variant {text!r}: expected NAME=MODE[:ENV=VALUE,...], e.g. udp-base=udp:PYTHONPATH=/tmp/b")
+    mode, _, envs = rest.partition(":")
+    if mode not in MODE_SPECS:
+        raise ValueError(f"--variant {text!r}: unknown mode {mode!r} (known: {', '.join(MODE_SPECS)})")
+    if name in MODE_SPECS:
+        raise ValueError(f"--variant {text!r}: {name!r} is already a mode; pick another name")
+    env = dict(MODE_SPECS[mode]["env"])
+    for kv in filter(None, envs.split(",")):
+        k, eq, v = kv.partition("=")
+        if not eq or not k:
+            raise ValueError(f"--variant {text!r}: {kv!r} is not ENV=VALUE")
+        env[k] = v
+    return name, {**MODE_SPECS[mode], "env": env, "base_mode": mode}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -187,90 +179,27 @@ def rotation(modes: Sequence[str], rep: int) -> List[str]:
     k = rep % len(modes)
     return list(modes[k:]) + list(modes[:k])
 
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))
-
-
-def summarize(runs: List[Dict[str, Any]], modes: Sequence[str]) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """Return {mode: {metric: {median, min, max, n}}} over the runs that produced the metric."""
-    out: Dict[str, Dict[str, Dict[str, float]]] = {}
-    for mode in modes:
-        per: Dict[str, Dict[str, float]] = {}
-        for key, *_ in METRICS:
-            vals = [r[key] for r in runs if r["mode"] == mode and _finite(r.get(key))]
-            if vals:
-                per[key] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
-        out[mode] = per
-    return out
-
-
-def ratios(summary: Dict[str, Dict[str, Dict[str, float]]], ref: str = "vxlan") -> Dict[str, Dict[str, float]]:
-    """Return {mode: {metric: median(mode) / median(ref)}} where both exist and the reference is non-zero."""
-    base = summary.get(ref) or {}
-    out: Dict[str, Dict[str, float]] = {}
-    for mode, per in summary.items():
-        r = {}
-        for key, s in per.items():
-            b = base.get(key)
-            if b and b["median"]:
-                r[key] = s["median"] / b["median"]
-        out[mode] = r
-    return out
-
-
-def _cell(s: Optional[Dict[str, float]], digits: int) -> str:
-    if not s:
-        return "-"
-    med, lo, hi = s["median"], s["min"], s["max"]
-    if s["n"] == 1 or lo == hi:
-        return f"{med:.{digits}f}"
-    return f"{med:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
-
-
-def format_table(summary: Dict[str, Dict[str, Dict[str, float]]], modes: Sequence[str], ref: str = "vxlan") -> str:
-    """Return the figures table (median with min-max) and, if ``ref`` ran, the ratios-to-``ref`` table."""
-    lines: List[str] = []
-    w0 = max(len(f"{label} [{unit}]") for _k, label, unit, *_ in METRICS) + 1
-    cells = {m: {k: _cell(summary.get(m, {}).get(k), d) for k, _l, _u, d, _h in METRICS} for m in modes}
-    widths = {m: max([len(m)] + [len(c) for c in cells[m].values()]) + 2 for m in modes}
-    lines.append(f"{'median (min-max)':<{w0}}" + "".join(f"{m:>{widths[m]}}" for m in modes))
-    lines.append("-" * len(lines[0]))
-    for key, label, unit, digits, _h in METRICS:
-        name = f"{label} [{unit}]" if unit else label
-        lines.append(f"{name:<{w0}}" + "".join(f"{cells[m][key]:>{widths[m]}}" for m in modes))
-    rat = ratios(summary, ref)
-    if summary.get(ref):
-        lines.append("")
-        lines.append(f"{'ratio to ' + ref + ' (medians)':<{w0}}" + "".join(f"{m:>{widths[m]}}" for m in modes))
-        lines.append("-" * len(lines[-1]))
-        for key, label, unit, _d, _h in METRICS:
-            if key in NO_RATIO:
-                continue  # zero or undefined for the kernel reference: the absolute figures say it
-            name = f"{label}" + (f" [{unit}]" if unit else "")
-            vals = "".join(f"{('x%.2f' % rat[m][key]) if key in rat.get(m, {}) else '-':>{widths[m]}}" for m in modes)
-            lines.append(f"{name:<{w0}}" + vals)
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # one cluster per mode
 
 
 class ModeCluster:
-    """A 2-host testbed running one mode, with a container per host and an iperf3 server in the second one."""
+    """A 2-host testbed running one mode, with a container per host and the servers (iperf3, sockperf, a flood
+    sink) in the second one."""
 
-    def __init__(self, mode: str, say: Callable[[str], Any], healthz_port: int = HEALTHZ_PORT) -> None:
-        if mode not in MODE_SPECS:
+    def __init__(self, mode: str, say: Callable[[str], Any], healthz_port: int = HEALTHZ_PORT,
+                 spec: Optional[Dict[str, Any]] = None) -> None:
+        if spec is None and mode not in MODE_SPECS:
             raise ValueError(f"unknown bench mode {mode!r} (known: {', '.join(MODE_SPECS)})")
         self.mode = mode
-        self.spec = MODE_SPECS[mode]
+        self.spec = spec if spec is not None else MODE_SPECS[mode]
         self.say = say
         self.healthz_port = healthz_port
         self.tb = None
         self.src = self.dst = None
-        self.iperf_server = None
+        self.iperf_server = self.sockperf_server = self.sink = None
         self.mtu = 0
+        self.tun = OVERLAY_DEVICE.get(self.spec["backend"], "")
 
     def up(self, stack: contextlib.ExitStack) -> None:
         """Build the testbed inside ``stack`` (so it is torn down on every exit path) and prove reachability."""
@@ -289,23 +218,27 @@ class ModeCluster:
             raise RuntimeError(f"{self.mode}: {self.src.name} ({self.src.ip}) cannot reach {self.dst.ip}")
         if self.spec["user_space"]:
             self.stats()  # the counters must be readable before we rely on them
-        self._start_iperf()
+        self._servers()
         self.say(f"{self.mode}: testbed {tb.prefix} up in {time.monotonic() - t0:.1f} s: "
                  f"{self.src.ip} on {tb.hosts[0].name} -> {self.dst.ip} on {tb.hosts[1].name}, "
                  f"MTU {self.mtu}")
 
-    def _start_iperf(self) -> None:
+    def _servers(self) -> None:
+        """(Re)start whichever server is not running; all are tracked by the testbed and killed at teardown."""
         from fastflannel.lab.measure import IperfServer
+        from fastflannel.lab.smallpkt import FloodSink, SockperfServer
 
-        if self.iperf_server is not None:
-            self.iperf_server.close()
-        self.iperf_server = IperfServer(self.dst)  # tracked by the testbed: killed at teardown
+        if self.iperf_server is None or self.iperf_server.proc.poll() is not None:
+            self.iperf_server = IperfServer(self.dst)
+        if self.sockperf_server is None or not self.sockperf_server.alive():
+            self.sockperf_server = SockperfServer(self.dst)
+        if self.sink is None or not self.sink.alive():
+            self.sink = FloodSink(self.dst)
 
     def _iperf(self, **kw):
         from fastflannel.lab.measure import iperf
 
-        if self.iperf_server is None or self.iperf_server.proc.poll() is not None:
-            self._start_iperf()
+        self._servers()
         return iperf(self.src, self.dst.ip, **kw)
 
     def stats(self) -> List[Dict[str, int]]:
@@ -315,20 +248,18 @@ class ModeCluster:
 
     def kernel_drops(self) -> Dict[str, int]:
         """Return drops the fast path cannot see, summed over the hosts: UDP receive-buffer overflows
-        (/proc/net/snmp ``Udp: RcvbufErrors`` of the host namespace) and packets the TUN device dropped
-        because the daemon did not read them in time (``flannel0`` tx_dropped)."""
+        (``Udp: RcvbufErrors`` of the host namespace) and the TUN's tx_dropped (the daemon read too late)."""
+        from fastflannel.lab.smallpkt import netns_counters
+
         out = {"udp_rcvbuf_errors": 0, "tun_tx_dropped": 0}
         for h in self.tb.hosts:
-            lines = [ln.split() for ln in h.run(["cat", "/proc/net/snmp"]).stdout.splitlines() if ln.startswith("Udp:")]
-            if len(lines) >= 2 and "RcvbufErrors" in lines[0]:
-                out["udp_rcvbuf_errors"] += int(lines[1][lines[0].index("RcvbufErrors")])
-            r = h.run(["ip", "-j", "-s", "link", "show", "flannel0"], check=False)
-            try:
-                link = json.loads(r.stdout)[0]
-                out["tun_tx_dropped"] += int(link.get("stats64", link.get("stats", {}))["tx"]["dropped"])
-            except (ValueError, LookupError, TypeError):
-                pass
+            c = netns_counters(h)
+            out["udp_rcvbuf_errors"] += c.get("udp.RcvbufErrors", 0)
+            out["tun_tx_dropped"] += c.get(f"{self.tun}.tx_dropped", 0) if self.tun else 0
         return out
+
+    def daemon_pids(self) -> List[int]:
+        return [h.daemon.pid for h in self.tb.hosts]
 
     def daemon_cpu(self) -> float:
         from fastflannel.lab.measure import process_cpu_seconds
@@ -341,48 +272,133 @@ class ModeCluster:
                 raise RuntimeError(f"{self.mode}: fastflanneld on {h.name} exited; log tail:\n"
                                    f"{h.daemon_log_text()[-1500:]}")
 
-    def measure(self, seconds: float, pings: int) -> Dict[str, Any]:
-        """Run every test once; return one row of figures."""
-        from fastflannel.lab.measure import ping_rtt, softirq_seconds
+    # -- the tests ---------------------------------------------------------------------------------------------
 
-        self.check_daemons()
-        row: Dict[str, Any] = {"mode": self.mode, "mtu": self.mtu}
-        rtt = ping_rtt(self.src, self.dst.ip, count=pings, interval=0.01, timeout=max(10.0, pings * 0.05))
+    def _ping(self, row: Dict[str, Any], pings: int) -> None:
+        from fastflannel.lab.measure import ping_rtt
+        from fastflannel.lab.smallpkt import per_daemon_cpu_pct
+
+        res = {}
+
+        def go() -> None:
+            res["rtt"] = ping_rtt(self.src, self.dst.ip, count=pings, interval=0.01, timeout=max(10.0, pings * 0.05))
+
+        if self.spec["user_space"]:
+            row["ping_cpu_pct"] = per_daemon_cpu_pct(self.daemon_pids(), go)
+        else:
+            go()
+        rtt = res["rtt"]
         row.update(rtt_p50_ms=rtt.p50, rtt_p99_ms=rtt.p99, rtt_loss=rtt.loss)
 
+    def _rr(self, row: Dict[str, Any], seconds: float) -> None:
+        from fastflannel.lab.smallpkt import sockperf_pingpong
+
+        self._servers()
         user = self.spec["user_space"]
         before = self.stats() if user else None
-        kd0 = self.kernel_drops() if user else None
-        cpu0, sirq0 = self.daemon_cpu(), softirq_seconds()
-        r1 = self._iperf(seconds=seconds, streams=1)
-        cpu1, sirq1 = self.daemon_cpu(), softirq_seconds()
-        after = self.stats() if user else None
+        pp = sockperf_pingpong(self.src, self.dst.ip, seconds=seconds, size=UDP_PAYLOAD)
+        row.update(rr_tps=pp.tps, rr_lat_p50_us=pp.p(50.0), rr_lat_p99_us=pp.p(99.0), rr_lat_avg_us=pp.avg_us,
+                   rr_received=pp.received)
+        if user:
+            d = [counter_delta(b, a) for b, a in zip(before, self.stats())]
+            row["rr_fastpath_deltas"] = d
+            # the counters run over sockperf's warm-up too: per transaction of the whole run, roughly
+            trans = max(1, pp.sent)
+            row["rr_polls_per_trans"] = sum(x.get("polls", 0) for x in d) / trans
+            if any("polls_slept" in x for x in d):
+                row["rr_sleeps_per_trans"] = sum(x.get("polls_slept", 0) for x in d) / trans
+
+    def _flood(self, row: Dict[str, Any], seconds: float) -> None:
+        from fastflannel.lab.smallpkt import counters_delta, flood, loss_by_place, netns_counters, softnet_dropped
+
+        self._servers()
+        user = self.spec["user_space"]
+        nodes = {"src": self.src, "dst": self.dst, "h1": self.tb.hosts[0], "h2": self.tb.hosts[1]}
+        c0 = {k: netns_counters(n) for k, n in nodes.items()}
+        s0, f0 = softnet_dropped(), (self.stats() if user else None)
+        g = flood(self.src, self.dst.ip, seconds=seconds, size=UDP_PAYLOAD)
+        time.sleep(SETTLE_S)  # let queues drain before counting what arrived
+        c1 = {k: netns_counters(n) for k, n in nodes.items()}
+        s1 = softnet_dropped()
+        fdrops = 0
+        if user:
+            d = [counter_delta(b, a) for b, a in zip(f0, self.stats())]
+            row["flood_fastpath_deltas"] = d
+            # the fast path's own drops only: tx_drop_tun_queue / rx_drop_udp_rcvbuf are the kernel's (counted above)
+            fdrops = sum(v for x in d for k, v in x.items() if "_drop_" in k and k in COUNTER_NAMES)
+        lb = loss_by_place(int(g["sent"]), counters_delta(c0, c1), fdrops, s1 - s0, self.tun)
+        secs = float(g["seconds"]) or seconds
+        pct = lb["places_pct"]
+        row.update(flood_offered_kpps=g["sent"] / secs / 1e3, flood_kpps=lb["delivered"] / secs / 1e3,
+                   flood_loss_pct=lb["loss_pct"], flood_loss_tun_queue_pct=pct["tun_queue"],
+                   flood_loss_receiver_rcvbuf_pct=pct["receiver_rcvbuf"], flood_loss_fastpath_pct=pct["fastpath"],
+                   flood_loss_backlog_pct=pct["backlog"],
+                   flood_loss_other_pct=pct["sender_veth"] + pct["sender_socket"] + pct["tun_write"]
+                   + pct["unaccounted"],
+                   flood=lb, flood_sender=g)
+
+    def _tcp(self, row: Dict[str, Any], seconds: float, streams: int) -> None:
+        from fastflannel.lab.measure import softirq_seconds
+        from fastflannel.lab.smallpkt import cpu_delta, iperf_cpu_seconds, machine_cpu
+
+        user = self.spec["user_space"]
+        before = self.stats() if user and streams == 1 else None
+        kd0 = self.kernel_drops() if user and streams == 1 else None
+        cpu0, sirq0, m0 = self.daemon_cpu(), softirq_seconds(), machine_cpu()
+        r = self._iperf(seconds=seconds, streams=streams)
+        cpu1, sirq1, m1 = self.daemon_cpu(), softirq_seconds(), machine_cpu()
+        gbit = r.bytes * 8 / 1e9
+        ours = (cpu1 - cpu0) + (sirq1 - sirq0) + iperf_cpu_seconds(r.raw, r.seconds or seconds)
+        nan = float("nan")
+        if streams != 1:
+            row.update(tcp4_gbps=r.gbps, tcp4_retransmits=r.retransmits,
+                       cpu4_s_per_gbit=ours / gbit if gbit else nan)
+            return
+        gb = r.bytes / 1e9
+        row.update(tcp1_gbps=r.gbps, tcp1_retransmits=r.retransmits, tcp1_bytes=r.bytes,
+                   daemon_cpu_s=cpu1 - cpu0, softirq_s=sirq1 - sirq0,
+                   cpu_s_per_gbit=ours / gbit if gbit else nan,
+                   machine_cpu_s_per_gbit=cpu_delta(m0, m1)["busy"] / gbit if gbit else nan,
+                   daemon_cpu_s_per_gb=(cpu1 - cpu0) / gb if gb else nan,
+                   softirq_s_per_gb=(sirq1 - sirq0) / gb if gb else nan,
+                   cpu_s_per_gb=(cpu1 - cpu0 + sirq1 - sirq0) / gb if gb else nan)
+        cpu = (r.raw or {}).get("end", {}).get("cpu_utilization_percent", {})
+        row["iperf_cpu_pct"] = {"sender": cpu.get("host_total"), "receiver": cpu.get("remote_total")}
         if user:
             row["kernel_drops"] = counter_delta(kd0, self.kernel_drops())
             row["tun_tx_dropped"] = row["kernel_drops"]["tun_tx_dropped"]
             row["udp_rcvbuf_errors"] = row["kernel_drops"]["udp_rcvbuf_errors"]
-        gb = r1.bytes / 1e9
-        row.update(tcp1_gbps=r1.gbps, tcp1_retransmits=r1.retransmits, tcp1_bytes=r1.bytes,
-                   daemon_cpu_s=cpu1 - cpu0, softirq_s=sirq1 - sirq0)
-        row["daemon_cpu_s_per_gb"] = (cpu1 - cpu0) / gb if gb else float("nan")
-        row["softirq_s_per_gb"] = (sirq1 - sirq0) / gb if gb else float("nan")
-        row["cpu_s_per_gb"] = (cpu1 - cpu0 + sirq1 - sirq0) / gb if gb else float("nan")
-        cpu = (r1.raw or {}).get("end", {}).get("cpu_utilization_percent", {})
-        row["iperf_cpu_pct"] = {"sender": cpu.get("host_total"), "receiver": cpu.get("remote_total")}
-        if user:
-            deltas = [counter_delta(b, a) for b, a in zip(before, after)]
+            deltas = [counter_delta(b, a) for b, a in zip(before, self.stats())]
             row["fastpath_deltas"] = {h.name: d for h, d in zip(self.tb.hosts, deltas)}
-            row.update(fastpath_figures(deltas, r1.bytes))
+            row.update(fastpath_figures(deltas, r.bytes))
         else:
             row.update(kernel_figures())
 
-        r4 = self._iperf(seconds=seconds, streams=4)
-        row.update(tcp4_gbps=r4.gbps, tcp4_retransmits=r4.retransmits)
+    def measure(self, seconds: float, pings: int, tests: Sequence[str] = ALL_TESTS) -> Dict[str, Any]:
+        """Run every test in ``tests`` once; return one row of figures."""
+        from fastflannel.lab.smallpkt import per_daemon_cpu_pct
 
-        ru = self._iperf(seconds=seconds, udp=True, length=UDP_PAYLOAD, bitrate="0")
-        row.update(udp64_kpps=ru.delivered_pps / 1e3, udp64_loss_pct=ru.lost_percent,
-                   udp64_sent=ru.packets, udp64_lost=ru.lost_packets)
-        time.sleep(SETTLE_S)
+        self.check_daemons()
+        row: Dict[str, Any] = {"mode": self.mode, "mtu": self.mtu}
+        if "idle" in tests and self.spec["user_space"]:
+            row["idle_cpu_pct"] = per_daemon_cpu_pct(self.daemon_pids(), lambda: time.sleep(min(IDLE_S, seconds)))
+        if "ping" in tests:
+            self._ping(row, pings)
+        if "rr" in tests:
+            self._rr(row, seconds)
+        if "tcp1" in tests:
+            self._tcp(row, seconds, 1)
+        if "tcp4" in tests:
+            self._tcp(row, seconds, 4)
+        if "flood" in tests:
+            self._flood(row, seconds)
+            time.sleep(SETTLE_S)
+        if "udp64" in tests:
+            ru = self._iperf(seconds=seconds, udp=True, length=UDP_PAYLOAD, bitrate="0")
+            row.update(udp64_kpps=ru.delivered_pps / 1e3, udp64_loss_pct=ru.lost_percent,
+                       udp64_sent=ru.packets, udp64_lost=ru.lost_packets)
+            time.sleep(SETTLE_S)
+        self.check_daemons()
         return row
 
 
@@ -403,115 +419,17 @@ def _wait_ping(node, ip, timeout: float) -> bool:
     return False
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# machine description, output
-
-
-def machine_info() -> Dict[str, Any]:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    from fastflannel.datapath import fastpath
-
-    return {"nproc": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
-            "python": platform.python_version(), "fastpath_extension": fastpath.IMPLEMENTATION,
-            "hostname": platform.node()}
-
-
-def code_state() -> Dict[str, Any]:
-    """Return what the udp figures depend on: the git commit, whether the tree is dirty, the extension's mtime."""
-    import subprocess
-
-    from fastflannel.datapath import fastpath
-
-    root = Path(__file__).resolve().parent.parent
-    state: Dict[str, Any] = {"git_commit": None, "git_dirty": None, "extension": None, "extension_mtime": None}
-    try:
-        state["git_commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                                             capture_output=True, text=True, timeout=10).stdout.strip() or None
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout
-        state["git_dirty"] = bool(dirty.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        mod = fastpath.implementation_module("cython")
-        state["extension"] = getattr(mod, "__file__", None)
-        state["extension_mtime"] = os.path.getmtime(mod.__file__) if state["extension"] else None
-    except ImportError:
-        pass
-    return state
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
-def write_json(result: Dict[str, Any], out: Path, stamp: str) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench-{stamp}.json"
-    text = json.dumps(_jsonable(result), indent=2, sort_keys=False) + "\n"
-    path.write_text(text)
-    (out / "latest.json").write_text(text)
-    return path
-
-
-def write_chart(summary: Dict[str, Dict[str, Dict[str, float]]], modes: Sequence[str], path: Path,
-                title: str) -> Optional[str]:
-    """Draw the main figures as bar charts with min-max whiskers; return None or why it was skipped."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed (pip install 'fastflannel[bench]'): no PNG chart"
-    panels = [("tcp1_gbps", "TCP 1 stream (Gb/s)"), ("tcp4_gbps", "TCP 4 streams (Gb/s)"),
-              ("udp64_kpps", "UDP 64 B delivered (kpps)"), ("rtt_p50_ms", "RTT p50 (ms)"),
-              ("rtt_p99_ms", "RTT p99 (ms)"), ("cpu_s_per_gb", "CPU s per GB (daemons + softirq)"),
-              ("syscalls_per_packet", "syscalls per packet (user/kernel)"),
-              ("bytes_copied_per_byte", "bytes copied per byte delivered")]
-    colors = {"host-gw": "#4c72b0", "vxlan": "#55a868", "udp": "#dd8452", "udp-plain": "#8172b3",
-              "udp-python": "#c44e52", "wireguard": "#937860"}
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7.5))
-    for ax, (key, label) in zip(axes.flat, panels):
-        meds, los, his, names = [], [], [], []
-        for m in modes:
-            s = summary.get(m, {}).get(key)
-            names.append(m)
-            if s:
-                meds.append(s["median"])
-                los.append(s["median"] - s["min"])
-                his.append(s["max"] - s["median"])
-            else:
-                meds.append(0.0)
-                los.append(0.0)
-                his.append(0.0)
-        xs = range(len(names))
-        ax.bar(xs, meds, yerr=[los, his], capsize=4, color=[colors.get(m, "#888888") for m in names])
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels(names, rotation=20)
-        ax.set_title(label, fontsize=10)
-        ax.set_ylim(bottom=0, top=None if max(m + h for m, h in zip(meds, his)) > 0 else 1)
-        for x, v in zip(xs, meds):
-            ax.annotate(f"{v:.3g}", (x, v), ha="center", va="bottom", fontsize=8)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return None
+def _progress_line(row: Dict[str, Any]) -> str:
+    parts = []
+    for key, fmt in (("rr_tps", "RR {:.0f}/s"), ("rr_lat_p50_us", "lat p50 {:.0f} us"),
+                     ("rtt_p50_ms", "RTT p50 {:.3f}"), ("rtt_p99_ms", "p99 {:.3f} ms"),
+                     ("flood_kpps", "flood {:.0f} kpps"), ("flood_loss_pct", "({:.1f}% lost)"),
+                     ("tcp1_gbps", "TCP {:.2f}"), ("tcp4_gbps", "/ {:.2f} Gb/s"),
+                     ("cpu_s_per_gbit", "{:.3f} CPU s/Gbit"), ("udp64_kpps", "iperf3 UDP64 {:.0f} kpps"),
+                     ("idle_cpu_pct", "idle {:.2f}%"), ("ping_cpu_pct", "ping load {:.2f}%")):
+        if _finite(row.get(key)):
+            parts.append(fmt.format(row[key]))
+    return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -520,14 +438,25 @@ def write_chart(summary: Dict[str, Dict[str, Dict[str, float]]], modes: Sequence
 
 def run_bench(ns) -> int:
     """Run the comparison described in the module docstring; return 0 if every requested mode produced figures."""
-    from fastflannel.lab.testbed import install_signal_handlers, restore_signal_handlers
     from fastflannel.lab.progress import Progress
+    from fastflannel.lab.testbed import install_signal_handlers, restore_signal_handlers
 
     say = Progress()
+    specs = dict(MODE_SPECS)
+    try:
+        for v in getattr(ns, "variant", None) or []:
+            name, spec = parse_variant(v)
+            specs[name] = spec
+    except ValueError as e:
+        print(f"fastflannel bench: {e}", file=sys.stderr)
+        return 2
     modes = [m.strip() for m in str(getattr(ns, "modes", ",".join(ALL_MODES))).split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODE_SPECS]
-    if unknown or not modes:
-        print(f"fastflannel bench: unknown mode(s) {unknown}; known: {', '.join(MODE_SPECS)}", file=sys.stderr)
+    modes += [n for n in specs if n not in MODE_SPECS and n not in modes]
+    tests = [t.strip() for t in str(getattr(ns, "tests", ",".join(ALL_TESTS))).split(",") if t.strip()]
+    unknown = [m for m in modes if m not in specs] + [t for t in tests if t not in ALL_TESTS]
+    if unknown or not modes or not tests:
+        print(f"fastflannel bench: unknown mode(s)/test(s) {unknown}; modes: {', '.join(specs)}; "
+              f"tests: {', '.join(ALL_TESTS)}", file=sys.stderr)
         return 2
     quick = bool(getattr(ns, "quick", False))
     reps = 1 if quick else max(1, int(getattr(ns, "reps", 3)))
@@ -543,15 +472,19 @@ def run_bench(ns) -> int:
         "tool": "fastflannel bench",
         "started": started,
         "command": "fastflannel bench " + " ".join(
-            (["--quick"] if quick else [f"--reps {reps}"]) + [f"--seconds {seconds:g}", f"--modes {','.join(modes)}"]),
-        "settings": {"modes": modes, "reps": reps, "seconds": seconds, "pings": pings, "quick": quick,
-                     "network": BENCH_NETWORK, "udp_payload": UDP_PAYLOAD, "hosts_per_mode": 2},
+            (["--quick"] if quick else [f"--reps {reps}"]) + [f"--seconds {seconds:g}", f"--modes {','.join(modes)}",
+                                                              f"--tests {','.join(tests)}"]
+            + [f"--variant {v}" for v in getattr(ns, "variant", None) or []]),
+        "settings": {"modes": modes, "tests": tests, "reps": reps, "seconds": seconds, "pings": pings,
+                     "quick": quick, "network": BENCH_NETWORK, "udp_payload": UDP_PAYLOAD, "hosts_per_mode": 2,
+                     "specs": {m: specs[m] for m in modes}},
         "machine": machine_info(),
         "code": code_state(),
         "runs": [], "errors": {}, "setup_s": {},
     }
-    say(f"fastflannel bench: modes {', '.join(modes)}; {reps} interleaved repetition(s) of {seconds:g} s tests; "
-        f"{result['machine']['nproc']} CPUs ({result['machine']['cpu_model']}), kernel {result['machine']['kernel']}")
+    say(f"fastflannel bench: modes {', '.join(modes)}; tests {', '.join(tests)}; {reps} interleaved "
+        f"repetition(s) of {seconds:g} s tests; {result['machine']['nproc']} CPUs ({result['machine']['cpu_model']}), "
+        f"kernel {result['machine']['kernel']}")
     previous = install_signal_handlers(sigterm=KeyboardInterrupt)
     interrupted = False
     try:
@@ -560,27 +493,26 @@ def run_bench(ns) -> int:
             for mode in modes:
                 say(f"{mode}: bringing up 2 hosts, etcd and 2 containers ...")
                 t1 = time.monotonic()
-                c = ModeCluster(mode, say)
+                c = ModeCluster(mode, say, spec=specs[mode])
                 try:
                     c.up(stack)
                     clusters[mode] = c
                 except KeyboardInterrupt:
                     raise
                 except Exception as e:  # this mode is broken: report it, keep measuring the others
-                    log_tail = ""
-                    if c.tb is not None:
-                        log_tail = "".join(h.daemon_log_text()[-800:] for h in c.tb.hosts if h.daemon_log)
                     result["errors"][mode] = f"bring-up failed: {e}"
                     say(f"{mode}: FAILED to come up: {str(e).splitlines()[0] if str(e) else repr(e)}")
-                    if log_tail:
-                        say(f"{mode}: daemon log tail: {log_tail.strip().splitlines()[-1] if log_tail.strip() else ''}")
+                    if c.tb is not None:
+                        tail = "".join(h.daemon_log_text()[-800:] for h in c.tb.hosts if h.daemon_log).strip()
+                        if tail:
+                            say(f"{mode}: daemon log tail: {tail.splitlines()[-1]}")
                 result["setup_s"][mode] = round(time.monotonic() - t1, 2)
             for rep in range(reps):
                 order = [m for m in rotation(modes, rep) if m in clusters]
                 say(f"rep {rep + 1}/{reps}: order {', '.join(order)}")
                 for mode in order:
                     try:
-                        row = clusters[mode].measure(seconds, pings)
+                        row = clusters[mode].measure(seconds, pings, tests)
                     except KeyboardInterrupt:
                         raise
                     except Exception as e:
@@ -589,19 +521,7 @@ def run_bench(ns) -> int:
                         continue
                     row["rep"] = rep + 1
                     result["runs"].append(row)
-                    extra = ""
-                    if MODE_SPECS[mode]["user_space"]:
-                        extra = (f", {row['syscalls_per_packet']:.2f} syscalls/pkt, "
-                                 f"{row['packets_per_batch']:.1f} pkts/batch, "
-                                 f"{row['bytes_copied_per_byte']:.2f} B copied/B")
-                        if _finite(row.get("segments_per_tun_read")):
-                            extra += (f", {row['segments_per_tun_read']:.1f} segs/TUN read, "
-                                      f"{row.get('datagrams_per_receive', float('nan')):.1f} dgrams/receive, "
-                                      f"{row.get('packets_per_coalesced_write', float('nan')):.1f} pkts/write")
-                    say(f"rep {rep + 1} {mode}: TCP {row['tcp1_gbps']:.2f} / {row['tcp4_gbps']:.2f} Gb/s (1/4 "
-                        f"streams), UDP64 {row['udp64_kpps']:.0f} kpps ({row['udp64_loss_pct']:.1f}% lost), "
-                        f"RTT p50 {row['rtt_p50_ms']:.3f} p99 {row['rtt_p99_ms']:.3f} ms, "
-                        f"{row['cpu_s_per_gb']:.2f} CPU s/GB{extra}")
+                    say(f"rep {rep + 1} {mode}: {_progress_line(row)}")
             say("tearing down " + ", ".join(c.tb.prefix for c in clusters.values() if c.tb is not None))
     except KeyboardInterrupt:
         interrupted = True
@@ -611,8 +531,7 @@ def run_bench(ns) -> int:
 
     wall = time.monotonic() - t0
     result["wall_s"] = round(wall, 1)
-    code_end = code_state()
-    if code_end.get("extension_mtime") != result["code"].get("extension_mtime"):
+    if code_state().get("extension_mtime") != result["code"].get("extension_mtime"):
         result["code"]["rebuilt_during_run"] = True
         say("WARNING: fastflannel/_fastpath was rebuilt during the run: the udp figures may mix builds; rerun")
     if "udp" in modes and not result["code"].get("extension"):
@@ -621,9 +540,10 @@ def run_bench(ns) -> int:
     summary = summarize(result["runs"], modes)
     result["summary"] = summary
     result["ratios_to_vxlan"] = ratios(summary, "vxlan")
+    result["paired_ratios_to_vxlan"] = paired_ratios(result["runs"], modes, "vxlan")
     path = write_json(result, out, stamp)
     print()
-    print(format_table(summary, modes))
+    print(format_table(summary, modes, runs=result["runs"]))
     print()
     for k, v in result["errors"].items():
         print(f"error: {k}: {v.splitlines()[0] if v else ''}")

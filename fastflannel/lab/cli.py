@@ -35,12 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--backends", default=",".join(ALL_BACKENDS), help=f"comma list (default: {','.join(ALL_BACKENDS)})")
     d.add_argument("--seconds", type=float, default=3.0, help="iperf3 duration per backend")
     d.add_argument("-v", "--verbose", action="store_true", help="also print every testbed step")
+    d.add_argument("--dual-stack", action="store_true",
+                   help="IPv4 and IPv6 (EnableIPv6): ping and ping -6 between containers (udp is skipped: IPv4 only)")
     d.set_defaults(func=cmd_demo)
     b = sub.add_parser("bench", help="udp vs vxlan vs host-gw, side by side, interleaved")
     b.add_argument("--quick", action="store_true", help="one short repetition (a CI smoke test)")
     b.add_argument("--reps", type=int, default=3)
     b.add_argument("--seconds", type=float, default=5.0)
     b.add_argument("--modes", default="host-gw,vxlan,udp,udp-plain,udp-python,wireguard")
+    b.add_argument("--tests", default="ping,rr,flood,tcp1,tcp4,udp64,idle",
+                   help="comma list of tests (default: all): ping,rr,flood,tcp1,tcp4,udp64,idle")
+    b.add_argument("--variant", action="append", default=[], metavar="NAME=MODE[:ENV=V,...]",
+                   help="one more mode: MODE's setup with extra daemon environment, e.g. "
+                        "udp-base=udp:PYTHONPATH=/tmp/ffbase (run from outside the checkout); repeatable")
     b.add_argument("--out", default="bench-results", help="directory for the JSON and the PNG")
     b.set_defaults(func=cmd_bench)
     t = sub.add_parser("testbed", help="bring up a testbed until Ctrl-C, or clean up stale ones")

@@ -110,7 +110,7 @@ def test_summary_ratios_and_table() -> None:
     assert "syscalls_per_packet" not in r["udp"]  # the reference is 0
     table = format_table(s, ["vxlan", "udp"])
     assert "TCP 1 stream" in table and "ratio to vxlan" in table and "x0.09" in table
-    assert set(MODE_SPECS) == {"host-gw", "vxlan", "udp", "udp-plain", "udp-python"}
+    assert set(MODE_SPECS) == {"host-gw", "vxlan", "udp", "udp-plain", "udp-python", "wireguard"}
     assert MODE_SPECS["udp-python"]["env"] == {"FASTFLANNEL_NO_EXTENSIONS": "1"}
     assert MODE_SPECS["udp"]["env"] == {}  # the default path: offloads on
     assert MODE_SPECS["udp-plain"]["env"] == {"FASTFLANNEL_UDP_TUN_OFFLOAD": "0", "FASTFLANNEL_UDP_GRO": "0"}
@@ -170,6 +170,16 @@ def test_bench_quick_host_gw_and_udp(tmp_path: Path) -> None:
     assert udp["copies_per_packet"] > 0 and udp["bytes_copied_per_byte"] > 1
     assert udp["cpu_s_per_gb"] > 0
     assert udp["tun_tx_dropped"] >= 0 and udp["udp_rcvbuf_errors"] >= 0
+    # request/response, the flood, light-load and idle CPU (issue 12)
+    for mode, row in runs.items():
+        assert row["rr_tps"] > 0 and 0 < row["rr_lat_p50_us"] <= row["rr_lat_p99_us"], (mode, row)
+        lb = row["flood"]
+        assert lb["sent"] > 0 and row["flood_offered_kpps"] > 0 and row["flood_kpps"] > 0, (mode, lb)
+        assert lb["delivered"] + lb["lost"] >= lb["sent"] and sum(lb["places"].values()) == lb["lost"], (mode, lb)
+    assert udp["rr_polls_per_trans"] > 0 and "rr_sleeps_per_trans" in udp
+    assert 0 <= udp["idle_cpu_pct"] < 100 and 0 <= udp["ping_cpu_pct"] < 100
+    for name, d in udp["fastpath_deltas"].items():
+        assert "polls_slept" in d and "tx_drop_tun_queue" in d and "rx_drop_udp_rcvbuf" in d, (name, d)
     for mode in ("host-gw", "udp"):
         assert data["summary"][mode]["tcp1_gbps"]["n"] == 1
     if importlib.util.find_spec("matplotlib") is not None:

@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """wireguard backend end to end: three fastflanneld hosts on wireguard-go (this kernel has no module), a real etcd.
 
-One world for the module (PSK and a keepalive configured, so both reach the wire). The state is read back with
+One world for the module, dual stack (each host gets an IPv6 underlay address; EnableIPv6, so flannel-wg-v6 too),
+with PSK and a keepalive configured, so both reach the wire. The state is read back with
 wireguard-tools' ``wg`` and iproute2, independent of our UAPI client and pyroute2. Each simulated host has its own
 ``/var/run/wireguard`` (``Host.private_run``). Order matters: the interop test adds a fourth host configured by hand
 as flanneld configures one; the restart test needs it to show that an unchanged key needs no change elsewhere; the
@@ -17,7 +18,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 import pytest
@@ -29,8 +30,9 @@ from fastflannel.lab.measure import ping_rtt, transfer_checksum
 pytestmark = [pytest.mark.netns, pytest.mark.etcd]
 
 NETWORK = IPv4Network("100.96.0.0/16")
-DEV = "flannel-wg"
-PORT = 51820
+NETWORK6 = IPv6Network("fd00:100::/48")
+DEV, DEV6 = "flannel-wg", "flannel-wg-v6"
+PORT, PORT6 = 51820, 51821
 KEEPALIVE = 25
 CONVERGE_S = 15.0
 READY_S = 30.0
@@ -49,12 +51,17 @@ def leases(tb) -> dict:
     out = tb.etcdctl("get", "--prefix", f"{tb.prefix_key}/subnets/", "-w", "json")
     res = {}
     for kv in json.loads(out).get("kvs", []):
-        key = base64.b64decode(kv["key"]).decode()
-        res[IPv4Network(key.rsplit("/", 1)[1].replace("-", "/"))] = base64.b64decode(kv["value"]).decode()
+        v4 = base64.b64decode(kv["key"]).decode().rsplit("/", 1)[1].partition("&")[0]  # dual: <v4>-<len>&<v6>-<len>
+        res[IPv4Network(v4.replace("-", "/"))] = base64.b64decode(kv["value"]).decode()
     return res
 
 
 def lease_key(tb, subnet: IPv4Network) -> str:
+    """The etcd key of the lease whose IPv4 part is ``subnet`` (as stored: with its IPv6 part if dual)."""
+    for v4, v6 in leases6(tb):
+        if v4 == subnet:
+            name = str(v4).replace("/", "-") + (f"&{str(v6).replace('/', '-')}" if v6 else "")
+            return f"{tb.prefix_key}/subnets/{name}"
     return f"{tb.prefix_key}/subnets/{str(subnet).replace('/', '-')}"
 
 
@@ -62,9 +69,17 @@ def subnet_of(host) -> IPv4Network:
     return IPv4Network(host.wait_subnet_env()["FLANNEL_SUBNET"], strict=False)
 
 
-def wg_dump(host) -> dict:
-    """``wg show flannel-wg dump``: {"port", "public_key", "peers": {pub: (psk, endpoint, allowed, keepalive)}}."""
-    lines = host.wg("show", DEV, "dump").stdout.strip().splitlines()
+def host_ip6(host) -> IPv6Address:
+    return IPv6Address(f"fd00::{str(host.ip).rsplit('.', 1)[1]}")
+
+
+def subnet6_of(host) -> IPv6Network:
+    return IPv6Network(host.wait_subnet_env()["FLANNEL_IPV6_SUBNET"], strict=False)
+
+
+def wg_dump(host, dev: str = DEV) -> dict:
+    """``wg show <dev> dump``: {"port", "public_key", "peers": {pub: (psk, endpoint, allowed, keepalive)}}."""
+    lines = host.wg("show", dev, "dump").stdout.strip().splitlines()
     _priv, pub, port, _fwmark = lines[0].split("\t")
     peers = {}
     for line in lines[1:]:
@@ -73,16 +88,35 @@ def wg_dump(host) -> dict:
     return {"port": int(port), "public_key": pub, "peers": peers}
 
 
-def expected_peers(tb, host, psk: str) -> dict:
+def expected_peers(tb, host, psk: str, family: int = 4) -> dict:
+    """The peers flanneld programs on ``host`` for the leases in etcd: IPv4 on flannel-wg, IPv6 on flannel-wg-v6."""
     own = subnet_of(host)
     want = {}
-    for s, v in leases(tb).items():
+    for s, v in leases6(tb).items() if family == 6 else leases(tb).items():
         d = json.loads(v)
-        if s == own or d.get("BackendType") != "wireguard":
+        if (s[0] if family == 6 else s) == own or d.get("BackendType") != "wireguard":
             continue
-        bd = d["BackendData"]
-        want[bd["PublicKey"]] = (psk, f"{d['PublicIP']}:{bd['Port']}", str(s), str(KEEPALIVE))
+        if family == 6:
+            if d.get("PublicIPv6") is None or s[1] is None:
+                continue
+            bd = d["BackendV6Data"]
+            want[bd["PublicKey"]] = (psk, f"[{d['PublicIPv6']}]:{bd['Port']}", str(s[1]), str(KEEPALIVE))
+        else:
+            bd = d["BackendData"]
+            want[bd["PublicKey"]] = (psk, f"{d['PublicIP']}:{bd['Port']}", str(s), str(KEEPALIVE))
     return want
+
+
+def leases6(tb) -> dict:
+    """{(v4 subnet, v6 subnet or None): value} from the keys (``<v4>-<len>&<v6>-<len>`` when dual stack)."""
+    out = tb.etcdctl("get", "--prefix", f"{tb.prefix_key}/subnets/", "-w", "json")
+    res = {}
+    for kv in json.loads(out).get("kvs", []):
+        name = base64.b64decode(kv["key"]).decode().rsplit("/", 1)[1]
+        v4, _, v6 = name.partition("&")
+        key = (IPv4Network(v4.replace("-", "/")), IPv6Network(v6.replace("-", "/")) if v6 else None)
+        res[key] = base64.b64decode(kv["value"]).decode()
+    return res
 
 
 def log_count(host, needle: str) -> int:
@@ -109,11 +143,10 @@ class World:
 
     def converged(self, host) -> bool:
         try:
-            d = wg_dump(host)
+            return all(wg_dump(host, dev)["peers"] == expected_peers(self.tb, host, self.psk, fam)
+                       for fam, dev in ((4, DEV), (6, DEV6)))
         except subprocess.CalledProcessError:
             return False
-        peers = {k: (psk, ep, allowed, ka) for k, (psk, ep, allowed, ka) in d["peers"].items()}
-        return peers == expected_peers(self.tb, host, self.psk)
 
     def wait_converged(self, hosts=None) -> None:
         for h in hosts or self.hosts:
@@ -121,14 +154,17 @@ class World:
                 wait_for(lambda: self.converged(h), what=f"wireguard peers converged on {h.name}")
             except AssertionError:
                 assert wg_dump(h)["peers"] == expected_peers(self.tb, h, self.psk), h.name
+                assert wg_dump(h, DEV6)["peers"] == expected_peers(self.tb, h, self.psk, 6), h.name
 
 
 @pytest.fixture(scope="module")
 def world(make_module_testbed):
     tb = make_module_testbed(3)
     psk = subprocess.run(["wg", "genpsk"], capture_output=True, text=True, check=True).stdout.strip()
-    tb.put_config({"Network": str(NETWORK), "Backend": {"Type": "wireguard", "PSK": psk,
-                                                        "PersistentKeepaliveInterval": KEEPALIVE}})
+    tb.put_config({"Network": str(NETWORK), "EnableIPv6": True, "IPv6Network": str(NETWORK6),
+                   "Backend": {"Type": "wireguard", "PSK": psk, "PersistentKeepaliveInterval": KEEPALIVE}})
+    for h in tb.hosts:  # dual stack: an IPv6 underlay address beside the testbed's IPv4 one
+        h.run(["ip", "-6", "addr", "add", f"{host_ip6(h)}/64", "dev", "eth0", "nodad"])
     w = World(tb, list(tb.hosts), [], psk)
     for h in w.hosts:
         w.start(h)
@@ -229,8 +265,9 @@ def test_device_lease_and_peers_match_flannel(world):
         key = h.wg_key_file.read_text()
         assert h.wg_key_file.stat().st_mode & 0o777 == 0o400
         pub = subprocess.run(["wg", "pubkey"], input=key, capture_output=True, text=True, check=True).stdout.strip()
-        assert leases(tb)[s] == ('{"PublicIP":"%s","PublicIPv6":null,"BackendType":"wireguard",'
-                                 '"BackendData":{"PublicKey":"%s","Port":%d}}' % (h.ip, pub, PORT))
+        assert leases(tb)[s] == ('{"PublicIP":"%s","PublicIPv6":"%s","BackendType":"wireguard",'
+                                 '"BackendData":{"PublicKey":"%s","Port":%d},"BackendV6Data":{"PublicKey":"%s",'
+                                 '"Port":%d}}' % (h.ip, host_ip6(h), pub, PORT, pub, PORT6))
         d = wg_dump(h)
         assert (d["public_key"], d["port"]) == (pub, PORT)
         assert d["peers"] == expected_peers(tb, h, world.psk) and len(d["peers"]) == 2
@@ -242,6 +279,45 @@ def test_device_lease_and_peers_match_flannel(world):
         assert [(r["dst"], r.get("scope"), r.get("gateway")) for r in routes] == [(str(NETWORK), "link", None)]
         assert h.read_subnet_env()["FLANNEL_MTU"] == "1420"
         assert "impl=wireguard-go" in h.daemon_log_text()
+        s6, d6 = subnet6_of(h), wg_dump(h, DEV6)  # IPv6: flannel-wg-v6, the same key, its own port
+        assert (d6["public_key"], d6["port"]) == (pub, PORT6)
+        assert d6["peers"] == expected_peers(tb, h, world.psk, 6) and len(d6["peers"]) == 2
+        addrs6 = json.loads(h.run(["ip", "-j", "-6", "addr", "show", "dev", DEV6, "scope", "global"]).stdout)
+        assert [(a["local"], a["prefixlen"]) for a in addrs6[0]["addr_info"] if "local" in a] == [(str(s6.network_address), 128)]
+        routes6 = json.loads(h.run(["ip", "-j", "-6", "route", "show", "dev", DEV6]).stdout)
+        assert str(NETWORK6) in [r["dst"] for r in routes6]
+
+
+def test_ipv6_between_hosts_only_wireguard_udp_on_the_wire(world):
+    """Dual stack: each host reaches the others' flannel-wg-v6 address through the tunnel; on the underlay that is
+    only UDP 51821 <-> 51821 between the hosts' IPv6 addresses, never the inner ICMPv6 payload."""
+    tb = world.tb
+    out, err = open(Path(tb.workdir) / "underlay6.txt", "w"), open(Path(tb.workdir) / "underlay6.err", "w")
+    cap = subprocess.Popen(["ip", "netns", "exec", tb.ul_netns, "tcpdump", "-i", tb.ul_bridge, "-nn", "-l", "-x",
+                            "-s", "0", "-U", "ip6 and not icmp6"], stdout=out, stderr=err, start_new_session=True)
+    tb._track(cap)
+    wait_for(lambda: "listening on" in (Path(tb.workdir) / "underlay6.err").read_text(), timeout=10,
+             what="tcpdump listening")
+    for a in world.hosts:
+        for b in world.hosts:
+            if a is not b:
+                dst = str(subnet6_of(b).network_address)
+                r = a.run(["ping", "-6", "-n", "-c", "2", "-i", "0.2", "-W", "3", "-p", PING_MARKER[:16].hex(), dst],
+                          check=False)
+                assert r.returncode == 0, f"{a.name} -> {b.name}'s {DEV6} {dst}: {r.stdout}{r.stderr}"
+    cap.send_signal(signal.SIGINT)
+    cap.wait(10)
+    out.close()
+    err.close()
+    text = (Path(tb.workdir) / "underlay6.txt").read_text()
+    summaries = [ln for ln in text.splitlines() if ln and not ln[0].isspace()]
+    hexdump = "".join(m.group(1).replace(" ", "") for m in re.finditer(r"^\s+0x[0-9a-f]+:\s+(.*)$", text, re.M))
+    host6 = {str(host_ip6(h)) for h in world.hosts}
+    assert len(summaries) >= 12, summaries  # 6 pairs x 2 pings, each way
+    for line in summaries:
+        m = re.search(r" IP6 ([0-9a-f:]+)\.(\d+) > ([0-9a-f:]+)\.(\d+): UDP", line)
+        assert m and {m.group(1), m.group(3)} <= host6 and m.group(2) == m.group(4) == str(PORT6), line
+    assert PING_MARKER[:16].hex() not in hexdump, "cleartext ICMPv6 payload on the underlay"
 
 
 def test_interop_with_flannel_configured_host(world):
@@ -294,15 +370,19 @@ def test_interop_with_flannel_configured_host(world):
 
 def test_kill9_restart_same_subnet_same_key_traffic_back(world):
     tb, h1 = world.tb, world.hosts[0]
-    s, pub = subnet_of(h1), wg_dump(h1)["public_key"]
+    s, s6, pub = subnet_of(h1), subnet6_of(h1), wg_dump(h1)["public_key"]
     before = log_count(h1, "event=wireguard_key")
     h1.stop_daemon(signal.SIGKILL)
     wait_for(lambda: h1.run(["ip", "link", "show", DEV], check=False).returncode != 0, timeout=10,
              what="wireguard-go gone with its daemon (PR_SET_PDEATHSIG)")
     world.start(h1)
     assert log_count(h1, "event=wireguard_key") == before + 1 and "created=False" in h1.daemon_log_text()[-4000:]
-    assert subnet_of(h1) == s and wg_dump(h1)["public_key"] == pub
+    assert subnet_of(h1) == s and subnet6_of(h1) == s6
+    assert wg_dump(h1)["public_key"] == pub and wg_dump(h1, DEV6)["public_key"] == pub
     world.wait_converged()
+    r = world.hosts[1].run(["ping", "-6", "-n", "-c", "2", "-i", "0.2", "-W", "3", str(s6.network_address)],
+                           check=False)
+    assert r.returncode == 0, f"IPv6 back after the restart: {r.stdout}{r.stderr}"
     for ctr in world.ctrs[1:]:
         assert ctr.ping(world.ctrs[0].ip, count=2, timeout=15), f"{ctr.name} -> {world.ctrs[0].ip} after restart"
     assert world.ctrs[0].ping(world.interop_ctr_ip, count=2, timeout=15), "the hand-made host needed no change"

@@ -9,7 +9,9 @@ import sys
 
 _RECV = r"""
 import hashlib, socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", int(sys.argv[1])))
+v6 = len(sys.argv) > 2 and ":" in sys.argv[2]  # the address the sender dials: an IPv6 one needs an AF_INET6 listener
+s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::" if v6 else "0.0.0.0", int(sys.argv[1])))
 s.listen(1); s.settimeout(30); print("ready", flush=True)
 c, peer = s.accept(); c.settimeout(30); h = hashlib.sha256(); n = 0
 while True:
@@ -33,7 +35,7 @@ def tcp_transfer(src, dst, dst_ip, size: int = 1 << 20, src_ip: str = "", port: 
     """Send ``size`` bytes over TCP from ``src`` (bound to ``src_ip`` if given) to ``dst_ip`` where ``dst`` listens.
 
     Return both sides' byte counts and sha256 and the peer address the receiver saw (masquerade checks)."""
-    rp = dst.popen([sys.executable, "-I", "-c", _RECV, str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    rp = dst.popen([sys.executable, "-I", "-c", _RECV, str(port), str(dst_ip)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                    text=True)
     try:
         line = rp.stdout.readline()

@@ -357,3 +357,24 @@ def test_udp_refuses_ipv6_with_a_clear_error():
     with pytest.raises(BackendError) as ei:
         backend.register_network(parse_config(DUAL.replace("vxlan", "udp")))
     assert str(ei.value) == UDP_IPV6_ERROR and "EnableIPv6" in UDP_IPV6_ERROR
+
+
+# -- 9. demo --dual-stack: IPv6 column, udp skipped ------------------------------------------------------------
+
+def test_demo_dual_stack_table_and_udp_skip(monkeypatch):
+    import argparse
+    import io
+
+    from fastflannel.lab import demo
+
+    out = io.StringIO()
+    demo.print_table([{"backend": "vxlan", "reachable": True, "reachable6": True, "mtu": 1450},
+                      {"backend": "host-gw", "reachable": True, "reachable6": False, "mtu": 1500}], out=out)
+    lines = out.getvalue().splitlines()
+    assert lines[0].split()[-1] == "IPv6" and lines[2].split()[-1] == "yes" and lines[3].split()[-1] == "NO"
+    ran = []
+    monkeypatch.setattr(demo, "demo_backend", lambda b, say, **kw: ran.append((b, kw["dual_stack"])) or
+                        {"backend": b, "reachable": True, "reachable6": True})
+    monkeypatch.setattr("fastflannel.lab.testbed.install_signal_handlers", lambda **kw: None)
+    rc = demo.cmd_demo(argparse.Namespace(backends="udp,vxlan", seconds=1.0, verbose=False, dual_stack=True))
+    assert rc == 0 and ran == [("vxlan", True)]

@@ -6,7 +6,7 @@ import os
 import stat
 import subprocess
 import shutil
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_interface, ip_network
 
 import pytest
 
@@ -154,16 +154,16 @@ class FakeNl:
         return [AddrInfo(7, a, 0, 0x80) for a in self.addrs.get(ifname, ())]
 
     def addr_replace(self, ifname, cidr):
-        self.addrs.setdefault(ifname, set()).add(IPv4Interface(cidr))
+        self.addrs.setdefault(ifname, set()).add(ip_interface(cidr))
 
     def addr_del(self, ifname, cidr):
-        self.addrs[ifname].discard(IPv4Interface(cidr))
+        self.addrs[ifname].discard(ip_interface(cidr))
 
     def set_link_up(self, name):
         self.links[name] = "up"
 
     def route_replace(self, dst, gateway=None, oif=None, onlink=False, table=254, scope=None):
-        self.routes[IPv4Network(dst)] = (oif, scope)
+        self.routes[ip_network(dst)] = (oif, scope)
 
 
 class Manager:
@@ -350,3 +350,48 @@ def test_genl_wrapper_decodes_pyroute2_messages_and_builds_peer_requests():
                            "persistent_keepalive": 0, "preshared_key": ZERO_KEY, "endpoint_addr": "10.168.0.3",
                            "endpoint_port": 51820}
     assert rm["peer"] == {"public_key": peer_pub, "remove": True}
+
+
+def test_dual_stack_separate_mode_second_device_v6_lease_and_peers(tmp_path):
+    from ipaddress import IPv6Address, IPv6Interface, IPv6Network
+
+    class Nl6(FakeNl):
+        def addr_list(self, ifname, family=2):
+            return [AddrInfo(7, a, 0, 0x80) for a in self.addrs.get(ifname, ()) if (a.version == 6) == (family == 10)]
+
+    class Mgr6:
+        def acquire_lease(self, attrs):
+            self.attrs = attrs
+            return Lease(IPv4Network("100.96.1.0/24"), attrs, subnet6=IPv6Network("fd00:100:0:1::/64"))
+
+    nl, devs, mgr = Nl6(), {}, Mgr6()
+
+    def factory(netlink, name, mtu):
+        netlink.links[name] = "down"
+        devs[name] = FakeDevice()
+        return devs[name]
+
+    ext = ExternalInterface("eth0", 2, IPv4Address("10.168.0.2"), IPv4Address("10.168.0.2"), 1500,
+                            iface_addr6=IPv6Address("fd00::2"), ext_addr6=IPv6Address("fd00::2"))
+    be = WireguardBackend(mgr, ext, nl, device_factory=factory, key_file=str(tmp_path / "wgkey"))
+    net = be.register_network(parse_config(
+        '{"Network":"100.96.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:100::/48",'
+        '"Backend":{"Type":"wireguard","ListenPortV6":51999}}'))
+    pub = public_key(open(tmp_path / "wgkey").read())
+    assert mgr.attrs.to_json() == (
+        '{"PublicIP":"10.168.0.2","PublicIPv6":"fd00::2","BackendType":"wireguard",'
+        '"BackendData":{"PublicKey":"%s","Port":51820},"BackendV6Data":{"PublicKey":"%s","Port":51999}}' % (pub, pub))
+    assert devs["flannel-wg"].config[1] == 51820 and devs["flannel-wg-v6"].config[1] == 51999
+    assert nl.addrs["flannel-wg-v6"] == {IPv6Interface("fd00:100:0:1::/128")} and net.mtu == 1420
+    assert nl.routes[IPv6Network("fd00:100::/48")] == (7, 253)
+    k2 = public_key(generate_private_key())
+    dual = Lease(IPv4Network("100.96.2.0/24"),
+                 LeaseAttrs(IPv4Address("10.168.0.3"), "wireguard", {"PublicKey": k2, "Port": 51820},
+                            IPv6Address("fd00::3"), {"PublicKey": k2, "Port": 0}),
+                 subnet6=IPv6Network("fd00:100:0:2::/64"))
+    v4only = wg_lease("100.96.3.0/24", "10.168.0.4", public_key(generate_private_key()))
+    net.handle_events([Event(EventType.ADDED, dual), Event(EventType.ADDED, v4only)])
+    assert devs["flannel-wg-v6"].peers == {k2: WgPeer(k2, "[fd00::3]:51999", ("fd00:100:0:2::/64",), None, 0)}
+    assert len(devs["flannel-wg"].peers) == 2
+    net.handle_events([Event(EventType.REMOVED, dual)])
+    assert devs["flannel-wg-v6"].peers == {} and len(devs["flannel-wg"].peers) == 1

@@ -87,3 +87,7 @@ cdef extern from "<sys/eventfd.h>" nogil:
         EFD_NONBLOCK
         EFD_CLOEXEC
 
+
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()

@@ -33,18 +33,81 @@ cdef int ff_ctl(ff_state *st, int ctl_fd, int *stage) noexcept nogil:
     return 0
 
 
+cdef inline int64_t ff_now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef int64_t ff_busy_next(int64_t window, int64_t max_ns, int event, int64_t slept_ns) noexcept nogil:
+    """The busy-poll window after ``event`` (twin.busy_window_next is the same policy, tested against this one).
+
+    BUSY_HIT keeps the window; BUSY_MISS halves it, down to max >> BUSY_FLOOR_SHIFT; BUSY_WOKE (a sleep of
+    ``slept_ns`` ended) restores the full window if the full window would have caught that wake-up.
+    """
+    cdef int64_t floor = max_ns >> BUSY_FLOOR_SHIFT
+    if max_ns <= 0:
+        return 0
+    if event == BUSY_MISS:
+        window >>= 1
+        return window if window > floor else floor
+    if event == BUSY_WOKE and slept_ns < max_ns:
+        return max_ns
+    return window
+
+
+cdef int ff_wait(ff_state *st, pollfd *fds, int nfds, int64_t *window) noexcept nogil:
+    """poll() the loop's fds: a look without waiting first; if nothing is ready, busy-poll up to ``window`` ns
+    (yielding the CPU between looks), then sleep. Returns poll()'s result; counts polls, sleeps, window hits/misses.
+
+    An idle loop costs one window per wake-up, then sleeps: the window starts only when a burst just ended."""
+    cdef int i, r
+    cdef int64_t t0, t1
+    for i in range(nfds):
+        fds[i].revents = 0
+    r = poll(fds, nfds, 0)
+    ff_add_shared(&st.c[C_POLLS], 1)
+    if r != 0:
+        return r
+    if window[0] > 0:
+        t0 = ff_now_ns()
+        while True:
+            sched_yield()
+            r = poll(fds, nfds, 0)
+            ff_add_shared(&st.c[C_BUSY_POLLS], 1)
+            if r != 0:
+                if r > 0:
+                    ff_add_shared(&st.c[C_BUSY_HITS], 1)
+                    window[0] = ff_busy_next(window[0], st.busy_ns, BUSY_HIT, 0)
+                return r
+            if ff_now_ns() - t0 >= window[0]:
+                break
+        ff_add_shared(&st.c[C_BUSY_MISSES], 1)
+        window[0] = ff_busy_next(window[0], st.busy_ns, BUSY_MISS, 0)
+    ff_add_shared(&st.c[C_POLLS], 1)  # counted before: a reader sees a sleeping loop as asleep
+    ff_add_shared(&st.c[C_POLLS_SLEPT], 1)
+    t0 = ff_now_ns() if st.busy_ns > 0 else 0
+    r = poll(fds, nfds, -1)
+    if st.busy_ns > 0:
+        t1 = ff_now_ns()
+        window[0] = ff_busy_next(window[0], st.busy_ns, BUSY_WOKE, t1 - t0)
+    return r
+
+
 cdef int ff_run(ff_state *st, int role, int ctl_fd, int *stage, int *bad_fd) noexcept nogil:
     """Serve ``role`` until the stop eventfd is readable (0) or a fd fails (-errno, stage/bad_fd set).
 
     While a data fd keeps returning packets the loop reads it again without poll() (flannel's trick: an
     occasional EAGAIN is cheaper than a poll() per burst), but at most FF_SPIN bursts in a row: then poll()
-    runs (it returns at once when data is waiting) and stop and ctl are serviced.
+    runs (it returns at once when data is waiting) and stop and ctl are serviced. When nothing is ready the
+    loop busy-polls for a bounded, adaptive window (st.busy_ns, ff_wait) before it sleeps in poll().
     """
     cdef pollfd fds[4]
     cdef int nfds = 2, i_tun = -1, i_udp = -1, r, i
     cdef unsigned int spin = 0
     cdef bint tun_ready, udp_ready
     cdef unsigned int got_tx = 0, got_rx = 0
+    cdef int64_t window = st.busy_ns  # this loop's own window: no sharing between loop threads
     fds[0].fd = st.stop_fd
     fds[0].events = POLLIN
     fds[1].fd = ctl_fd
@@ -61,10 +124,7 @@ cdef int ff_run(ff_state *st, int role, int ctl_fd, int *stage, int *bad_fd) noe
         nfds += 1
     while True:
         if spin == 0:
-            for i in range(nfds):
-                fds[i].revents = 0
-            r = poll(fds, nfds, -1)
-            ff_add_shared(&st.c[C_POLLS], 1)
+            r = ff_wait(st, fds, nfds, &window)
             if r < 0:
                 if errno == EINTR:
                     continue

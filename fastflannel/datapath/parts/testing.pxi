@@ -62,3 +62,8 @@ def gro_coalesce(packets):
     finally:
         ff_free(io.wslots)
         ff_free(io.items)
+
+
+def busy_window_next(long long window, long long max_ns, int event, long long slept_ns=0):
+    """The loop's busy-poll window policy (ff_busy_next) for tests: twin.busy_window_next must agree."""
+    return ff_busy_next(window, max_ns, event, slept_ns)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, ip_address
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,7 +105,8 @@ class _Node:
         """Return True if ``ip`` sends ``count`` echo replies within ``timeout`` seconds (``ping -c -w`` semantics).
 
         Run our own ICMP pinger inside this netns (iputils may not be installed). ``size`` is the ICMP payload in
-        bytes (as ``ping -s``); ``dont_fragment`` sets DF (as ``ping -M do``), for MTU checks.
+        bytes (as ``ping -s``); ``dont_fragment`` sets DF (as ``ping -M do``), for MTU checks. An IPv6 ``ip`` is
+        pinged with iputils ``ping -6`` (dual-stack testbeds).
         """
         proc = self.ping_verbose(ip, count, timeout, size=size, dont_fragment=dont_fragment)
         return proc.returncode == 0
@@ -113,6 +114,10 @@ class _Node:
     def ping_verbose(self, ip: IPv4Address | str, count: int = 3, timeout: float = 10, *, size: int = 56,
                      dont_fragment: bool = False) -> subprocess.CompletedProcess[str]:
         """Run the pinger like ``ping`` and return the completed process (stdout: ``<got>/<sent> replies``)."""
+        if ip_address(str(ip)).version == 6:
+            args6 = ["ping", "-6", "-n", "-q", "-c", str(count), "-w", str(int(timeout)), "-i", str(PING_INTERVAL_S),
+                     "-s", str(size), *(["-M", "do"] if dont_fragment else []), str(ip)]
+            return self.run(args6, check=False, timeout=timeout + 10)
         args = [sys.executable, "-I", str(self._tb._ping_script()), str(IPv4Address(str(ip))), str(count), str(timeout),
                 str(PING_INTERVAL_S), str(size), "1" if dont_fragment else "0"]
         return self.run(args, check=False, timeout=timeout + 10)
@@ -132,6 +137,7 @@ class Host(_Node):
         self.name = name
         self.netns = netns
         self.ip = ip
+        self.ip6 = tb.ip6_of(ip)  # underlay IPv6 (dual-stack testbed), else None
         self.iface = iface
         self.tmpdir = tb.workdir / name
         self.tmpdir.mkdir(parents=True, exist_ok=True)
@@ -279,6 +285,12 @@ class Host(_Node):
             raise TestbedError(f"container {name!r} already exists on {self.name}")
         gateway = self._ensure_bridge(subnet, mtu)
         ip = self._allocate_ip(subnet, gateway)
+        ip6 = gw6 = None
+        if env.get("FLANNEL_IPV6_SUBNET"):  # dual stack: the same host number in the IPv6 subnet (docker --ipv6)
+            subnet6 = IPv6Interface(env["FLANNEL_IPV6_SUBNET"]).network
+            gw6 = subnet6.network_address + 1
+            ip6 = subnet6.network_address + (int(ip) - int(subnet.network_address))
+            _ipn(self.netns, "addr", "replace", f"{gw6}/{subnet6.prefixlen}", "dev", self.bridge, "nodad")
         netns = f"{self._tb.prefix}-{self.name}-{name}"
         host_veth = f"veth{name}"  # lives in the host netns only; name is <= 8 chars
         tb = self._tb
@@ -290,7 +302,10 @@ class Host(_Node):
         _ipn(netns, "addr", "add", f"{ip}/{subnet.prefixlen}", "dev", "eth0")
         _ipn(netns, "link", "set", "eth0", "up")
         _ipn(netns, "route", "add", "default", "via", str(gateway), "dev", "eth0")
-        container = Container(self, name, netns, ip, mtu=mtu, gateway=gateway, host_veth=host_veth)
+        if ip6 is not None:
+            _ipn(netns, "addr", "add", f"{ip6}/{subnet6.prefixlen}", "dev", "eth0", "nodad")
+            _ipn(netns, "-6", "route", "add", "default", "via", str(gw6), "dev", "eth0")
+        container = Container(self, name, netns, ip, mtu=mtu, gateway=gateway, host_veth=host_veth, ip6=ip6)
         self.containers.append(container)
         self._used_ips.add(ip)
         tb._log(f"testbed: container {name} on {self.name} at {ip} (gw {gateway}, mtu {mtu})")
@@ -324,12 +339,13 @@ class Container(_Node):
     """A docker-style container: a namespace with ``eth0`` on its host's bridge and a default route via it."""
 
     def __init__(self, host: Host, name: str, netns: str, ip: IPv4Address, *, mtu: int, gateway: IPv4Address,
-                 host_veth: str) -> None:
+                 host_veth: str, ip6: IPv6Address | None = None) -> None:
         self._tb = host._tb
         self.host = host
         self.name = name
         self.netns = netns
         self.ip = ip
+        self.ip6 = ip6  # with FLANNEL_IPV6_SUBNET in subnet.env
         self.mtu = mtu
         self.gateway = gateway
         self.host_veth = host_veth

@@ -11,7 +11,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +39,16 @@ class Testbed:
                  etcd_ip: str = "10.168.0.250", etcd_members: int = 1, mtu: int = 1500, prefix: str | None = None,
                  workdir: str | Path | None = None, log: LogFn = None, prefix_key: str = DEFAULT_PREFIX_KEY,
                  keep_workdir: bool | None = None, etcd_timeout: float = 20.0,
-                 teardown_grace: float = TEARDOWN_GRACE_S, etcd_tls: bool = False) -> None:
+                 teardown_grace: float = TEARDOWN_GRACE_S, etcd_tls: bool = False,
+                 underlay6: str | None = None) -> None:
         if prefix is not None and not _PREFIX_RE.match(prefix):
             raise ValueError(f"prefix {prefix!r} must be 'ff' + 5 base36 characters")
         if etcd_members < 1:
             raise ValueError("etcd_members must be >= 1")
         self.prefix = prefix or _random_prefix()
         self.underlay = IPv4Network(underlay)
+        # dual-stack underlay: every node's eth0 also gets underlay6 + (its IPv4 host number), e.g. fd00:168::2/64
+        self.underlay6 = IPv6Network(underlay6) if underlay6 else None
         self.n_hosts = n_hosts
         self.first_host = first_host
         self.etcd_ips = [IPv4Address(etcd_ip) + i for i in range(etcd_members)]
@@ -255,12 +258,23 @@ class Testbed:
              "peer", "name", "eth0", "mtu", mtu, "netns", netns)
         _ipn(self.ul_netns, "link", "set", peer, "master", self.ul_bridge, "up")
         _ipn(netns, "addr", "add", f"{ip}/{self.underlay.prefixlen}", "dev", "eth0")
+        ip6 = self.ip6_of(ip)
+        if ip6 is not None:  # nodad: usable at once (no tentative phase), as on a configured server
+            _ipn(netns, "addr", "add", f"{ip6}/{self.underlay6.prefixlen}", "dev", "eth0", "nodad")
         _ipn(netns, "link", "set", "eth0", "up")
         sysctls = ["net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0",
                    "net.ipv4.conf.eth0.rp_filter=0"]
         if forwarding:
             sysctls.append("net.ipv4.ip_forward=1")
+            if ip6 is not None:
+                sysctls.append("net.ipv6.conf.all.forwarding=1")
         _run(_netns_exec(netns, ["sysctl", "-q", "-w", *sysctls]), netns=netns)
+
+    def ip6_of(self, ip: IPv4Address) -> IPv6Address | None:
+        """Return the underlay IPv6 address of the node whose underlay IPv4 is ``ip`` (None without underlay6)."""
+        if self.underlay6 is None:
+            return None
+        return self.underlay6.network_address + (int(ip) - int(self.underlay.network_address))
 
     def _new_host(self, name: str, ip: IPv4Address, *, outside: bool) -> Host:
         if not _NODE_NAME_RE.match(name):

@@ -1,0 +1,122 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The loop's wake-up counters and its busy-poll window (issue 12), both implementations.
+
+- The window policy: the C loop's ``ff_busy_next`` (through ``_fastpath.busy_window_next``) against the twin's
+  ``busy_window_next`` on hypothesis-made event sequences, and the policy's properties (bounded, backs off on
+  misses down to a floor that is never 0, restored after a short sleep, off at 0).
+- The loop: every sleep is counted (``polls_slept``); with the window on, every sleep is preceded by a window
+  that ran out (``busy_misses == polls_slept``), windows that found data are hits; and an idle loop does not
+  spin: over an idle interval no poll of any kind is made and the process uses next to no CPU.
+"""
+from __future__ import annotations
+
+import time
+from typing import List, Tuple
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_fastpath import HAVE_CYTHON, IMPLS, NO_CYTHON_REASON, PEER, REMOTE, Rig, make
+from test_packets import ipv4_packet
+
+from fastflannel.datapath import fastpath, twin
+from fastflannel.datapath.contract import BUSY_FLOOR_SHIFT, BUSY_HIT, BUSY_MISS, BUSY_WOKE
+
+MAX_NS = 200_000
+EVENTS = st.lists(st.tuples(st.sampled_from([BUSY_HIT, BUSY_MISS, BUSY_WOKE]), st.integers(0, 10 * MAX_NS)),
+                  max_size=60)
+
+
+@pytest.mark.skipif(not HAVE_CYTHON, reason=NO_CYTHON_REASON or "-")
+@settings(max_examples=200, deadline=None)
+@given(EVENTS, st.sampled_from([0, 1, 8, MAX_NS, 10_000_000]))
+def test_window_policy_c_equals_twin(events: List[Tuple[int, int]], max_ns: int) -> None:
+    c = fastpath.implementation_module("cython")
+    wc = wp = max_ns
+    for ev, slept in events:
+        wc = c.busy_window_next(wc, max_ns, ev, slept)
+        wp = twin.busy_window_next(wp, max_ns, ev, slept)
+        assert wc == wp
+
+
+@settings(max_examples=200, deadline=None)
+@given(EVENTS)
+def test_window_policy_properties(events: List[Tuple[int, int]]) -> None:
+    w = MAX_NS
+    floor = MAX_NS >> BUSY_FLOOR_SHIFT
+    for ev, slept in events:
+        before = w
+        w = twin.busy_window_next(w, MAX_NS, ev, slept)
+        assert floor <= w <= MAX_NS  # bounded, and never 0 while the window is on
+        if ev == BUSY_MISS:
+            assert w == max(before // 2, floor)
+        elif ev == BUSY_WOKE and slept < MAX_NS:
+            assert w == MAX_NS
+        else:
+            assert w == before
+    assert twin.busy_window_next(5, 0, BUSY_WOKE, 0) == 0  # off
+
+
+def _process_cpu() -> float:
+    return time.process_time()  # all threads of this process: the loops are ours
+
+
+def _counters(rig: Rig) -> dict:
+    s = rig.fp.stats()
+    return {k: s[k] for k in ("polls", "polls_slept", "busy_polls", "busy_hits", "busy_misses")}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_busy_window_backs_off_when_idle(impl: str, threads: int) -> None:
+    window_us = 10_000  # the largest window: the easiest to see if it did not stop
+    rig = Rig(impl, threads=threads, busy_poll_us=window_us)
+    try:
+        rig.fp.set_route(REMOTE, PEER)
+        rig.fp.start()
+        n = 20
+        for i in range(n):  # back to back, 1 ms apart: well inside a 10 ms window
+            rig.tun.send(ipv4_packet("10.244.1.5", "10.244.2.7", payload=bytes([i]) * 32))
+            rig.peer.recvfrom(2048)
+            time.sleep(0.001)
+        rig.wait_for(lambda: rig.fp.stats()["tx_packets"] == n, "tx")
+        # every window ends: after the last packet the loop spins at most one window, then sleeps
+        rig.wait_for(lambda: _counters(rig)["polls_slept"] == _counters(rig)["busy_misses"]
+                     and _counters(rig)["busy_misses"] >= 1, "the loops to sleep")
+        time.sleep(3 * window_us / 1e6)
+        idle0, cpu0 = _counters(rig), _process_cpu()
+        time.sleep(0.5)
+        idle1, cpu1 = _counters(rig), _process_cpu()
+        assert idle1 == idle0, f"the loop polled while idle: {idle0} -> {idle1}"
+        assert cpu1 - cpu0 < 0.1, f"{cpu1 - cpu0:.3f} s of CPU in 0.5 s idle: something spins"
+        s = rig.fp.stats()
+        assert s["polls_slept"] == s["busy_misses"]  # every sleep came after a window that ran out
+        assert s["busy_hits"] >= 1  # packets 1 ms apart land inside a 10 ms window
+        assert s["busy_polls"] >= s["busy_hits"] + s["busy_misses"]
+        rig.fp.check()
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_window_off_sleeps_at_once(impl: str) -> None:
+    rig = Rig(impl, threads=1, busy_poll_us=0)
+    try:
+        rig.fp.set_route(REMOTE, PEER)
+        rig.fp.start()
+        for i in range(5):
+            rig.tun.send(ipv4_packet("10.244.1.5", "10.244.2.7", payload=bytes([i]) * 32))
+            rig.peer.recvfrom(2048)
+        rig.wait_for(lambda: rig.fp.stats()["tx_packets"] == 5, "tx")
+        s = rig.fp.stats()
+        assert s["busy_polls"] == s["busy_hits"] == s["busy_misses"] == 0
+        assert s["polls_slept"] >= 1  # it slept at least before the first packet
+        assert s["polls"] >= 2 * s["polls_slept"]  # each sleep is a look without waiting, then the blocking poll
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("bad", [-1, fastpath.MAX_BUSY_POLL_US + 1])
+def test_busy_poll_option_is_bounded(bad: int) -> None:
+    with pytest.raises(ValueError, match="busy_poll_us"):
+        make("python", busy_poll_us=bad)
