@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 from fastflannel.backend.peerlog import log_peers_summary, peer_log_level
 from fastflannel.backend.udp_options import UdpOptions
 from fastflannel.config import NetworkConfig
-from fastflannel.errors import BackendError
+from fastflannel.errors import BackendError, FatalBackendError
 from fastflannel.datapath.contract import UDP_ENCAP_OVERHEAD
 from fastflannel.kernel.drops import link_drops, socket_drops
 from fastflannel.kernel.iface import ExternalInterface
@@ -43,8 +43,8 @@ def fastpath_options(opts: UdpOptions, threads: int):
     from fastflannel.datapath.fastpath import FastPathOptions
 
     return FastPathOptions(check_peer_source=opts.check_peer_source, check_inner_dest=opts.check_inner_dest,
-                           spin=opts.bench_spin, busy_poll_us=opts.bench_busy_poll_us, threads=threads,
-                           tun_offload=opts.tun_offload,
+                           spin=opts.bench_spin, busy_poll_us=opts.bench_busy_poll_us,
+                           loop_priority=opts.bench_loop_priority, threads=threads, tun_offload=opts.tun_offload,
                            udp_gso=opts.udp_gso, udp_gro=opts.udp_gro)
 
 
@@ -181,7 +181,11 @@ class UdpNetwork:
                           time.monotonic() - t0)
 
     def reconcile(self, leases: Dict) -> None:
-        self.fastpath.check()  # raises if the loop thread died: the daemon then exits non-zero
+        try:
+            self.fastpath.check()  # raises if a loop thread died
+        except OSError as e:
+            raise FatalBackendError(f"udp fast path loop died: {e}; exiting so that the service manager restarts "
+                                    "fastflanneld") from e
         self._ensure_network_route()
         want = {s: l.attrs.public_ip for s, l in leases.items()}
         have = self.fastpath.routes()

@@ -37,6 +37,7 @@ ENV = {
     "bench_threads": "FASTFLANNEL_UDP_THREADS",
     "bench_spin": "FASTFLANNEL_UDP_SPIN",
     "bench_busy_poll_us": "FASTFLANNEL_UDP_BUSY_POLL_US",
+    "bench_loop_priority": "FASTFLANNEL_UDP_LOOP_PRIORITY",
     "bench_txqueuelen": "FASTFLANNEL_UDP_TXQUEUELEN",
     "bench_rcvbuf": "FASTFLANNEL_UDP_RCVBUF",
     "bench_gso_max_size": "FASTFLANNEL_UDP_GSO_MAX_SIZE",
@@ -66,6 +67,7 @@ class UdpOptions:
     bench_threads: Optional[int] = None  # loop threads; None: 1 with both offloads, else 2
     bench_spin: int = 8  # bursts read without poll() while a fd keeps returning data (0: poll every burst)
     bench_busy_poll_us: int = 0  # the loop's busy-poll window before sleeping, us (0: off; docs/fastpath.md "Wake-ups")
+    bench_loop_priority: str = ""  # the loop threads' scheduling: '' (inherit), 'nice:N' or 'fifo:N'
     bench_txqueuelen: int = TUN_TXQUEUELEN  # flannel0's txqueuelen
     bench_rcvbuf: Optional[int] = None  # SO_RCVBUF bytes; None: 32 MiB with GRO, else 4 MiB (fastpath.py)
     bench_gso_max_size: int = 0  # TUN gso_max_size; 0: the kernel's (62000 measured harmful)
@@ -96,6 +98,14 @@ class UdpOptions:
 
 
 def _parse(name: str, var: str, raw: str):
+    if name == "bench_loop_priority":
+        from fastflannel.datapath.fastpath import parse_loop_priority
+
+        try:
+            parse_loop_priority(raw)
+        except ValueError as e:
+            raise BackendError(f"{var}={raw!r}: {e}") from None
+        return raw
     if name in _RANGES:
         lo, hi = _RANGES[name]
         try:

@@ -24,7 +24,8 @@ only set when absent, so WireGuard's roaming is not undone every 10 s.
 Modes: ``separate`` (default) is the one implemented: with ``EnableIPv6`` a second device ``flannel-wg-v6`` (the
 same key, ``ListenPortV6``, /128, ``<IPv6Network> dev flannel-wg-v6``) advertised in ``BackendV6Data``, its peers
 fed with the IPv6 projection of the leases (``lease.project``, ``DualStackNetwork``), endpoints ``[PublicIPv6]:Port``.
-The single-device modes ``auto``/``ipv4``/``ipv6`` are validated but refused with a clear error (docs/configuration.md).
+The single-device modes ``auto``/``ipv4``/``ipv6`` (``SingleDeviceNetwork``) put both families on ``flannel-wg``:
+one peer per lease with both subnets as allowed IPs, the endpoint chosen as Flannel does (``select_endpoint``).
 
 Scale: one peer per remote host, one UAPI/genl request per event; a reconcile is one dump plus one request per
 drifted peer.
@@ -112,6 +113,26 @@ def wireguard_mtu(backend_mtu: int, ext_mtu: int) -> int:
     return (backend_mtu or ext_mtu) - WIREGUARD_OVERHEAD
 
 
+def _host_address(subnet):
+    """The lease's network address as a host address on the device: /32 (IPv4) or /128 (IPv6), as Flannel."""
+    return ip_interface(f"{subnet.network_address}/{subnet.max_prefixlen}")
+
+
+def select_endpoint(mode: str, ip4, ip6, ext4, ext6):
+    """Return the remote address a single-device mode sends to (Flannel's ``selectPublicEndpoint`` for ``auto``):
+    ``ipv4``/``ipv6`` the named family; ``auto`` the only one there is, else IPv4 if the remote IPv4 is public,
+    else IPv6 if both the remote and our own IPv6 are public, else IPv4."""
+    if mode == "ipv4" or ip6 is None:
+        return ip4
+    if mode == "ipv6" or ip4 is None:
+        return ip6
+    if not ip4.is_private and ext4 is not None:
+        return ip4
+    if not ip6.is_private and ext6 is not None and not ext6.is_private:
+        return ip6
+    return ip4
+
+
 def lease_peer(lease: Lease, opts: WgOptions, own_port: Optional[int] = None) -> WgPeer:
     """Return the peer for a remote wireguard lease (or its IPv6 projection); raise LeaseParseError if its
     BackendData is not usable. ``own_port``: our listen port of that family, used when the lease says 0."""
@@ -149,9 +170,6 @@ class WireguardBackend:
         """Devices (flannel-wg, and flannel-wg-v6 with EnableIPv6) with our key, then the lease advertising it, then
         addresses and routes. Returns one WireguardNetwork, or a DualStackNetwork of both families."""
         opts = parse_options(config)
-        if opts.mode != "separate":
-            raise BackendError(f"wireguard: Mode={opts.mode} (one device for both families) is not supported yet; "
-                               f"use Mode separate (the default; docs/configuration.md)")
         if not config.enable_ipv4 or config.network is None:
             raise BackendError("wireguard: needs EnableIPv4 and Network")
         if config.enable_ipv6 and (self.ext.ext_addr6 is None or config.ipv6_network is None):
@@ -160,6 +178,8 @@ class WireguardBackend:
         pub = public_key(private_key)
         log.info("event=wireguard_key path=%s created=%s public_key=%s", self.key_file, created, pub)
         mtu = wireguard_mtu(opts.mtu, self.ext.mtu)
+        if opts.mode != "separate":
+            return self._register_single(config, opts, private_key, pub, mtu)
         nets = {4: WireguardNetwork(self.netlink, opts, private_key, pub, mtu, config.network, self.device_factory)}
         if config.enable_ipv6:
             nets[6] = WireguardNetwork(self.netlink, opts, private_key, pub, mtu, config.ipv6_network,
@@ -184,6 +204,30 @@ class WireguardBackend:
                      n.lease.subnet.max_prefixlen, mtu, "set" if opts.psk else "none", opts.keepalive)
         return nets[4] if len(nets) == 1 else DualStackNetwork(lease, nets)
 
+    def _register_single(self, config: NetworkConfig, opts: WgOptions, private_key: str, pub: str, mtu: int):
+        """Modes auto/ipv4/ipv6: one flannel-wg on ListenPort for both families (both BackendData carry it)."""
+        if opts.mode == "ipv6" and not config.enable_ipv6:
+            raise BackendError("wireguard: Mode ipv6 needs EnableIPv6 (and an IPv6 address on the interface)")
+        net = SingleDeviceNetwork(self.netlink, opts, private_key, pub, mtu, config.network, self.device_factory,
+                                  network6=config.ipv6_network if config.enable_ipv6 else None, ext=self.ext)
+        data = {"PublicKey": pub, "Port": opts.listen_port}
+        try:
+            net.ensure_device()
+            lease = self.manager.acquire_lease(LeaseAttrs(
+                public_ip=self.ext.ext_addr, backend_type=BACKEND_TYPE, backend_data=data,
+                public_ipv6=self.ext.ext_addr6 if config.enable_ipv6 else None,
+                backend_v6_data=data if config.enable_ipv6 else None))
+        except BaseException:
+            net.close()
+            raise
+        net.lease = lease
+        net.configure_link()
+        log.info("event=device_ready dev=%s type=wireguard mode=%s impl=%s public_key=%s port=%d addr=%s mtu=%d "
+                 "psk=%s keepalive_s=%d", net.dev, opts.mode, net.device.kind, pub, net.port,
+                 ",".join(str(_host_address(own)) for own, _ in net._targets()), mtu, "set" if opts.psk else "none",
+                 opts.keepalive)
+        return net
+
 
 class WireguardNetwork:
     reconcile_interval = ROUTE_CHECK_INTERVAL_S
@@ -193,7 +237,6 @@ class WireguardNetwork:
         self.netlink = netlink
         self.dev = dev  # flannel-wg (IPv4) or flannel-wg-v6
         self.port = opts.listen_port if port is None else port
-        self.family = network.version
         self.opts = opts
         self._private_key = private_key
         self.public_key = pub
@@ -222,25 +265,28 @@ class WireguardNetwork:
     def configure_link(self) -> None:
         """/32 (/128) of the lease (others inside the Network removed), link up, ``<Network> dev <dev> scope link``."""
         nl = self.netlink
-        want = self._address()
-        for a in self._addrs():
-            if a.address != want and a.address.ip in self.network:
-                log.info("event=wireguard_addr_removed dev=%s addr=%s", self.dev, a.address)
-                nl.addr_del(self.dev, a.address)
-        nl.addr_replace(self.dev, want)
+        for own, network in self._targets():
+            want = _host_address(own)
+            for a in self._addrs(own.version):
+                if a.address != want and a.address.ip in network:
+                    log.info("event=wireguard_addr_removed dev=%s addr=%s", self.dev, a.address)
+                    nl.addr_del(self.dev, a.address)
+            nl.addr_replace(self.dev, want)
         nl.set_link_up(self.dev)
         self._ensure_route()
 
-    def _address(self):
-        return ip_interface(f"{self.lease.subnet.network_address}/{self.lease.subnet.max_prefixlen}")
+    def _targets(self) -> list:
+        """[(our subnet, the Network)] this device carries: one family here, both in the single-device modes."""
+        return [(self.lease.subnet, self.network)]
 
-    def _addrs(self):
-        if self.family == 6:
+    def _addrs(self, version: int):
+        if version == 6:
             return self.netlink.addr_list(self.dev, family=socket.AF_INET6)
         return self.netlink.addr_list(self.dev)
 
     def _ensure_route(self) -> None:
-        self.netlink.route_replace(self.network, oif=self.netlink.link_index(self.dev), scope=RT_SCOPE_LINK)
+        for _, network in self._targets():
+            self.netlink.route_replace(network, oif=self.netlink.link_index(self.dev), scope=RT_SCOPE_LINK)
 
     # -- events ------------------------------------------------------------------------------------
     def handle_events(self, events: List[Event]) -> None:
@@ -337,10 +383,11 @@ class WireguardNetwork:
             self._peers = peers
 
     def _ensure_address(self) -> None:
-        want = self._address()
-        if not any(a.address == want for a in self._addrs()):
-            self.netlink.addr_replace(self.dev, want)
-            self.netlink.set_link_up(self.dev)
+        for own, _ in self._targets():
+            want = _host_address(own)
+            if not any(a.address == want for a in self._addrs(own.version)):
+                self.netlink.addr_replace(self.dev, want)
+                self.netlink.set_link_up(self.dev)
 
     @staticmethod
     def _repair(what: str, fn, arg) -> None:
@@ -356,3 +403,45 @@ class WireguardNetwork:
             if self.device is not None:
                 self.device.close()
                 log.info("event=wireguard_closed dev=%s impl=%s", self.dev, self.device.kind)
+
+
+class SingleDeviceNetwork(WireguardNetwork):
+    """Flannel's single-device modes: ``flannel-wg`` carries both families; one peer per lease whose allowed IPs are
+    the lease's IPv4 and IPv6 subnets, its endpoint chosen by ``Mode`` (``select_endpoint``). Fed the real leases
+    (not per-family projections)."""
+
+    def __init__(self, *args, network6=None, ext: Optional[ExternalInterface] = None, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.network6 = network6
+        self.ext = ext
+
+    def _targets(self) -> list:
+        out = [(self.lease.subnet, self.network)]
+        if self.network6 is not None and self.lease.subnet6 is not None:
+            out.append((self.lease.subnet6, self.network6))
+        return out
+
+    def _peer_for(self, lease: Lease, quiet: bool = False) -> Optional[WgPeer]:
+        if lease.attrs.backend_type != BACKEND_TYPE:
+            if not quiet:
+                log.warning("event=lease_skipped subnet=%s backend_type=%r msg=\"Ignoring non-wireguard subnet\"",
+                            lease.subnet, lease.attrs.backend_type)
+            return None
+        if self.lease is not None and lease.subnet == self.lease.subnet:
+            return None
+        p4 = lease_peer(lease, self.opts, self.port) if lease.attrs.backend_data is not None else None
+        l6 = project(lease, 6) if self.network6 is not None else None
+        p6 = lease_peer(l6, self.opts, self.port) if l6 is not None and l6.attrs.backend_data is not None else None
+        parts = [p for p in (p4, p6) if p is not None]
+        if not parts:
+            raise LeaseParseError("BackendData: no wireguard data for any enabled family")
+        ip6 = l6.attrs.public_ip if p6 is not None else None
+        chosen = select_endpoint(self.opts.mode, lease.attrs.public_ip if p4 is not None else None, ip6,
+                                 self.ext.ext_addr if self.ext else None, self.ext.ext_addr6 if self.ext else None)
+        peer = next(p for p, ip in ((p4, lease.attrs.public_ip), (p6, ip6)) if p is not None and ip == chosen)
+        key = (p6 or p4).public_key  # Flannel: the IPv6 data's key wins (both are the host's one key)
+        if key == self.public_key:
+            raise LeaseParseError(f"BackendData.PublicKey is our own public key: host {lease.attrs.public_ip} uses "
+                                  f"a copy of our key file")
+        return WgPeer(key, peer.endpoint, tuple(a for p in parts for a in p.allowed_ips), self.opts.psk,
+                      self.opts.keepalive)

@@ -217,7 +217,8 @@ class NftTrafficManager:
 
     def __init__(self, nets: Sequence[Tuple[Net, Net]], masq: bool, forward: bool, resync_s: float = RESYNC_S,
                  random_fully: Optional[bool] = None, netns: Optional[str] = None) -> None:
-        self.nets = [(ip_network(c), ip_network(p)) for c, p in nets]
+        # a family that is off (EnableIPv4=false: no Network, no subnet) has no chains, only its empty table
+        self.nets = [(ip_network(c), ip_network(p)) for c, p in nets if c is not None and p is not None]
         self.masq = masq
         self.forward = forward
         self.resync_s = resync_s

@@ -190,8 +190,14 @@ class UapiClient:
         return parse_uapi_get(self.request(["get=1"]))
 
 
-def _pdeathsig() -> None:  # runs in the child between fork and exec
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+def _pdeathsig(parent: int):
+    """Return the child's pre-exec hook: SIGTERM when the daemon dies; exit at once if it already died (the
+    fork -> prctl window)."""
+    def hook() -> None:  # runs in the child between fork and exec
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+    return hook
 
 
 class UserspaceDevice:
@@ -212,7 +218,7 @@ class UserspaceDevice:
         # stdout/stderr: the daemon's (its errors land in the daemon log); the PDEATHSIG fires when the thread
         # that forked exits, so start() is called from the main or the network thread, both live until shutdown
         self.proc = subprocess.Popen([self.binary, "-f", self.name], env=env, stdin=subprocess.DEVNULL,
-                                     preexec_fn=_pdeathsig, close_fds=True)
+                                     preexec_fn=_pdeathsig(os.getpid()), close_fds=True)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             rc = self.proc.poll()

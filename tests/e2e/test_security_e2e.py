@@ -15,50 +15,34 @@ The threat model these tests support is docs/security.md.
 """
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
 import time
 
 import pytest
-
+from cluster import HEALTHZ_PORT, fastpath_stats, network_config
+from packets import udp_packet
 from waiting import wait_for
+
 from fastflannel.lab.testbed import make_tls_files
 
 pytestmark = [pytest.mark.netns, pytest.mark.etcd]
 
-NETWORK = "100.96.0.0/16"
-HEALTHZ_PORT = 8471
 LISTEN_PORT = 9999
 NEGATIVE_WAIT_S = 8.0  # how long a daemon that must not get a lease is watched
 
 
-def fastpath_stats(host) -> dict:
-    code = ("import urllib.request;print(urllib.request.urlopen("
-            f"'http://127.0.0.1:{HEALTHZ_PORT}/debug/fastpath',timeout=5).read().decode())")
-    return json.loads(host.run([sys.executable, "-c", code]).stdout)
-
-
-# Send ``count`` datagrams to <relay>:8285, each holding one IPv4/UDP packet <inner_src> -> <inner_dst>:9999
-# whose payload is <tag>. Bounded: count datagrams, then exit.
+# Send ``count`` copies of one datagram (a whole IPv4/UDP packet, hex, built by tests/helpers/packets.py) to
+# <relay>:8285. Bounded: count datagrams, then exit.
 _CRAFT = r"""
-import socket, struct, sys
-relay, inner_src, inner_dst, tag, count = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].encode(), int(sys.argv[5])
-def csum(b):
-    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-udp = struct.pack("!HHHH", 40000, DPORT, 8 + len(tag), 0) + tag
-ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
-                           socket.inet_aton(inner_src), socket.inet_aton(inner_dst)))
-ip[10:12] = struct.pack("!H", csum(bytes(ip)))
+import socket, sys
+relay, packet, count = sys.argv[1], bytes.fromhex(sys.argv[2]), int(sys.argv[3])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 for _ in range(count):
-    s.sendto(bytes(ip) + udp, (relay, 8285))
+    s.sendto(packet, (relay, 8285))
 print("sent", count)
-""".replace("DPORT", str(LISTEN_PORT))
+"""
 
 # Listen on UDP 9999 for ``seconds`` (bounded), then print every payload received, one per line.
 _LISTEN = r"""
@@ -87,12 +71,15 @@ class Listener:
 
 
 def craft(node, relay, inner_src, inner_dst, tag: str, count: int = 20) -> None:
-    node.run([sys.executable, "-I", "-c", _CRAFT, str(relay), str(inner_src), str(inner_dst), tag, str(count)])
+    """From ``node``, send ``count`` datagrams to ``relay``:8285, each one IPv4/UDP packet <inner_src> ->
+    <inner_dst>:LISTEN_PORT whose payload is ``tag`` (no UDP checksum, as a minimal forger would)."""
+    packet = udp_packet(str(inner_src), str(inner_dst), 40000, LISTEN_PORT, tag.encode(), ident=1, csum=False)
+    node.run([sys.executable, "-I", "-c", _CRAFT, str(relay), packet.hex(), str(count)])
 
 
 def test_udp_spoofed_and_foreign_datagrams_dropped_and_counted(make_testbed):
     tb = make_testbed(3)
-    tb.put_config({"Network": NETWORK, "Backend": {"Type": "udp"}})
+    tb.put_config(network_config("udp"))
     for h in tb.hosts:
         h.start_daemon(f"--healthz-port={HEALTHZ_PORT}")
     for h in tb.hosts:
@@ -102,7 +89,7 @@ def test_udp_spoofed_and_foreign_datagrams_dropped_and_counted(make_testbed):
     for a, b in ((c1, c2), (c2, c3), (c1, c3)):
         wait_for(lambda: a.ping(b.ip, count=1, timeout=2), what=f"{a.name}@{a.host.name} -> {b.ip}")
     outside = tb.add_outside_host()
-    before = fastpath_stats(h2)
+    before, before3 = fastpath_stats(h2), fastpath_stats(h3)
     listeners = {c.host.name: Listener(c, seconds=12) for c in (c1, c2, c3)}
     # 1. a non-member on the underlay, spoofing a container of h1 as the inner source, aims at c2
     craft(outside, h2.ip, c1.ip, c2.ip, "spoofed-outside")
@@ -118,7 +105,9 @@ def test_udp_spoofed_and_foreign_datagrams_dropped_and_counted(make_testbed):
     assert got["h1"] == [] and got["h3"] == [], got
     assert after["rx_drop_unknown_peer"] - before["rx_drop_unknown_peer"] == 20, (before, after)
     assert after["rx_drop_foreign_dest"] - before["rx_drop_foreign_dest"] == 60, (before, after)
-    assert fastpath_stats(h3)["rx_packets"] >= 0 and h2.daemon.poll() is None
+    after3 = fastpath_stats(h3)
+    assert after3["rx_packets"] == before3["rx_packets"], "h2 relayed crafted packets to h3"  # no open relay
+    assert h2.daemon.poll() is None
     print(f"h2 fast path: rx_drop_unknown_peer +{after['rx_drop_unknown_peer'] - before['rx_drop_unknown_peer']}, "
           f"rx_drop_foreign_dest +{after['rx_drop_foreign_dest'] - before['rx_drop_foreign_dest']}, "
           f"control delivered {len(got['h2'])}/20")
@@ -155,7 +144,7 @@ def never_ready(host, args: list[str], needle: str) -> str:
 def test_etcd_tls_client_certs_and_no_plain_fallback(make_testbed):
     tb = make_testbed(3, etcd_tls=True)
     assert tb.endpoints.startswith("https://")
-    tb.put_config({"Network": NETWORK, "Backend": {"Type": "host-gw"}})
+    tb.put_config(network_config("host-gw"))
     h1, h2, bad = tb.hosts
     for h in (h1, h2):
         h.start_daemon(*tls_args(tb.tls))
@@ -188,7 +177,7 @@ def test_etcd_tls_client_certs_and_no_plain_fallback(make_testbed):
 
 def test_etcd_auth_user_password(make_testbed):
     tb = make_testbed(3)
-    tb.put_config({"Network": NETWORK, "Backend": {"Type": "host-gw"}})
+    tb.put_config(network_config("host-gw"))
     pfx = tb.prefix_key
     for cmd in (["user", "add", "root:rootpw"], ["role", "add", "flannel"],
                 ["role", "grant-permission", "flannel", "--prefix=true", "readwrite", f"{pfx}/"],

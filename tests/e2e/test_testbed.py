@@ -165,7 +165,7 @@ def test_add_container_waits_for_subnet_env(tb: Testbed) -> None:
     t0 = time.monotonic()
     with pytest.raises(TestbedError, match="FLANNEL_SUBNET"):
         h3.add_container(timeout=0.5)
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 20  # liveness: the 0.5 s timeout is honoured, not the default 30 s
 
 
 # ------------------------------------------------------------------------------------------------------------------

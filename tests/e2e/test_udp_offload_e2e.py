@@ -8,11 +8,11 @@ two offload peers; the counters show TSO reads of >= 20 segments during bulk TCP
 from __future__ import annotations
 
 import pytest
+from cluster import HEALTHZ_PORT, fastpath_stats, network_config, wait_ping
 
 from fastflannel.lab.measure import transfer_checksum
-from test_udp_e2e import HEALTHZ_PORT, UDP_CONFIG, fastpath_stats, wait_ping
 
-pytestmark = [pytest.mark.netns, pytest.mark.etcd]
+pytestmark = [pytest.mark.netns, pytest.mark.etcd, pytest.mark.ext]
 
 ON = {"FASTFLANNEL_UDP_TUN_OFFLOAD": "1", "FASTFLANNEL_UDP_GRO": "1"}
 OFF = {"FASTFLANNEL_UDP_TUN_OFFLOAD": "0", "FASTFLANNEL_UDP_GRO": "0"}
@@ -26,9 +26,8 @@ def _transfer_ok(a, b, size_mb=50):
 
 
 def test_offload_and_per_packet_peers_interoperate(make_testbed):
-    pytest.importorskip("fastflannel.datapath._fastpath")
     tb = make_testbed(3)
-    tb.put_config(UDP_CONFIG)
+    tb.put_config(network_config("udp"))
     for h, env in zip(tb.hosts, (ON, DEFAULT, OFF)):
         h.start_daemon(f"--healthz-port={HEALTHZ_PORT}", env=env)
     for h in tb.hosts:

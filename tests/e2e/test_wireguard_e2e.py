@@ -173,7 +173,8 @@ def world(make_module_testbed):
     yield w
     for h in w.hosts:
         if h.daemon is not None and h.daemon.poll() is None:
-            assert h.stop_daemon(signal.SIGTERM) == 0, h.daemon_log_text()[-3000:]
+            # generous: shutdown joins the threads (up to 10 s) and stops wireguard-go, on a contended machine
+            assert h.stop_daemon(signal.SIGTERM, timeout=40) == 0, h.daemon_log_text()[-3000:]
             assert "event=wireguard_closed" in h.daemon_log_text()
     tb.close()
 
@@ -386,6 +387,25 @@ def test_kill9_restart_same_subnet_same_key_traffic_back(world):
     for ctr in world.ctrs[1:]:
         assert ctr.ping(world.ctrs[0].ip, count=2, timeout=15), f"{ctr.name} -> {world.ctrs[0].ip} after restart"
     assert world.ctrs[0].ping(world.interop_ctr_ip, count=2, timeout=15), "the hand-made host needed no change"
+
+
+def test_dead_wireguard_go_is_replaced_by_the_reconcile(world):
+    """kill -9 of h2's wireguard-go (its device and peers go with it): the daemon's reconcile (every 10 s) starts a
+    new one with the same key, port, address, route and peers; traffic comes back with no change elsewhere."""
+    h2 = world.hosts[1]
+    children = Path(f"/proc/{h2.daemon.pid}/task/{h2.daemon.pid}/children").read_text().split()
+    wg_pids = [int(p) for p in children if Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[-2:-1] == [DEV.encode()]]
+    assert len(wg_pids) == 1, children
+    pub = wg_dump(h2)["public_key"]
+    before = log_count(h2, "event=wireguard_device_recreate")
+    import os
+
+    os.kill(wg_pids[0], signal.SIGKILL)
+    wait_for(lambda: log_count(h2, "event=wireguard_device_recreate") > before, timeout=25,
+             what="the reconcile re-created flannel-wg")
+    world.wait_converged([h2])
+    assert wg_dump(h2)["public_key"] == pub and h2.daemon.poll() is None
+    assert world.ctrs[0].ping(world.ctrs[1].ip, count=2, timeout=15), "traffic back through the new wireguard-go"
 
 
 def test_deleted_lease_removes_the_peer_everywhere(world):

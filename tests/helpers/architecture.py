@@ -31,6 +31,7 @@ LAYER_OF: dict[str, str] = {
     "fastflannel.ip": "base",
     "fastflannel.config": "base",
     "fastflannel.lease": "base",
+    "fastflannel.retry": "base",
     "fastflannel.kernel": "kernel",
     "fastflannel.datapath": "datapath",
     "fastflannel.subnet": "subnet",
@@ -39,7 +40,6 @@ LAYER_OF: dict[str, str] = {
     "fastflannel.cni": "cni",
     "fastflannel.options": "daemon",
     "fastflannel.daemon": "daemon",
-    "fastflannel.dockeropts": "daemon",  # reads the daemon's subnet.env for dockerd (fastflannel docker-opts)
     "fastflannel.cli": "cli",
     "fastflannel.__main__": "cli",
     "fastflannel.dockeropts": "cli",

@@ -61,6 +61,14 @@ def test_script_is_family_parametrized():
         build_script([(NET, POD), (NET, POD)], True, True, True)
 
 
+def test_ipv6_only_has_no_ipv4_chains():
+    tm = NftTrafficManager([(None, None), (IPv6Network("fc00::/48"), IPv6Network("fc00:0:0:5::/64"))], masq=True,
+                           forward=True, random_fully=True)
+    script = tm.script()
+    assert "add chain ip6 flannel-ipv6 postrtg" in script and "add chain ip flannel-ipv4" not in script
+    assert 'add table ip flannel-ipv4 { comment "rules for flannel-ipv4" ; }' in script
+
+
 def test_removal_payload_removes_jumps_and_chains():
     saved = {"nat": {"POSTROUTING": ['POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG',
                                      "POSTROUTING -j DOCKER"], "FLANNEL-POSTRTG": ["FLANNEL-POSTRTG -j RETURN"]},

@@ -25,16 +25,16 @@ def test_defaults_are_the_measured_ones() -> None:
 def test_backend_port_and_every_environment_variable_are_read() -> None:
     env = {ENV["check_peer_source"]: "0", ENV["check_inner_dest"]: "off", ENV["tun_offload"]: "no",
            ENV["udp_gso"]: "false", ENV["udp_gro"]: "0", ENV["bench_threads"]: "2", ENV["bench_spin"]: "0",
-           ENV["bench_busy_poll_us"]: "50", ENV["bench_txqueuelen"]: "500", ENV["bench_rcvbuf"]: "8388608", ENV["bench_gso_max_size"]: "62000"}
+           ENV["bench_busy_poll_us"]: "50", ENV["bench_loop_priority"]: "nice:-5", ENV["bench_txqueuelen"]: "500", ENV["bench_rcvbuf"]: "8388608", ENV["bench_gso_max_size"]: "62000"}
     o = UdpOptions.load(backend(Port=9000), env)
     assert o == UdpOptions(port=9000, check_peer_source=False, check_inner_dest=False, tun_offload=False,
                            udp_gso=False, udp_gro=False, bench_threads=2, bench_spin=0, bench_busy_poll_us=50,
-                           bench_txqueuelen=500,
+                           bench_loop_priority="nice:-5", bench_txqueuelen=500,
                            bench_rcvbuf=8 << 20, bench_gso_max_size=62000)
     assert set(ENV) == {f for f in UdpOptions.__dataclass_fields__ if f != "port"}  # every switch has a variable
     fp = fastpath_options(o, o.threads())
     assert (fp.check_peer_source, fp.check_inner_dest, fp.tun_offload, fp.udp_gso, fp.udp_gro, fp.spin,
-            fp.busy_poll_us, fp.threads) == (False, False, False, False, False, 0, 50, 2)
+            fp.busy_poll_us, fp.loop_priority, fp.threads) == (False, False, False, False, False, 0, 50, "nice:-5", 2)
 
 
 def test_an_empty_variable_and_port_0_keep_the_default() -> None:
@@ -45,6 +45,7 @@ def test_an_empty_variable_and_port_0_keep_the_default() -> None:
     ({"FASTFLANNEL_UDP_GRO": "maybe"}, "FASTFLANNEL_UDP_GRO='maybe': not a switch"),
     ({"FASTFLANNEL_UDP_SPIN": "fast"}, "FASTFLANNEL_UDP_SPIN='fast': not an integer"),
     ({"FASTFLANNEL_UDP_THREADS": "3"}, "FASTFLANNEL_UDP_THREADS=3: out of range 1..2"),
+    ({"FASTFLANNEL_UDP_LOOP_PRIORITY": "rt"}, "FASTFLANNEL_UDP_LOOP_PRIORITY='rt': loop priority"),
 ])
 def test_bad_values_name_the_variable(env, what) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(BackendError, match=what.replace("(", r"\(").replace(".", r"\.")):

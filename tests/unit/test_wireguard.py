@@ -246,11 +246,64 @@ def test_reconcile_repairs_drift_removes_stale_and_recreates_dead_device(rig):
     assert nl.addrs["flannel-wg"] == {IPv4Interface("100.96.1.0/32")} and IPv4Network("100.96.0.0/16") in nl.routes
 
 
-def test_ipv6_and_single_device_modes_refused_clearly(tmp_path):
-    ext = ExternalInterface("eth0", 2, IPv4Address("10.168.0.2"), IPv4Address("10.168.0.2"), 1500)
-    be = WireguardBackend(Manager(), ext, FakeNl(), device_factory=None, key_file=str(tmp_path / "k"))
-    with pytest.raises(BackendError, match="Mode=auto"):
-        be.register_network(cfg('{"Type":"wireguard","Mode":"auto"}'))
+def test_select_endpoint_follows_flannel():
+    from ipaddress import IPv6Address
+
+    from fastflannel.backend.wireguard import select_endpoint
+
+    v4p, v4g, v6p, v6g = (IPv4Address("10.0.0.3"), IPv4Address("11.0.0.3"), IPv6Address("fd00::3"),
+                          IPv6Address("2a00::3"))
+    me4, me6g = IPv4Address("10.0.0.2"), IPv6Address("2a00::2")
+    assert select_endpoint("ipv4", v4p, v6g, me4, me6g) == v4p
+    assert select_endpoint("ipv6", v4g, v6p, me4, me6g) == v6p
+    assert select_endpoint("auto", v4g, v6g, me4, me6g) == v4g  # public IPv4 first
+    assert select_endpoint("auto", v4p, v6g, me4, me6g) == v6g  # else public IPv6 on both ends
+    assert select_endpoint("auto", v4p, v6g, me4, IPv6Address("fd00::2")) == v4p  # else IPv4
+    assert select_endpoint("auto", v4p, None, me4, None) == v4p
+
+
+def test_single_device_mode_one_device_both_families_one_peer(tmp_path):
+    from ipaddress import IPv6Address, IPv6Interface, IPv6Network
+
+    class Nl6(FakeNl):
+        def addr_list(self, ifname, family=2):
+            return [AddrInfo(7, a, 0, 0x80) for a in self.addrs.get(ifname, ()) if (a.version == 6) == (family == 10)]
+
+    class Mgr6:
+        def acquire_lease(self, attrs):
+            self.attrs = attrs
+            return Lease(IPv4Network("100.96.1.0/24"), attrs, subnet6=IPv6Network("fd00:100:0:1::/64"))
+
+    nl, devs, mgr = Nl6(), {}, Mgr6()
+
+    def factory(netlink, name, mtu):
+        netlink.links[name] = "down"
+        devs[name] = FakeDevice()
+        return devs[name]
+
+    ext = ExternalInterface("eth0", 2, IPv4Address("10.168.0.2"), IPv4Address("10.168.0.2"), 1500,
+                            iface_addr6=IPv6Address("fd00::2"), ext_addr6=IPv6Address("fd00::2"))
+    be = WireguardBackend(mgr, ext, nl, device_factory=factory, key_file=str(tmp_path / "wgkey"))
+    dual = ('{"Network":"100.96.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:100::/48",'
+            '"Backend":{"Type":"wireguard","Mode":"%s"}}')
+    net = be.register_network(parse_config(dual % "ipv6"))
+    pub = public_key(open(tmp_path / "wgkey").read())
+    assert list(devs) == ["flannel-wg"] and devs["flannel-wg"].config[1] == 51820
+    assert mgr.attrs.backend_data == mgr.attrs.backend_v6_data == {"PublicKey": pub, "Port": 51820}
+    assert nl.addrs["flannel-wg"] == {IPv4Interface("100.96.1.0/32"), IPv6Interface("fd00:100:0:1::/128")}
+    assert set(nl.routes) == {IPv4Network("100.96.0.0/16"), IPv6Network("fd00:100::/48")}
+    k2 = public_key(generate_private_key())
+    lease = Lease(IPv4Network("100.96.2.0/24"),
+                  LeaseAttrs(IPv4Address("10.168.0.3"), "wireguard", {"PublicKey": k2, "Port": 51820},
+                             IPv6Address("fd00::3"), {"PublicKey": k2, "Port": 51820}),
+                  subnet6=IPv6Network("fd00:100:0:2::/64"))
+    net.handle_events([Event(EventType.ADDED, lease)])
+    assert devs["flannel-wg"].peers == {
+        k2: WgPeer(k2, "[fd00::3]:51820", ("100.96.2.0/24", "fd00:100:0:2::/64"), None, 0)}
+    net.handle_events([Event(EventType.REMOVED, lease)])
+    assert devs["flannel-wg"].peers == {}
+    with pytest.raises(BackendError, match="Mode ipv6 needs EnableIPv6"):
+        be.register_network(cfg('{"Type":"wireguard","Mode":"ipv6"}'))
 
 
 # -- kernel path (no module on this kernel): probe/fallback and the generic netlink wrapper ----------------------
