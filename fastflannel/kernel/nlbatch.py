@@ -441,7 +441,12 @@ class Channel:
         if self._closed:
             raise KernelError("netlink batch", "netlink socket is closed")
         if self._sock is None:
-            self._sock = event_socket(0, self.netns)  # groups 0: a command socket, no events queue up
+            try:
+                self._sock = event_socket(0, self.netns)  # groups 0: a command socket, no events queue up
+            except OSError as e:  # e.g. the namespace is gone
+                code = e.errno or 0
+                raise KernelError(f"netlink socket (netns {self.netns or 'current'})",
+                                  os.strerror(code) if code else str(e), code) from e
             configure(self._sock)
         return self._sock
 

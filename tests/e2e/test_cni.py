@@ -359,3 +359,43 @@ def test_cni_error_when_daemon_has_not_written_subnet_env(make_testbed, containe
     rc, out = _runtime_call(h, "VERSION", "cid-x", "unused", {"cniVersion": "1.0.0", "type": "flannel"},
                             f"{_plugin_dir(tmp_path)}:{DEBIAN_CNI_DIR}")
     assert out["supportedVersions"][-1] == "1.0.0"
+
+
+@pytest.mark.netns
+@pytest.mark.etcd
+def test_cni_dual_stack_hands_out_both_families(make_testbed, container_netns, cni_ready, tmp_path):
+    """EnableIPv6 (issue 15): ADD gives each container an address of both lease subnets and a route for both
+    Networks, as Flannel's plugin does (ranges for both, routes for both); ping -6 crosses host-gw."""
+    from ipaddress import IPv6Interface, IPv6Network
+
+    from waiting import wait_for
+
+    tb = make_testbed(2, underlay6="fd00:168::/64")
+    tb.put_config({"Network": "100.96.0.0/16", "EnableIPv6": True, "IPv6Network": "fc00::/48",
+                   "Backend": {"Type": "host-gw"}})
+    for h in tb.hosts:
+        h.start_daemon("--ip-masq")  # as the three-host test: flanneld masquerades, the bridge does not
+    cni_path = f"{_plugin_dir(tmp_path)}:{DEBIAN_CNI_DIR}"
+    attached = []
+    for h in tb.hosts:
+        senv = h.wait_subnet_env(timeout=60)
+        conf = {"cniVersion": "1.0.0", "name": "fastflannel", "type": "flannel", "subnetFile": str(h.subnet_file),
+                "dataDir": str(h.tmpdir / "cni-flannel"), "ipam": {"dataDir": str(h.tmpdir / "cni-ipam")}}
+        ns = container_netns()
+        _rc, result = _runtime_call(h, "ADD", f"cid-{ns}", ns, conf, cni_path)
+        addrs = [a["address"] for a in result["ips"]]
+        v4 = [IPv4Interface(a) for a in addrs if ":" not in a]
+        v6 = [IPv6Interface(a) for a in addrs if ":" in a]
+        assert len(v4) == 1 and v4[0].network == IPv4Network(senv["FLANNEL_SUBNET"], strict=False)
+        assert len(v6) == 1 and v6[0].network == IPv6Network(senv["FLANNEL_IPV6_SUBNET"], strict=False)
+        routes6 = subprocess.run(["ip", "-n", ns, "-6", "route"], capture_output=True, text=True, check=True).stdout
+        assert "fc00::/48 via" in routes6
+        attached.append((ns, v4[0].ip, v6[0].ip))
+
+    def ping(src_ns, dst):
+        return subprocess.run(["ip", "netns", "exec", src_ns, "ping", "-c", "1", "-W", "2", str(dst)],
+                              capture_output=True, timeout=10).returncode == 0
+
+    (a_ns, a4, a6), (b_ns, b4, b6) = attached
+    for src, dst in ((a_ns, b4), (a_ns, b6), (b_ns, a4), (b_ns, a6)):
+        wait_for(lambda: ping(src, dst), timeout=30, what=f"{src} -> {dst}")
