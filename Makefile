@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all setup system-deps venv compile debug test test-noext demo bench bench-smoke clean distclean wheel fuzz soak
+.PHONY: all setup system-deps venv compile debug test test-noext demo bench bench-smoke clean distclean wheel fuzz soak chaos
 
 all: compile
 
@@ -75,10 +75,15 @@ fuzz: compile
 	mkdir -p build/fuzz-corpus && cp -n fuzz/corpus/* build/fuzz-corpus/
 	$(PY) fuzz/fuzz_fastpath.py -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=build/fuzz- build/fuzz-corpus
 
-# Soak (not part of `make test`): mixed traffic over each backend, daemons' RSS and fds sampled (docs/soak.md).
+# Soak (not part of `make test`): the backends' clusters side by side with traffic, churn and restarts (docs/soak.md).
 SOAK_MINUTES ?= 10
 soak: setup
-	mkdir -p build && $(PY) -m fastflannel.lab.soak --minutes $(SOAK_MINUTES) --json build/soak.json
+	mkdir -p build && $(PY) -m fastflannel.lab.soak --minutes $(SOAK_MINUTES) --json build/soak.json $(SOAK_ARGS)
+
+# Chaos (not part of `make test`): seeded random faults on 4 hosts + 3 etcd members under traffic (docs/soak.md).
+CHAOS_MINUTES ?= 10
+chaos: setup
+	mkdir -p build && $(PY) -m fastflannel.lab.chaos --minutes $(CHAOS_MINUTES) --json build/chaos.json $(CHAOS_ARGS)
 
 wheel: venv
 	$(PY) -m pip install -q build

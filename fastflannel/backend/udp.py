@@ -22,7 +22,7 @@ import socket
 import time
 from typing import Dict, List, Optional
 
-from fastflannel.errors import BackendError
+from fastflannel.errors import BackendError, FatalBackendError
 from fastflannel.backend.peerlog import log_peers_summary, peer_log_level
 from fastflannel.config import NetworkConfig
 from fastflannel.datapath.contract import UDP_ENCAP_OVERHEAD
@@ -47,6 +47,9 @@ OFFLOAD_THREADS = 1
 # The loop's busy-poll window, microseconds (FastPathOptions.busy_poll_us; FASTFLANNEL_UDP_BUSY_POLL_US overrides,
 # 0 turns it off). docs/fastpath.md "Wake-ups" has the measurements behind it.
 BUSY_POLL_US = 0
+# The loop threads' scheduling (FastPathOptions.loop_priority; FASTFLANNEL_UDP_LOOP_PRIORITY overrides: '', nice:N,
+# fifo:N). docs/fastpath.md "Wake-ups".
+LOOP_PRIORITY = ""
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -67,6 +70,7 @@ def fastpath_options_from_env():
         check_inner_dest=_env_flag("FASTFLANNEL_UDP_CHECK_INNER_DEST", True),
         spin=int(os.environ.get("FASTFLANNEL_UDP_SPIN") or FastPathOptions.spin),
         busy_poll_us=int(os.environ.get("FASTFLANNEL_UDP_BUSY_POLL_US") or BUSY_POLL_US),
+        loop_priority=os.environ.get("FASTFLANNEL_UDP_LOOP_PRIORITY", LOOP_PRIORITY),
         threads=int(os.environ.get("FASTFLANNEL_UDP_THREADS") or FastPathOptions.threads),  # see OFFLOAD_THREADS
         # offloads (docs/fastpath.md "Offloads", Cython only): ON by default, each probed at start with a clean
         # fallback (TUNSETOFFLOAD refused -> plain TUN; UDP_GRO refused -> one datagram per slot; UDP_SEGMENT EIO
@@ -216,7 +220,11 @@ class UdpNetwork:
                           time.monotonic() - t0)
 
     def reconcile(self, leases: Dict) -> None:
-        self.fastpath.check()  # raises if the loop thread died: the daemon then exits non-zero
+        try:
+            self.fastpath.check()  # raises if a loop thread died
+        except OSError as e:
+            raise FatalBackendError(f"udp fast path loop died: {e}; exiting so that the service manager restarts "
+                                    "fastflanneld") from e
         self._ensure_network_route()
         want = {s: l.attrs.public_ip for s, l in leases.items()}
         have = self.fastpath.routes()

@@ -56,6 +56,7 @@ from fastflannel.kernel import nlbatch
 from fastflannel.kernel.iface import ExternalInterface
 from fastflannel.kernel.linkevents import LINK_EVENTS_OVERRUN, RTM_DELLINK
 from fastflannel.lease import Event, EventType, Lease, LeaseAttrs, LeaseParseError, project
+from fastflannel.retry import Backoff, FailureLog
 
 log = logging.getLogger("fastflannel.backend.vxlan")
 
@@ -446,8 +447,10 @@ class VxlanNetwork:
             self._watcher.start()
 
     def _watch(self) -> None:
-        backoff = LINK_WATCH_BACKOFF_S
+        backoff = Backoff(LINK_WATCH_BACKOFF_S, LINK_WATCH_BACKOFF_MAX_S)
         name = self.device.spec.name
+        failure = FailureLog(log, "vxlan_link_watch_failed", "vxlan_link_watch_recovered", level=logging.ERROR,
+                             dev=name)
         while not self._watch_stop.is_set():
             try:
                 for ev, ifname, _ in self.netlink.link_events(self._watch_stop, ready=self.watch_ready):
@@ -458,11 +461,13 @@ class VxlanNetwork:
                     elif ev == LINK_EVENTS_OVERRUN:  # the kernel dropped events: re-check
                         with self._lock:
                             self._reconcile(dict(self._programmed))
-                    backoff = LINK_WATCH_BACKOFF_S
+                    failure.ok()
+                    backoff.reset()
+                if not self._watch_stop.is_set():  # the stream ended by itself: never re-open in a hot loop
+                    raise BackendError("link event stream ended")
             except Exception as e:  # keep watching: a failed repair is retried here and by reconcile
-                log.error("event=vxlan_link_watch_failed dev=%s error=%s retry_in_s=%.0f", name, e, backoff)
-                self._watch_stop.wait(backoff)
-                backoff = min(backoff * 2, LINK_WATCH_BACKOFF_MAX_S)
+                failure.failed(e)
+                self._watch_stop.wait(backoff.next())
 
     def close(self) -> None:
         """Stop the link watcher. Device and entries stay in place for a seamless restart."""

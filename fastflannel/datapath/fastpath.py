@@ -88,6 +88,37 @@ def implementation_module(name: Optional[str] = None) -> Any:
 MAX_BUSY_POLL_US = 10000  # a window is a bound on spinning, never a way to burn a core
 
 
+def parse_loop_priority(text: str) -> Tuple[str, int]:
+    """Parse FastPathOptions.loop_priority: '' (inherit), 'nice:N' (-20..19) or 'fifo:N' (SCHED_FIFO 1..99).
+
+    Raise ValueError saying what is accepted."""
+    text = (text or "").strip()
+    if not text:
+        return ("", 0)
+    kind, sep, num = text.partition(":")
+    try:
+        value = int(num) if sep else None
+    except ValueError:
+        value = None
+    if kind == "nice" and value is not None and -20 <= value <= 19:
+        return ("nice", value)
+    if kind == "fifo" and value is not None and 1 <= value <= 99:
+        return ("fifo", value)
+    raise ValueError(f"loop priority {text!r}: expected '', 'nice:N' (N in -20..19) or 'fifo:N' (N in 1..99)")
+
+
+def apply_loop_priority(kind: str, value: int) -> Optional[str]:
+    """Give the calling thread (a loop thread) its scheduling priority; return None or why it was refused."""
+    try:
+        if kind == "nice":
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), value)  # Linux: a thread id is one thread
+        elif kind == "fifo":
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(value))  # 0: the calling thread
+    except OSError as e:
+        return f"{kind}:{value}: {e.strerror}"
+    return None
+
+
 @dataclass(frozen=True)
 class FastPathOptions:
     """Switches of the fast path. The checks are fastflannel's additions to Flannel, each on by default."""
@@ -101,6 +132,9 @@ class FastPathOptions:
     # for up to this many microseconds before sleeping in poll(); adaptive below it (docs/fastpath.md "Wake-ups").
     # 0: off (sleep at once). An idle loop never spins: a window starts only after a wake-up.
     busy_poll_us: int = 0
+    # scheduling of the loop threads (docs/fastpath.md "Wake-ups"): '' inherits the daemon's, 'nice:N' sets the
+    # threads' nice value, 'fifo:N' SCHED_FIFO priority N (a woken loop preempts ordinary tasks at once).
+    loop_priority: str = ""
     # Offloads (docs/fastpath.md "Offloads"; Cython only). tun_offload: tun_fd was opened with IFF_VNET_HDR and
     # TSO (tun.open_tun_offload): split super-packets on read, write coalesced GSO packets. udp_gso: send the
     # segments of a run with UDP_SEGMENT (only in offload mode). udp_gro: enable UDP_GRO on udp_fd.
@@ -174,6 +208,7 @@ class FastPath:
             raise ValueError(f"batch {options.batch} out of range 1..{MAX_BATCH}")
         if not 0 <= options.spin <= 1024:
             raise ValueError(f"spin {options.spin} out of range 0..1024")
+        self._priority = parse_loop_priority(options.loop_priority)
         if not 0 <= options.busy_poll_us <= MAX_BUSY_POLL_US:
             raise ValueError(f"busy_poll_us {options.busy_poll_us} out of range 0..{MAX_BUSY_POLL_US}")
         if options.threads not in (1, 2):
@@ -238,6 +273,11 @@ class FastPath:
                 t.start()
 
     def _run(self, role: int) -> None:
+        if self._priority[0]:
+            why = apply_loop_priority(*self._priority)
+            if why is not None:
+                log.warning("event=loop_priority_refused loop=%s priority=%s: the loop runs at the daemon's "
+                            "priority", ROLE_NAMES[role], why)
         try:
             self._proxy.run(role)
         except BaseException as e:  # stored for check(); the process goes on

@@ -120,3 +120,32 @@ def test_window_off_sleeps_at_once(impl: str) -> None:
 def test_busy_poll_option_is_bounded(bad: int) -> None:
     with pytest.raises(ValueError, match="busy_poll_us"):
         make("python", busy_poll_us=bad)
+
+
+def test_loop_priority_parse() -> None:
+    assert fastpath.parse_loop_priority("") == ("", 0)
+    assert fastpath.parse_loop_priority("nice:-5") == ("nice", -5)
+    assert fastpath.parse_loop_priority(" fifo:1 ") == ("fifo", 1)
+    for bad in ("nice", "nice:x", "nice:-21", "fifo:0", "fifo:100", "rr:5"):
+        with pytest.raises(ValueError, match="expected"):
+            fastpath.parse_loop_priority(bad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_loop_threads_get_their_priority(impl: str) -> None:
+    import os
+    import threading
+
+    rig = Rig(impl, threads=2, loop_priority="nice:7")
+    try:
+        rig.fp.start()
+        loops = [t for t in threading.enumerate() if t.name.startswith("fastpath-")]
+        assert len(loops) == 2
+
+        def nices() -> list:
+            return [os.getpriority(os.PRIO_PROCESS, t.native_id) for t in loops]
+
+        rig.wait_for(lambda: nices() == [7, 7], "the loop threads' nice value")
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 7  # only the loops
+    finally:
+        rig.close()

@@ -390,3 +390,99 @@ def test_tls_client_certificates(etcd, caplog):
             EtcdRegistry(e.endpoint.replace("https", "http"), keyfile=f["client_key"], certfile=f["client_cert"])
     finally:
         e.close()
+
+
+@pytest.mark.etcd
+def test_replace_subnet_is_guarded_by_mod_revision(etcd, prefix):
+    """read_subnet shows an unparsable value with its mod revision; replace_subnet rewrites it only at that
+    revision (a concurrent writer wins), keeping our etcd lease."""
+    reg = registry(etcd, prefix)
+    net = IPv4Network("10.5.7.0/24")
+    mine = reg.create_subnet(net, vx("192.0.2.7"), 600)
+    etcd.ctl("put", f"{prefix}/subnets/10.5.7.0-24", "oops")  # an operator's mistake: no lease, not JSON
+    cur = reg.read_subnet(net)
+    assert cur.lease is None and cur.value == "oops" and cur.error and cur.lease_id == 0 and cur.mod_revision > 0
+    etcd.ctl("put", f"{prefix}/subnets/10.5.7.0-24", "oops again")  # changed after we read it
+    with pytest.raises(SubnetExistsError):
+        reg.replace_subnet(net, vx("192.0.2.7"), 600, cur.mod_revision, lease_id=mine.lease_id)
+    assert reg.read_subnet(net).value == "oops again"
+    cur = reg.read_subnet(net)
+    got = reg.replace_subnet(net, vx("192.0.2.7"), 600, cur.mod_revision, lease_id=mine.lease_id)
+    assert got.lease_id == mine.lease_id
+    now = reg.read_subnet(net)
+    assert now.lease is not None and now.lease.attrs == vx("192.0.2.7") and now.lease_id == mine.lease_id
+    assert reg.get_subnet(net).attrs == vx("192.0.2.7")
+
+
+@pytest.mark.etcd
+def test_scheme_and_tls_mismatch_named_with_what_to_change(etcd):
+    """https against plain etcd, http against TLS etcd, a wrong CA, no client certificate: the error (logged once
+    per outage by the retry loops) says what to change, not just "unavailable"."""
+    import tempfile
+    from pathlib import Path
+
+    from fastflannel.lab.testbed.tls import make_tls_files
+
+    def err(**kw) -> str:
+        with pytest.raises(StoreUnavailableError) as ei:
+            EtcdRegistry(timeout=3, connect_timeout=2, **kw).get_config()
+        return str(ei.value)
+
+    e = tls_etcd()
+    try:
+        f = e.tls_files
+        assert "use http:// in --etcd-endpoints" in err(endpoints=etcd.endpoint.replace("http:", "https:"))
+        assert "use http:// in --etcd-endpoints" in err(endpoints=etcd.endpoint.replace("http:", "https:"),
+                                                        keyfile=f["client_key"], certfile=f["client_cert"])
+        assert "serves TLS, not plain http: use https://" in err(endpoints=e.endpoint.replace("https:", "http:"))
+        other = make_tls_files(Path(tempfile.mkdtemp(dir=e.data_dir)), [IPv4Address("127.0.0.1")])
+        assert "set --etcd-cafile to the CA" in err(endpoints=e.endpoint, cafile=other["ca"],
+                                                    keyfile=f["client_key"], certfile=f["client_cert"])
+        assert "set --etcd-certfile/--etcd-keyfile" in err(endpoints=e.endpoint, cafile=f["ca"])
+        # an ordinary outage keeps the general advice
+        e.stop()
+        assert "Check that etcd is running" in err(endpoints=e.endpoint, cafile=f["ca"])
+    finally:
+        e.close()
+
+
+def test_dual_lease_key_json_and_watch_delete(etcd, prefix):
+    """Dual stack (issue 15): Flannel's key and JSON read back by etcdctl, a flanneld-written dual key read, a watch
+    DELETE of a dual key that carries both subnets."""
+    from ipaddress import IPv6Address, IPv6Network
+
+    PREFIX = prefix
+    DUAL = '{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::/48","Backend":{"Type":"vxlan"}}'
+    etcd.ctl("put", f"{PREFIX}/config", DUAL)
+    attrs = LeaseAttrs(IPv4Address("192.0.2.10"), "vxlan", {"VNI": 1, "VtepMAC": "0a:58:0a:05:01:00"},
+                       IPv6Address("2001:db8::10"), {"VNI": 1, "VtepMAC": "0e:58:0a:05:01:06"})
+    reg = registry(etcd, PREFIX)
+    try:
+        lease = manager(reg).acquire_lease(attrs)
+        assert lease.subnet6 is not None and lease.lease_id
+        key = f"{PREFIX}/subnets/{lease.subnet.network_address}-24&{lease.subnet6.network_address.compressed}-64"
+        out = etcd.ctl("get", f"{PREFIX}/subnets", "--prefix").decode().splitlines()
+        assert out == [key, '{"PublicIP":"192.0.2.10","PublicIPv6":"2001:db8::10","BackendType":"vxlan",'
+                            '"BackendData":{"VNI":1,"VtepMAC":"0a:58:0a:05:01:00"},'
+                            '"BackendV6Data":{"VNI":1,"VtepMAC":"0e:58:0a:05:01:06"}}']
+        # a flanneld-written dual key is read back with both subnets
+        etcd.ctl("put", f"{PREFIX}/subnets/10.5.200.0-24&fc00:0:0:c8::-64",
+                 '{"PublicIP":"192.0.2.20","PublicIPv6":"2001:db8::20","BackendType":"host-gw"}')
+        leases, rev = reg.get_subnets()
+        other = next(x for x in leases if x.subnet == IPv4Network("10.5.200.0/24"))
+        assert other.subnet6 == IPv6Network("fc00:0:0:c8::/64") and str(other.attrs.public_ipv6) == "2001:db8::20"
+        stop = threading.Event()
+        w = reg.watch_subnets(rev + 1, stop)
+        try:
+            etcd.ctl("del", f"{PREFIX}/subnets/10.5.200.0-24&fc00:0:0:c8::-64")
+            items = []
+            end = time.monotonic() + 10
+            while not items and time.monotonic() < end:
+                items = next(w).items
+            ((typ, gone),) = items
+            assert typ is EventType.REMOVED
+            assert (gone.subnet, gone.subnet6) == (IPv4Network("10.5.200.0/24"), IPv6Network("fc00:0:0:c8::/64"))
+        finally:
+            w.close()
+    finally:
+        reg.close()

@@ -378,3 +378,75 @@ def test_demo_dual_stack_table_and_udp_skip(monkeypatch):
     monkeypatch.setattr("fastflannel.lab.testbed.install_signal_handlers", lambda **kw: None)
     rc = demo.cmd_demo(argparse.Namespace(backends="udp,vxlan", seconds=1.0, verbose=False, dual_stack=True))
     assert rc == 0 and ran == [("vxlan", True)]
+
+
+# -- 5. DualStackNetwork on FakeNetlink: projections, v4-only peers, DirectRouting over IPv6 -----------------------
+
+def _vx_dual_peer(sub4, sub6, ip, ip6, mac4, mac6):
+    return Lease(IPv4Network(sub4), LeaseAttrs(IPv4Address(ip), "vxlan", {"VNI": 1, "VtepMAC": mac4},
+                                               IPv6Address(ip6), {"VNI": 1, "VtepMAC": mac6}),
+                 subnet6=IPv6Network(sub6))
+
+
+def _dual_vxlan(direct=False):
+    from fakes import FakeManager, FakeNetlink, ext_iface
+    from dataclasses import replace
+
+    from fastflannel.backend.vxlan import VxlanBackend
+
+    nl = FakeNetlink()
+    ext = replace(ext_iface(), iface_addr6=IPv6Address("fd00::2"), ext_addr6=IPv6Address("fd00::2"))
+    cfg = parse_config(json.dumps({"Network": "10.5.0.0/16", "EnableIPv6": True, "IPv6Network": "fc00::/48",
+                                   "Backend": {"Type": "vxlan", "DirectRouting": direct}}))
+    mgr = FakeManager("10.5.1.0/24", "fc00:0:0:1::/64")
+    return VxlanBackend(mgr, ext, nl, watch_links=False).register_network(cfg), nl, mgr
+
+
+def test_dual_vxlan_programs_both_families_and_v4_only_peers_get_v4_only():
+    from fakes import added, removed
+
+    net, nl, mgr = _dual_vxlan()
+    assert set(nl.links) == {"flannel.1", "flannel-v6.1"} and nl.links["flannel-v6.1"]["mtu"] == 1430
+    assert str(nl.links["flannel-v6.1"]["local"]) == "fd00::2"
+    a = mgr.acquired[0]
+    assert a.backend_v6_data["VtepMAC"] == nl.links["flannel-v6.1"]["mac"] != a.backend_data["VtepMAC"]
+    assert IPv6Interface("fc00:0:0:1::/128") in nl.addrs["flannel-v6.1"]
+    dual = _vx_dual_peer("10.5.2.0/24", "fc00:0:0:2::/64", "10.168.0.3", "fd00::3", "0a:00:00:00:00:02", "0e:00:00:00:00:02")
+    v4only = Lease(IPv4Network("10.5.3.0/24"), LeaseAttrs(IPv4Address("10.168.0.4"), "vxlan",
+                                                          {"VNI": 1, "VtepMAC": "0a:00:00:00:00:03"}))
+    net.handle_events(added(dual, v4only))
+    dev6 = nl.links["flannel-v6.1"]["index"]
+    assert nl.route_table[IPv6Network("fc00:0:0:2::/64")] == (IPv6Address("fc00:0:0:2::"), dev6, True)
+    assert nl.neigh_table[(dev6, IPv6Address("fc00:0:0:2::"))] == "0e:00:00:00:00:02"
+    assert nl.fdb_table[(dev6, "0e:00:00:00:00:02")] == IPv6Address("fd00::3")
+    assert IPv4Network("10.5.3.0/24") in nl.route_table
+    assert [d for d in nl.route_table if d.version == 6] == [IPv6Network("fc00:0:0:2::/64")]
+    # reconcile with the same leases changes nothing; a removal takes both families' entries
+    net.reconcile({dual.subnet: dual, v4only.subnet: v4only})
+    assert len([d for d in nl.route_table if d.version == 6]) == 1
+    net.handle_events(removed(dual))
+    assert not [d for d in nl.route_table if d.version == 6] and IPv4Network("10.5.2.0/24") not in nl.route_table
+    assert (dev6, IPv6Address("fc00:0:0:2::")) not in nl.neigh_table
+
+
+def test_dual_vxlan_direct_routing_over_ipv6():
+    from fakes import added
+
+    net, nl, _ = _dual_vxlan(direct=True)
+    nl.direct.add(IPv6Address("fd00::3"))  # the IPv6 peer is on-link, the IPv4 one is not
+    dual = _vx_dual_peer("10.5.2.0/24", "fc00:0:0:2::/64", "10.168.0.3", "fd00::3", "0a:00:00:00:00:02", "0e:00:00:00:00:02")
+    net.handle_events(added(dual))
+    assert nl.route_table[IPv6Network("fc00:0:0:2::/64")] == (IPv6Address("fd00::3"), 2, False)  # via PublicIPv6
+    assert nl.route_table[IPv4Network("10.5.2.0/24")][2] is True  # IPv4 stays vxlan (onlink)
+
+
+def test_hostgw_refuses_a_nat_public_ipv6():
+    from dataclasses import replace
+
+    from fakes import FakeManager, FakeNetlink, ext_iface
+    from fastflannel.backend.hostgw import HostGwBackend
+    from fastflannel.errors import BackendError
+
+    ext = replace(ext_iface(), iface_addr6=IPv6Address("fd00::2"), ext_addr6=IPv6Address("2001:db8::2"))
+    with pytest.raises(BackendError, match="PublicIPv6 differs"):
+        HostGwBackend(FakeManager(), ext, FakeNetlink()).register_network(parse_config(DUAL.replace("vxlan", "host-gw")))
