@@ -24,8 +24,10 @@ PublicIPv6 (neighbour ``<subnet6 address>``, FDB ``dst <PublicIPv6>``, onlink ro
 ``VxlanNetwork``, given the IPv6 projection of the leases (``lease.project``); ``DualStackNetwork`` feeds both. A peer
 with a v4-only lease gets IPv4 entries only, as in Flannel.
 
-Scale: 3 kernel objects per peer (a FIB entry, a neighbour entry, an FDB hash entry); an event costs 3 netlink
-requests; a reconcile costs 3 dumps plus one request per drifted entry, so 1000 peers every 10 s is cheap.
+Scale: 3 kernel objects per peer (a FIB entry, a neighbour entry, an FDB hash entry). A batch of events is
+programmed pipelined (kernel/nlbatch.py): one netlink batch for the neighbours and FDB entries of every added
+peer, one for their routes, one for rollbacks; a reconcile is 3 raw dumps plus one batch of repairs. 5,000 peers:
+~1.3 s of daemon CPU to program, ~0.4 s per reconcile (docs/scale.md).
 
 Better than Flannel: the VTEP MAC is stable - an existing compatible device keeps its MAC, else the MAC of our
 previous lease (``previous_lease``) is reused, so a restart or re-created device never invalidates the remote

@@ -25,8 +25,9 @@ Keep (``keep_lease``), deliberately unlike Flannel:
   - store outages log one line when they start and one when they end, and retry with backoff.
 
 Watch (``watch_leases``): snapshot at revision R -> ``LeaseWatcher.reset``; watch from R+1 -> ``update``;
-reconnect with backoff 100 ms -> 5 s; compaction -> re-list + reset; a full re-list every ``resync_s`` (longer in large clusters, jittered: ``resync_delay``) so state
-converges even after a missed event (Flannel has none); an empty batch at least every ``tick_s`` (1 s).
+reconnect with backoff 100 ms -> 5 s; compaction -> re-list + reset; a full re-list every ``resync_s``
+(longer in large clusters, jittered: ``resync_delay``) so state converges even after a missed event (Flannel
+has none); an empty batch at least every ``tick_s`` (1 s).
 
 Concurrency: plain threads. ``keep_lease`` and ``watch_leases`` run on different threads; they share only
 ``_wake`` (a ``threading.Event``: the watch saw our key change) and ``_current`` (read/written under ``_lock``).
