@@ -75,7 +75,7 @@ def test_lease_events_steer_running_loop_and_icmp_unreachable(make_cluster):
     assert gone.stop_daemon(signal.SIGTERM) == 0
     tb.etcdctl("del", f"{tb.prefix_key}/subnets/{str(subnet).replace('/', '-')}")
 
-    # flanneld sends no ICMP error about ICMP (RFC 792), so probe with TCP: the kernel maps the
+    # flanneld sends no ICMP error about any ICMP, so probe with TCP first: the kernel maps the
     # net-unreachable error our loop writes back into flannel0 to ENETUNREACH on connect()
     probe = ("import socket,sys\n"
              "s=socket.socket();s.settimeout(3)\n"
@@ -87,6 +87,10 @@ def test_lease_events_steer_running_loop_and_icmp_unreachable(make_cluster):
         return "errno 101" in r.stdout  # ENETUNREACH
 
     wait_for(unreachable, timeout=20, what="ICMP net unreachable from flannel0")
+    # an echo request to the unleased subnet is answered too (issue 14; rate-limited, RFC 1122 3.2.2), so a ping
+    # fails at once with "Destination Net Unreachable" instead of waiting out its timeout
+    r = a.run(["ping", "-n", "-c", "1", "-W", "5", str(c.ip)], check=False)
+    assert r.returncode != 0 and "Destination Net Unreachable" in r.stdout, r.stdout
     st = fastpath_stats(tb.hosts[0])
     assert st["tx_icmp_unreach"] >= 1 and st["tx_drop_no_route"] >= 1
     # the host comes back: the same running loop gets the route again
