@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all setup system-deps venv compile debug test test-noext demo bench bench-smoke clean distclean wheel fuzz soak chaos
+.PHONY: all setup system-deps venv compile compile-release debug test-debug test test-noext demo bench bench-smoke clean distclean wheel fuzz soak chaos
 
 all: compile
 
@@ -48,8 +48,17 @@ venv: $(VENV)/.installed
 compile: venv
 	$(PY) setup.py -q build_ext --inplace
 
+# The debug build of the extension (assertion and allocation counters, -O0 -g; parts/debug.pxi), read by
+# tests/datapath/conftest.py. `make compile-release` (or test-debug, which ends with it) goes back to the release build.
 debug: venv
 	FASTFLANNEL_DEBUG=1 $(PY) setup.py -q build_ext --inplace --force
+
+compile-release: venv
+	$(PY) setup.py -q build_ext --inplace --force
+
+# tests/datapath on the debug build: no C buffer leaked by any test, no invariant failed; then the release build again
+test-debug: debug
+	$(PY) -m pytest -q tests/datapath $(PYTEST_ARGS); rc=$$?; $(MAKE) compile-release; exit $$rc
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
