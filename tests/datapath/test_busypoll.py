@@ -16,8 +16,9 @@ from typing import List, Tuple
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_fastpath import HAVE_CYTHON, IMPLS, NO_CYTHON_REASON, PEER, REMOTE, Rig, make
-from test_packets import ipv4_packet
+from fastpath_rig import PEER, REMOTE, Rig, make
+from impls import HAVE_CYTHON, IMPLS, NO_CYTHON_REASON
+from packets import ipv4_packet
 
 from fastflannel.datapath import fastpath, twin
 from fastflannel.datapath.contract import BUSY_FLOOR_SHIFT, BUSY_HIT, BUSY_MISS, BUSY_WOKE
