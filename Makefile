@@ -87,12 +87,12 @@ fuzz: compile
 # Soak (not part of `make test`): the backends' clusters side by side with traffic, churn and restarts (docs/soak.md).
 SOAK_MINUTES ?= 10
 soak: setup
-	mkdir -p build && $(PY) -m fastflannel.lab.soak --minutes $(SOAK_MINUTES) --json build/soak.json $(SOAK_ARGS)
+	rm -rf build/soak-work && mkdir -p build && $(PY) -m fastflannel.lab.soak --minutes $(SOAK_MINUTES) --json build/soak.json --workdir build/soak-work $(SOAK_ARGS)
 
 # Chaos (not part of `make test`): seeded random faults on 4 hosts + 3 etcd members under traffic (docs/soak.md).
 CHAOS_MINUTES ?= 10
 chaos: setup
-	mkdir -p build && $(PY) -m fastflannel.lab.chaos --minutes $(CHAOS_MINUTES) --json build/chaos.json $(CHAOS_ARGS)
+	rm -rf build/chaos-work && mkdir -p build && $(PY) -m fastflannel.lab.chaos --minutes $(CHAOS_MINUTES) --json build/chaos.json --workdir build/chaos-work $(CHAOS_ARGS)
 
 wheel: venv
 	$(PY) -m pip install -q build
