@@ -12,7 +12,7 @@ Every ``--interval`` seconds (default 30) one fault, chosen by the seeded RNG so
 - ``lease_garbage``: write a non-lease value over one host's key (the owner repairs it);
 - ``vxlan_delete``: delete ``flannel.1`` on one host (the link watcher re-creates it; vxlan only);
 - ``compaction_cutoff``: cut one host off from etcd (iptables DROP in its namespace), churn a few leases,
-  compact etcd at the current revision, reconnect after 15 s (the watch must re-list, not hang).
+  compact etcd at the current revision, reconnect after 20 s (the watch must re-list, not hang).
 At the end: every container reaches every other, every host holds kernel entries for exactly the other hosts'
 leases, etcd holds exactly one lease per host, and each daemon's fds/threads are back near their floor. The seed
 is printed first: ``--seed`` repeats a run's fault sequence. Exit status 0 when everything converged.
@@ -119,8 +119,11 @@ class Chaos:
         return int(json.loads(self.tb.etcdctl("get", "/", "-w", "json"))["header"]["revision"])
 
     def _cut(self, h, on: bool) -> None:
+        """Drop everything between ``h`` and the etcd members, both ways (dropping only what ``h`` sends would
+        still let etcd's watch events in: the daemon would miss nothing)."""
         for ip in self.tb.etcd_ips:
-            h.run(["iptables", "-w", "-I" if on else "-D", "OUTPUT", "-d", str(ip), "-j", "DROP"], check=on)
+            for chain, flag in (("OUTPUT", "-d"), ("INPUT", "-s")):
+                h.run(["iptables", "-w", "-I" if on else "-D", chain, flag, str(ip), "-j", "DROP"], check=on)
 
     # -- faults: each returns a text naming its target; recovery happens inside ---------------------------------
     def etcd_member_kill(self) -> str:
@@ -166,7 +169,7 @@ class Chaos:
                                                         "BackendData": {"VNI": 1, "VtepMAC": f"02:00:00:00:00:{i:02x}"}}))
                 self.tb.etcdctl("del", key)
             self.tb.etcdctl("compact", str(self.revision()))
-            time.sleep(15)
+            time.sleep(20)  # > the ~11 s TCP keep-alive that ends the dead watch stream
         finally:
             self._cut(h, False)
         return h.name

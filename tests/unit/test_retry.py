@@ -174,3 +174,22 @@ def test_vxlan_link_watcher_backs_off_and_logs_once(caplog, monkeypatch):
     assert 2 <= NL.calls <= 9, NL.calls
     assert lines(caplog, "event=vxlan_link_watch_failed") == 1
     assert cpu < 0.5 * HOLD_S
+
+
+def test_nftables_resync_failure_logs_once_and_backs_off(caplog, monkeypatch):
+    from fastflannel.kernel import nftables
+
+    tm = nftables.NftTrafficManager([(IPv4Network("10.5.0.0/16"), IPv4Network("10.5.1.0/24"))], masq=True,
+                                    forward=True, resync_s=0.05)
+    calls = []
+
+    def failing(*args, **kw):
+        calls.append(1)
+        raise TrafficError("nft: Operation not permitted")
+
+    monkeypatch.setattr(tm, "check", failing)
+    monkeypatch.setattr(nftables, "RESYNC_BACKOFF_MAX_S", 0.8)
+    cpu = hold(tm.run)
+    assert 2 <= len(calls) <= 12, calls
+    assert lines(caplog, "event=nftables_resync_failed") == 1
+    assert cpu < 0.5 * HOLD_S
