@@ -123,7 +123,7 @@ def test_busy_poll_option_is_bounded(bad: int) -> None:
 
 
 def test_loop_priority_parse() -> None:
-    assert fastpath.parse_loop_priority("") == ("", 0)
+    assert fastpath.parse_loop_priority("") == fastpath.parse_loop_priority("inherit") == ("", 0)
     assert fastpath.parse_loop_priority("nice:-5") == ("nice", -5)
     assert fastpath.parse_loop_priority(" fifo:1 ") == ("fifo", 1)
     for bad in ("nice", "nice:x", "nice:-21", "fifo:0", "fifo:100", "rr:5"):
@@ -147,5 +147,38 @@ def test_loop_threads_get_their_priority(impl: str) -> None:
 
         rig.wait_for(lambda: nices() == [7, 7], "the loop threads' nice value")
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 7  # only the loops
+    finally:
+        rig.close()
+
+
+def test_daemon_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastflannel.backend import udp
+
+    for k in ("FASTFLANNEL_UDP_BUSY_POLL_US", "FASTFLANNEL_UDP_LOOP_PRIORITY"):
+        monkeypatch.delenv(k, raising=False)
+    o = udp.fastpath_options_from_env()
+    assert o.busy_poll_us == udp.BUSY_POLL_US == 0  # measured: spinning loses on shared CPUs (docs/fastpath.md)
+    assert o.loop_priority == udp.LOOP_PRIORITY == "fifo:1"
+    monkeypatch.setenv("FASTFLANNEL_UDP_BUSY_POLL_US", "50")
+    monkeypatch.setenv("FASTFLANNEL_UDP_LOOP_PRIORITY", "")  # set but empty: inherit, not the default
+    o = udp.fastpath_options_from_env()
+    assert o.busy_poll_us == 50 and fastpath.parse_loop_priority(o.loop_priority) == ("", 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fifo_loop_forwards_and_is_realtime_when_allowed(impl: str) -> None:
+    import os
+    import threading
+
+    rig = Rig(impl, threads=1, loop_priority="fifo:1")
+    try:
+        rig.fp.set_route(REMOTE, PEER)
+        rig.fp.start()
+        (loop,) = [t for t in threading.enumerate() if t.name.startswith("fastpath-")]
+        rig.tun.send(ipv4_packet("10.244.1.5", "10.244.2.7", payload=b"rt"))
+        assert rig.peer.recvfrom(2048)[0][20:] == b"rt"  # forwards whether or not the kernel granted SCHED_FIFO
+        if os.geteuid() == 0:  # root has CAP_SYS_NICE: granted
+            rig.wait_for(lambda: os.sched_getscheduler(loop.native_id) == os.SCHED_FIFO, "SCHED_FIFO")
+        rig.fp.check()
     finally:
         rig.close()
