@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all setup system-deps venv compile debug test test-noext demo bench bench-smoke clean distclean wheel fuzz soak
+.PHONY: all setup system-deps venv compile compile-release debug test-debug test test-noext demo bench bench-smoke clean distclean wheel fuzz soak chaos
 
 all: compile
 
@@ -48,8 +48,17 @@ venv: $(VENV)/.installed
 compile: venv
 	$(PY) setup.py -q build_ext --inplace
 
+# The debug build of the extension (assertion and allocation counters, -O0 -g; parts/debug.pxi), read by
+# tests/datapath/conftest.py. `make compile-release` (or test-debug, which ends with it) goes back to the release build.
 debug: venv
 	FASTFLANNEL_DEBUG=1 $(PY) setup.py -q build_ext --inplace --force
+
+compile-release: venv
+	$(PY) setup.py -q build_ext --inplace --force
+
+# tests/datapath on the debug build: no C buffer leaked by any test, no invariant failed; then the release build again
+test-debug: debug
+	$(PY) -m pytest -q tests/datapath $(PYTEST_ARGS); rc=$$?; $(MAKE) compile-release; exit $$rc
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -75,10 +84,15 @@ fuzz: compile
 	mkdir -p build/fuzz-corpus && cp -n fuzz/corpus/* build/fuzz-corpus/
 	$(PY) fuzz/fuzz_fastpath.py -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=build/fuzz- build/fuzz-corpus
 
-# Soak (not part of `make test`): mixed traffic over each backend, daemons' RSS and fds sampled (docs/soak.md).
+# Soak (not part of `make test`): the backends' clusters side by side with traffic, churn and restarts (docs/soak.md).
 SOAK_MINUTES ?= 10
 soak: setup
-	mkdir -p build && $(PY) -m fastflannel.lab.soak --minutes $(SOAK_MINUTES) --json build/soak.json
+	rm -rf build/soak-work && mkdir -p build && $(PY) -m fastflannel.lab.soak --minutes $(SOAK_MINUTES) --json build/soak.json --workdir build/soak-work $(SOAK_ARGS)
+
+# Chaos (not part of `make test`): seeded random faults on 4 hosts + 3 etcd members under traffic (docs/soak.md).
+CHAOS_MINUTES ?= 10
+chaos: setup
+	rm -rf build/chaos-work && mkdir -p build && $(PY) -m fastflannel.lab.chaos --minutes $(CHAOS_MINUTES) --json build/chaos.json --workdir build/chaos-work $(CHAOS_ARGS)
 
 wheel: venv
 	$(PY) -m pip install -q build

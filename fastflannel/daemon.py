@@ -27,6 +27,7 @@ from typing import Callable, List, Optional
 
 from fastflannel.options import DaemonOptions
 from fastflannel.config import ConfigError, NetworkConfig
+from fastflannel.retry import Backoff, FailureLog
 from fastflannel.subnet import ConfigNotFoundError, StoreUnavailableError, SubnetError
 
 log = logging.getLogger("fastflannel.daemon")
@@ -112,41 +113,44 @@ class Daemon:
 
     # -- start-up steps --------------------------------------------------------------------------
     def _wait_for_config(self, manager) -> Optional[NetworkConfig]:
-        delay = CONFIG_RETRY_S
+        """Poll for the network config (every second while it is missing, as flanneld; with back-off while the
+        store is unreachable); log once per state, not per attempt."""
+        store = Backoff(CONFIG_RETRY_S, STORE_RETRY_MAX_S)
         last_state = None
         while not self.stop.is_set():
             try:
                 config = manager.get_network_config()
                 if last_state == "unavailable":
                     log.info("event=store_available op=get_config")
+                elif last_state == "missing":
+                    log.info("event=config_found")
                 return config
             except ConfigNotFoundError as e:
-                log.warning("event=config_missing error=%r action=retry_in_1s hint=%s", str(e),
-                            f"write the network config to {self.opts.etcd_prefix}/config with the etcd v3 API")
+                if last_state != "missing":
+                    log.warning("event=config_missing error=%r action=poll_every_1s hint=%s", str(e),
+                                f"write the network config to {self.opts.etcd_prefix}/config with the etcd v3 API")
+                last_state = "missing"
+                store.reset()
                 delay = CONFIG_RETRY_S
             except StoreUnavailableError as e:
                 if last_state != "unavailable":
-                    log.warning("event=store_unavailable op=get_config error=%r action=retry", str(e))
+                    log.warning("event=store_unavailable op=get_config error=%r action=retry_with_backoff", str(e))
                 last_state = "unavailable"
-                delay = min(delay * 2, STORE_RETRY_MAX_S)
+                delay = store.next()
             self.stop.wait(delay)
         return None
 
     def _acquire(self, backend, config: NetworkConfig):
-        delay = CONFIG_RETRY_S
-        logged = False
+        store = Backoff(CONFIG_RETRY_S, STORE_RETRY_MAX_S)
+        outage = FailureLog(log, "store_unavailable", "store_available", op="acquire_lease")
         while not self.stop.is_set():
             try:
                 network = backend.register_network(config)
-                if logged:
-                    log.info("event=store_available op=acquire_lease")
+                outage.ok()
                 return network
             except StoreUnavailableError as e:
-                if not logged:
-                    log.warning("event=store_unavailable op=acquire_lease error=%r action=retry", str(e))
-                    logged = True
-                self.stop.wait(delay)
-                delay = min(delay * 2, STORE_RETRY_MAX_S)
+                outage.failed(e)
+                self.stop.wait(store.next())
         return None
 
     def _notify_systemd(self) -> None:

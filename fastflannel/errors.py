@@ -27,3 +27,8 @@ class KernelError(BackendError):
 
 class TrafficError(BackendError):
     """iptables could not be read or programmed; the message carries iptables' own error."""
+
+
+class FatalBackendError(BackendError):
+    """The data plane cannot go on in this process (e.g. the udp fast path loop died): the daemon exits non-zero
+    so that its service manager restarts it; retry loops re-raise it instead of backing off."""

@@ -16,12 +16,14 @@ from ipaddress import IPv4Network
 from typing import Dict, List, Protocol
 
 from fastflannel.config import NetworkConfig
-from fastflannel.errors import BackendError
+from fastflannel.errors import BackendError, FatalBackendError
 from fastflannel.kernel.iface import ExternalInterface
 from fastflannel.lease import Event, EventType, Lease
+from fastflannel.retry import Backoff, FailureLog
 from fastflannel.subnet import SubnetManager
 
 log = logging.getLogger("fastflannel.backend")
+RECONCILE_BACKOFF_MAX_S = 60.0  # a failing reconcile pass: its interval doubling to 60 s
 
 _REGISTRY: Dict[str, str] = {
     "udp": "fastflannel.backend.udp:UdpBackend",
@@ -76,6 +78,8 @@ def run_network(network: Network, manager: SubnetManager, stop: threading.Event)
     known: Dict[IPv4Network, Lease] = {}
     interval = network.reconcile_interval
     next_reconcile = time.monotonic() + interval if interval else float("inf")
+    backoff = Backoff(interval or 1.0, max(interval or 1.0, RECONCILE_BACKOFF_MAX_S))
+    failure = FailureLog(log, "reconcile_failed", "reconcile_recovered", level=logging.ERROR)
     for events in manager.watch_leases(network.lease, stop):
         if stop.is_set():
             break
@@ -90,6 +94,12 @@ def run_network(network: Network, manager: SubnetManager, stop: threading.Event)
         if now >= next_reconcile:
             try:
                 network.reconcile(dict(known))
-            except Exception:  # a failed repair pass is retried at the next interval
-                log.exception("event=reconcile_failed")
-            next_reconcile = now + interval
+                failure.ok()
+                next_reconcile = now + interval
+            except FatalBackendError:
+                raise  # the network thread fails and the daemon exits 1 (run by a service manager: restarted)
+            except Exception as e:  # a failed pass is retried with back-off; logged (with traceback) once
+                failure.failed(e, exc_info=True)
+                next_reconcile = now + backoff.next()
+            else:
+                backoff.reset()

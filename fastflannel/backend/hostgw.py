@@ -13,8 +13,8 @@ and the loop goes on; the periodic ``reconcile`` (every ``ROUTE_CHECK_INTERVAL_S
 routes ("Route recovered") and removes stale ones inside the Network (see ``route_network``). Leases whose
 BackendType is not "host-gw" are skipped with a warning.
 
-Scale: one FIB entry per peer; an event is one netlink request; a reconcile is one route dump plus one request
-per drifted route.
+Scale: one FIB entry per peer; a batch of events is one pipelined netlink batch; a reconcile is one raw route
+dump plus one batch of repairs (docs/scale.md).
 """
 from __future__ import annotations
 

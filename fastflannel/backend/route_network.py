@@ -92,8 +92,8 @@ def sync_routes(
     for (kind, route, _), err in zip(fixes, results):
         recovered = kind == "recovered"
         if err is not None:
-            log.error("event=%s route=%s error=%s", "route_recover_failed" if recovered else "route_stale_remove_failed",
-                      route, err)
+            event = "route_recover_failed" if recovered else "route_stale_remove_failed"
+            log.error("event=%s route=%s error=%s", event, route, err)
             continue
         changes.append(f"{kind} {route}")
         if log.isEnabledFor(level):

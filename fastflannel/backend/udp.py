@@ -20,11 +20,13 @@ import logging
 import os
 import socket
 import time
+from dataclasses import replace
 from typing import Dict, List, Optional
 
-from fastflannel.errors import BackendError
 from fastflannel.backend.peerlog import log_peers_summary, peer_log_level
+from fastflannel.backend.udp_options import UdpOptions
 from fastflannel.config import NetworkConfig
+from fastflannel.errors import BackendError, FatalBackendError
 from fastflannel.datapath.contract import UDP_ENCAP_OVERHEAD
 from fastflannel.kernel.drops import link_drops, socket_drops
 from fastflannel.kernel.iface import ExternalInterface
@@ -32,58 +34,18 @@ from fastflannel.lease import Event, EventType, Lease, LeaseAttrs
 
 log = logging.getLogger("fastflannel.backend.udp")
 
-DEFAULT_PORT = 8285
 TUN_NAME = "flannel0"
 RECONCILE_INTERVAL_S = 10.0
-# flannel0's transmit queue, i.e. the ring the kernel fills for our read()s. The default 500 overflows when a pod's
-# 64 KB TCP burst (44 packets) arrives while the reader is off-CPU: measured 4,880 drops (= retransmits) in 4 s.
-# docs/fastpath.md "Goal A". FASTFLANNEL_UDP_TXQUEUELEN overrides (measurements).
-TUN_TXQUEUELEN = 5000
-# Loop threads when both offloads are on (FASTFLANNEL_UDP_THREADS overrides). With ~45 packets per kernel crossing
-# one loop serving both directions is seldom busy, and one thread instead of two halves the wake-ups (polls per 3 s
-# TCP run 20-25k -> 4-7k): measured side by side, 8 interleaved pairs on 2 vCPUs, 1 stream 5.84 vs 5.33 Gb/s
-# (within noise), 4 streams 6.39 vs 5.32 Gb/s (docs/fastpath.md "Offloads"). The per-packet path keeps 2.
-OFFLOAD_THREADS = 1
-# The loop's busy-poll window, microseconds (FastPathOptions.busy_poll_us; FASTFLANNEL_UDP_BUSY_POLL_US overrides,
-# 0 turns it off). docs/fastpath.md "Wake-ups" has the measurements behind it.
-BUSY_POLL_US = 0
-# The loop threads' scheduling (FastPathOptions.loop_priority; FASTFLANNEL_UDP_LOOP_PRIORITY overrides: inherit,
-# nice:N, fifo:N). SCHED_FIFO 1: a woken loop runs at once instead of queueing behind ordinary tasks, like the
-# kernel's own softirq forwarding for vxlan. Measured side by side on 2 shared vCPUs (docs/fastpath.md "Wake-ups"):
-# request/response 0.40x -> 0.77x VXLAN, ping p99 36x -> 2.8x VXLAN's, TCP 0.42x -> 0.71x; idle unchanged. Without
-# CAP_SYS_NICE (or an RT budget in the cgroup) it is refused, logged once per loop, and the loop runs as before.
-LOOP_PRIORITY = "fifo:1"
 
 
-def _env_flag(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    return raw.strip().lower() not in ("0", "false", "no", "off")
-
-
-def fastpath_options_from_env():
-    """Return the fast path's switches. The inbound checks flanneld lacks are on by default; each can be
-    turned off per host (docs/configuration.md): FASTFLANNEL_UDP_CHECK_PEER_SOURCE=0 accepts datagrams
-    from any source, FASTFLANNEL_UDP_CHECK_INNER_DEST=0 forwards inner packets for any destination."""
+def fastpath_options(opts: UdpOptions, threads: int):
+    """The FastPathOptions for ``opts`` (the loop's part of the backend's switches)."""
     from fastflannel.datapath.fastpath import FastPathOptions
 
-    return FastPathOptions(
-        check_peer_source=_env_flag("FASTFLANNEL_UDP_CHECK_PEER_SOURCE", True),
-        check_inner_dest=_env_flag("FASTFLANNEL_UDP_CHECK_INNER_DEST", True),
-        spin=int(os.environ.get("FASTFLANNEL_UDP_SPIN") or FastPathOptions.spin),
-        busy_poll_us=int(os.environ.get("FASTFLANNEL_UDP_BUSY_POLL_US") or BUSY_POLL_US),
-        loop_priority=os.environ.get("FASTFLANNEL_UDP_LOOP_PRIORITY", LOOP_PRIORITY),
-        threads=int(os.environ.get("FASTFLANNEL_UDP_THREADS") or FastPathOptions.threads),  # see OFFLOAD_THREADS
-        # offloads (docs/fastpath.md "Offloads", Cython only): ON by default, each probed at start with a clean
-        # fallback (TUNSETOFFLOAD refused -> plain TUN; UDP_GRO refused -> one datagram per slot; UDP_SEGMENT EIO
-        # at run time -> one datagram per sendto). FASTFLANNEL_UDP_TUN_OFFLOAD=0 FASTFLANNEL_UDP_GRO=0 give the
-        # per-packet design (bench mode udp-plain); FASTFLANNEL_UDP_GSO=0 keeps the split but sends one datagram
-        # per segment (e.g. against the Linux 7.0-7.1.4 UDP GSO bug, research notes 1.5).
-        tun_offload=_env_flag("FASTFLANNEL_UDP_TUN_OFFLOAD", True),
-        udp_gso=_env_flag("FASTFLANNEL_UDP_GSO", True),
-        udp_gro=_env_flag("FASTFLANNEL_UDP_GRO", True),
-    )
+    return FastPathOptions(check_peer_source=opts.check_peer_source, check_inner_dest=opts.check_inner_dest,
+                           spin=opts.bench_spin, busy_poll_us=opts.bench_busy_poll_us,
+                           loop_priority=opts.bench_loop_priority, threads=threads, tun_offload=opts.tun_offload,
+                           udp_gso=opts.udp_gso, udp_gro=opts.udp_gro)
 
 
 class UdpBackend:
@@ -97,11 +59,9 @@ class UdpBackend:
     def register_network(self, config: NetworkConfig) -> "UdpNetwork":
         if config.enable_ipv6:  # Flannel's udp backend is IPv4 only too (its C proxy carries raw IPv4 packets)
             raise BackendError(UDP_IPV6_ERROR)
-        port = config.backend_option("Port", DEFAULT_PORT) or DEFAULT_PORT
-        if not isinstance(port, int) or not 0 < port < 65536:
-            raise BackendError(f"Backend.Port: {port!r} is not a UDP port number")
+        options = UdpOptions.load(config.backend_option, os.environ)  # the one place the switches are read
         lease = self.manager.acquire_lease(LeaseAttrs(public_ip=self.ext.ext_addr))
-        return UdpNetwork(config, lease, self.ext, self.netlink, port)
+        return UdpNetwork(config, lease, self.ext, self.netlink, options)
 
 
 UDP_IPV6_ERROR = (
@@ -113,23 +73,23 @@ UDP_IPV6_ERROR = (
 class UdpNetwork:
     reconcile_interval = RECONCILE_INTERVAL_S
 
-    def __init__(self, config: NetworkConfig, lease: Lease, ext: ExternalInterface, netlink, port: int):
-        from dataclasses import replace
-
+    def __init__(self, config: NetworkConfig, lease: Lease, ext: ExternalInterface, netlink,
+                 options: UdpOptions = UdpOptions()):
         from fastflannel.datapath.fastpath import GRO_RCVBUF_BYTES, FastPath, implementation_module, tune_socket
         from fastflannel.kernel.tun import TunError, open_tun, open_tun_offload
 
         self.config = config
         self.lease = lease
         self.netlink = netlink
-        self.port = port
+        self.options = options
+        self.port = port = options.port
         self.mtu = ext.mtu - UDP_ENCAP_OVERHEAD
         self.tun_fd = -1
         self.sock: Optional[socket.socket] = None
         self.fastpath = None
         try:
-            opts = fastpath_options_from_env()
-            if implementation_module(opts.implementation).IMPLEMENTATION != "cython":
+            opts = options
+            if implementation_module(None).IMPLEMENTATION != "cython":
                 opts = replace(opts, tun_offload=False, udp_gro=False)  # the twin has no offload loop
             if opts.tun_offload:
                 try:
@@ -139,8 +99,7 @@ class UdpNetwork:
                     opts = replace(opts, tun_offload=False)
             if not opts.tun_offload:
                 self.tun_fd, self.tun_name = open_tun(TUN_NAME)
-            if opts.tun_offload and opts.udp_gro and not os.environ.get("FASTFLANNEL_UDP_THREADS"):
-                opts = replace(opts, threads=OFFLOAD_THREADS)
+            fp_opts = fastpath_options(opts, opts.threads())  # after the TUN probe, before the GRO one (FastPath)
             self._configure_tun()
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             try:
@@ -150,9 +109,8 @@ class UdpNetwork:
                     f"udp socket {ext.iface_addr}:{port}: {e.strerror}; is another flanneld running on this host?"
                 ) from e
             self.sock.setblocking(False)
-            # GRO queues 64 KB skbs: 4 MiB overflowed under 4 TCP streams (docs/fastpath.md "Offloads");
-            # FASTFLANNEL_UDP_RCVBUF overrides (bytes; measurements)
-            rcvbuf = int(os.environ.get("FASTFLANNEL_UDP_RCVBUF") or 0) or (GRO_RCVBUF_BYTES if opts.udp_gro else None)
+            # GRO queues 64 KB skbs: 4 MiB overflowed under 4 TCP streams (docs/fastpath.md "Offloads")
+            rcvbuf = opts.bench_rcvbuf or (GRO_RCVBUF_BYTES if opts.udp_gro else None)
             tune_socket(self.sock, rcvbuf=rcvbuf)
             self.fastpath = FastPath(
                 self.tun_fd,
@@ -163,7 +121,7 @@ class UdpNetwork:
                 tun_ip=lease.subnet.network_address,
                 mtu=self.mtu,
                 port=port,
-                options=opts,
+                options=fp_opts,
             )
             self.fastpath.start()
         except BaseException:
@@ -180,12 +138,12 @@ class UdpNetwork:
 
         nl = self.netlink
         nl.set_mtu(self.tun_name, self.mtu)
-        txqlen = int(os.environ.get("FASTFLANNEL_UDP_TXQUEUELEN") or TUN_TXQUEUELEN)
+        txqlen = self.options.bench_txqueuelen
         try:
             nl.set_link_queue(self.tun_name, txqlen=txqlen)
         except Exception as e:  # noqa: BLE001 - a slower TUN is no reason not to start
             log.warning("event=tun_txqueuelen_failed device=%s txqueuelen=%d error=%s", self.tun_name, txqlen, e)
-        gso_max = int(os.environ.get("FASTFLANNEL_UDP_GSO_MAX_SIZE") or 0)
+        gso_max = self.options.bench_gso_max_size
         if gso_max:
             try:
                 nl.set_link_queue(self.tun_name, gso_max_size=gso_max)
@@ -224,7 +182,11 @@ class UdpNetwork:
                           time.monotonic() - t0)
 
     def reconcile(self, leases: Dict) -> None:
-        self.fastpath.check()  # raises if the loop thread died: the daemon then exits non-zero
+        try:
+            self.fastpath.check()  # raises if a loop thread died
+        except OSError as e:
+            raise FatalBackendError(f"udp fast path loop died: {e}; exiting so that the service manager restarts "
+                                    "fastflanneld") from e
         self._ensure_network_route()
         want = {s: l.attrs.public_ip for s, l in leases.items()}
         have = self.fastpath.routes()

@@ -310,11 +310,14 @@ class WireguardNetwork:
             return None
         if self.lease is not None and lease.subnet == self.lease.subnet:
             return None
-        peer = lease_peer(lease, self.opts, self.port)
+        peer = self._build_peer(lease)
         if peer.public_key == self.public_key:
             raise LeaseParseError(f"BackendData.PublicKey is our own public key: host {lease.attrs.public_ip} uses "
                                   f"a copy of our key file")
         return peer
+
+    def _build_peer(self, lease: Lease) -> WgPeer:
+        return lease_peer(lease, self.opts, self.port)
 
     def _add(self, lease: Lease) -> None:
         peer = self._peer_for(lease)
@@ -421,14 +424,7 @@ class SingleDeviceNetwork(WireguardNetwork):
             out.append((self.lease.subnet6, self.network6))
         return out
 
-    def _peer_for(self, lease: Lease, quiet: bool = False) -> Optional[WgPeer]:
-        if lease.attrs.backend_type != BACKEND_TYPE:
-            if not quiet:
-                log.warning("event=lease_skipped subnet=%s backend_type=%r msg=\"Ignoring non-wireguard subnet\"",
-                            lease.subnet, lease.attrs.backend_type)
-            return None
-        if self.lease is not None and lease.subnet == self.lease.subnet:
-            return None
+    def _build_peer(self, lease: Lease) -> WgPeer:
         p4 = lease_peer(lease, self.opts, self.port) if lease.attrs.backend_data is not None else None
         l6 = project(lease, 6) if self.network6 is not None else None
         p6 = lease_peer(l6, self.opts, self.port) if l6 is not None and l6.attrs.backend_data is not None else None
@@ -440,8 +436,5 @@ class SingleDeviceNetwork(WireguardNetwork):
                                  self.ext.ext_addr if self.ext else None, self.ext.ext_addr6 if self.ext else None)
         peer = next(p for p, ip in ((p4, lease.attrs.public_ip), (p6, ip6)) if p is not None and ip == chosen)
         key = (p6 or p4).public_key  # Flannel: the IPv6 data's key wins (both are the host's one key)
-        if key == self.public_key:
-            raise LeaseParseError(f"BackendData.PublicKey is our own public key: host {lease.attrs.public_ip} uses "
-                                  f"a copy of our key file")
         return WgPeer(key, peer.endpoint, tuple(a for p in parts for a in p.allowed_ips), self.opts.psk,
                       self.opts.keepalive)

@@ -26,7 +26,7 @@ from libc.string cimport memcmp, memcpy, memset
 from posix.uio cimport iovec, writev
 from posix.unistd cimport close, read, write
 
-from fastflannel.datapath.includes.fastpath cimport ff_add, ff_add_shared, ff_fold, ff_load, ff_sum_native
+from fastflannel.datapath.includes.fastpath cimport FASTFLANNEL_DEBUG, ff_add, ff_add_shared, ff_fold, ff_load, ff_sum_native
 from fastflannel.datapath.includes.system cimport (
     AF_INET,
     CMSG_DATA,
@@ -78,8 +78,10 @@ _VERDICTS = _contract.VERDICTS  # indexed by ff_verdict
 
 # The parts, by concern (uvloop's layout). Every function in them is noexcept nogil and touches no Python object,
 # except testing.pxi (Python entry points over the same functions).
+include "parts/debug.pxi"
 include "parts/bytes.pxi"
 include "parts/rules.pxi"
+include "parts/count.pxi"
 include "parts/peers.pxi"
 include "parts/offload.pxi"
 include "parts/loop.pxi"
@@ -114,7 +116,7 @@ cdef class Proxy:
         self._seq = 0
         if not 0 <= net_plen < subnet_len <= 32 or batch < 1 or not 0 < port < 65536:
             raise ValueError("invalid fast path configuration")
-        st = <ff_state *>PyMem_RawCalloc(1, sizeof(ff_state))
+        st = <ff_state *>ff_calloc(1, sizeof(ff_state))
         if st == NULL:
             raise MemoryError()
         self.st = st
@@ -137,15 +139,15 @@ cdef class Proxy:
         st.vnet = tun_offload
         st.gso = udp_gso and tun_offload  # segments to send in runs exist only in offload mode
         st.gro = udp_gro
-        st.table = <uint32_t *>PyMem_RawCalloc(st.table_size, sizeof(uint32_t))
-        st.table_pid = <uint32_t *>PyMem_RawCalloc(st.table_size, sizeof(uint32_t))
+        st.table = <uint32_t *>ff_calloc(st.table_size, sizeof(uint32_t))
+        st.table_pid = <uint32_t *>ff_calloc(st.table_size, sizeof(uint32_t))
         st.peers.cap = FF_PEERS_MIN
-        st.peers.keys = <uint32_t *>PyMem_RawCalloc(FF_PEERS_MIN, sizeof(uint32_t))
-        st.peers.pids = <uint32_t *>PyMem_RawCalloc(FF_PEERS_MIN, sizeof(uint32_t))
+        st.peers.keys = <uint32_t *>ff_calloc(FF_PEERS_MIN, sizeof(uint32_t))
+        st.peers.pids = <uint32_t *>ff_calloc(FF_PEERS_MIN, sizeof(uint32_t))
         st.peer_cap = st.table_size + 1  # ids 1..table_size (never more peers than routes) + 0, the "other" block
         st.peer_chunks = (st.peer_cap + FF_PEER_CHUNK - 1) >> FF_PEER_SHIFT
-        st.ptx = <ff_peer_tx **>PyMem_RawCalloc(st.peer_chunks, sizeof(ff_peer_tx *))
-        st.prx = <ff_peer_rx **>PyMem_RawCalloc(st.peer_chunks, sizeof(ff_peer_rx *))
+        st.ptx = <ff_peer_tx **>ff_calloc(st.peer_chunks, sizeof(ff_peer_tx *))
+        st.prx = <ff_peer_rx **>ff_calloc(st.peer_chunks, sizeof(ff_peer_rx *))
         if (st.table == NULL or st.table_pid == NULL or st.peers.keys == NULL or st.peers.pids == NULL
                 or st.ptx == NULL or st.prx == NULL or self._alloc_chunk(0) < 0
                 or ff_io_alloc(&st.tx, batch, st.port_be) < 0 or ff_io_alloc(&st.rx, batch, st.port_be) < 0):
@@ -175,9 +177,9 @@ cdef class Proxy:
         stores before the loop's loads. Chunks are never moved or freed before close()."""
         cdef ff_state *st = self.st
         if st.ptx[chunk] == NULL:
-            st.ptx[chunk] = <ff_peer_tx *>PyMem_RawCalloc(FF_PEER_CHUNK, sizeof(ff_peer_tx))
+            st.ptx[chunk] = <ff_peer_tx *>ff_calloc(FF_PEER_CHUNK, sizeof(ff_peer_tx))
         if st.prx[chunk] == NULL:
-            st.prx[chunk] = <ff_peer_rx *>PyMem_RawCalloc(FF_PEER_CHUNK, sizeof(ff_peer_rx))
+            st.prx[chunk] = <ff_peer_rx *>ff_calloc(FF_PEER_CHUNK, sizeof(ff_peer_rx))
         return 0 if st.ptx[chunk] != NULL and st.prx[chunk] != NULL else -1
 
     def reset_peer(self, uint32_t pid):
@@ -333,17 +335,16 @@ cdef class Proxy:
         cdef uint8_t *p
         cdef uint32_t nh = 0, pid = 0
         cdef size_t ilen = 0
+        cdef uint64_t packets = 0, nbytes = 0
         cdef ff_verdict v
         self._check_idle()
         p = self.st.tx.bufs
         if n <= IPV4_MAX:
             memcpy(p, PyBytes_AS_STRING(packet), n)
         v = ff_out_one(self.st, p, n, &nh, &pid, self.st.tx.icmp, &ilen)
-        if v == V_SEND:
-            ff_add(&self.st.c[C_TX_PACKETS], 1)
-            ff_add(&self.st.c[C_TX_BYTES], n)
-            ff_add(&ff_ptx(self.st, pid).packets, 1)
-            ff_add(&ff_ptx(self.st, pid).bytes, n)
+        if v == V_SEND:  # counted as the loop counts a packet the UDP socket accepted
+            ff_tx_sent(self.st, pid, 1, n, &packets, &nbytes)
+            ff_tx_done(self.st, 0, packets, nbytes)
             return _contract.SEND, PyBytes_FromStringAndSize(<char *>p, n), nh
         if v == V_ICMP:
             return _contract.ICMP, PyBytes_FromStringAndSize(<char *>self.st.tx.icmp, ilen), None
@@ -354,17 +355,16 @@ cdef class Proxy:
         cdef Py_ssize_t n = PyBytes_GET_SIZE(datagram)
         cdef uint8_t *p
         cdef uint32_t pid = 0
+        cdef uint64_t packets = 0, nbytes = 0
         cdef ff_verdict v
         self._check_idle()
         p = self.st.rx.bufs
         if n <= IPV4_MAX:
             memcpy(p, PyBytes_AS_STRING(datagram), n)
         v = ff_in_one(self.st, src, p, n, &pid)
-        if v == V_WRITE:
-            ff_add(&self.st.c[C_RX_PACKETS], 1)
-            ff_add(&self.st.c[C_RX_BYTES], n)
-            ff_add(&ff_prx(self.st, pid).packets, 1)
-            ff_add(&ff_prx(self.st, pid).bytes, n)
+        if v == V_WRITE:  # counted as the loop counts a packet written to the TUN
+            ff_rx_written(self.st, pid, 1, n, &packets, &nbytes)
+            ff_rx_done(self.st, 0, packets, nbytes)
             return _contract.WRITE, PyBytes_FromStringAndSize(<char *>p, n)
         return _VERDICTS[v], None
 
@@ -396,19 +396,12 @@ cdef class Proxy:
         return total
 
     cdef unsigned int _tx_phase(self, unsigned int count):
-        cdef unsigned int nicmp = 0, nsend, i
-        cdef uint64_t nbytes = 0
-        cdef ff_peer_tx *pt
-        nsend = ff_tx_process(self.st, count, &nicmp)
-        for i in range(nsend):
-            nbytes += self.st.tx.iov[i].iov_len
-            pt = ff_ptx(self.st, self.st.tx.pids[i])
-            ff_add(&pt.packets, 1)
-            ff_add(&pt.bytes, self.st.tx.iov[i].iov_len)
-        ff_add(&self.st.c[C_TX_BATCHES], 1)
-        ff_count_batch(self.st, C_TX_BATCH_PACKETS, count)
-        ff_add(&self.st.c[C_TX_PACKETS], nsend)
-        ff_add(&self.st.c[C_TX_BYTES], nbytes)
+        """The loop's ff_tx_burst without its I/O: the same decide and count routines, every message accepted."""
+        cdef unsigned int nicmp = 0, nsend
+        cdef uint64_t packets = 0, nbytes = 0
+        nsend = ff_tx_decide(self.st, count, &nicmp)
+        ff_tx_count_sent(self.st, 0, nsend, &packets, &nbytes)
+        ff_tx_done(self.st, 0, packets, nbytes)
         return nsend
 
     def process_inbound_batch(self, uint32_t src, datagrams):
@@ -437,20 +430,15 @@ cdef class Proxy:
         return total
 
     cdef unsigned int _rx_phase(self, unsigned int count):
+        """The loop's ff_rx_burst without its I/O: the same decide and count routines, every TUN write done."""
         cdef unsigned int nwrite, i
-        cdef uint64_t nbytes = 0
-        cdef ff_peer_rx *pr
-        nwrite = ff_rx_process(self.st, count)
+        cdef uint64_t packets = 0, nbytes = 0
+        cdef ff_io *io = &self.st.rx
+        nwrite = ff_rx_decide(self.st, count)
         for i in range(count):
-            nbytes += self.st.rx.lens[i]
-            if self.st.rx.lens[i]:
-                pr = ff_prx(self.st, self.st.rx.pids[i])
-                ff_add(&pr.packets, 1)
-                ff_add(&pr.bytes, self.st.rx.lens[i])
-        ff_add(&self.st.c[C_RX_BATCHES], 1)
-        ff_count_batch(self.st, C_RX_BATCH_PACKETS, count)
-        ff_add(&self.st.c[C_RX_PACKETS], nwrite)
-        ff_add(&self.st.c[C_RX_BYTES], nbytes)
+            if io.lens[i]:
+                ff_rx_written(self.st, io.pids[i], 1, io.lens[i], &packets, &nbytes)
+        ff_rx_done(self.st, 0, packets, nbytes)
         return nwrite
 
     # --- the loop ---

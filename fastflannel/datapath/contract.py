@@ -164,6 +164,8 @@ def fastpath_error(err: int, what: str) -> FastPathError:
 
 # --- encapsulation and wire constants ---------------------------------------------------------------------------
 
+MAX_BUSY_POLL_US = 10000  # the loop's busy-poll window limit: a bound on spinning, never a way to burn a core
+
 UDP_ENCAP_OVERHEAD = 28  # bytes: 20 outer IPv4 + 8 UDP; TUN MTU = external MTU - 28 (flannel encapOverhead)
 
 IPV4_HDR_MIN = 20  # bytes, IHL 5

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from fastflannel.datapath import twin as _fastpath_py
 from fastflannel.datapath.contract import (
+    MAX_BUSY_POLL_US,
     SOL_UDP,
     UDP_ENCAP_OVERHEAD,
     UDP_GRO,
@@ -85,7 +86,6 @@ def implementation_module(name: Optional[str] = None) -> Any:
     raise ValueError(f"unknown fast path implementation {name!r}")
 
 
-MAX_BUSY_POLL_US = 10000  # a window is a bound on spinning, never a way to burn a core
 
 
 def parse_loop_priority(text: str) -> Tuple[str, int]:

@@ -41,6 +41,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from fastflannel.errors import TrafficError
+from fastflannel.retry import FailureLog, run_periodic
 
 log = logging.getLogger("fastflannel.kernel.iptables")
 
@@ -53,6 +54,7 @@ MULTICAST_V4 = "224.0.0.0/4"
 MULTICAST = {4: MULTICAST_V4, 6: "ff00::/8"}  # what the cluster-source MASQUERADE rule never masquerades
 TOOLS = {4: ("iptables", "iptables-save", "iptables-restore"), 6: ("ip6tables", "ip6tables-save", "ip6tables-restore")}
 RESYNC_S = 5.0  # seconds between checks (flanneld --iptables-resync default)
+RESYNC_BACKOFF_MAX_S = 60.0  # while iptables fails: 5 s doubling to 60 s between attempts
 FEATURE_VERSION = (1, 6, 2)  # first iptables with both --random-fully and iptables-restore --wait
 CMD_TIMEOUT_S = 30.0
 
@@ -244,14 +246,15 @@ class TrafficManager:
 
     def run(self, stop: threading.Event) -> None:
         """Every ``resync_s`` seconds check the rules and re-apply them all if anything is missing, until
-        ``stop`` is set. Never raises: iptables failures are logged and retried at the next period."""
-        while not stop.wait(self.resync_s):
-            try:
-                if not self.check():
-                    log.warning("event=iptables_drift action=reapply")
-                    self.apply()
-            except TrafficError as e:
-                log.error("event=iptables_resync_failed error=%s", e)
+        ``stop`` is set. Never raises: while iptables fails the period backs off (to ``RESYNC_BACKOFF_MAX_S``)
+        and the failure is logged once when it starts and once when it ends."""
+        def step() -> None:
+            if not self.check():
+                log.warning("event=iptables_drift action=reapply")
+                self.apply()
+
+        failure = FailureLog(log, "iptables_resync_failed", "iptables_resync_recovered", level=logging.ERROR)
+        run_periodic(stop, self.resync_s, step, failure, cap=RESYNC_BACKOFF_MAX_S, errors=(TrafficError,))
 
 
 class TrafficGroup:

@@ -416,7 +416,7 @@ class Netlink:
 
     def routes(self, oif: Optional[int] = None, table: int = RT_TABLE_MAIN, family: int = AF_INET) -> List[Route]:
         """Return the routes of ``family`` (AF_INET or AF_INET6) in ``table`` (optionally only those via ``oif``):
-        one raw dump decoded by ``nlbatch`` (15x cheaper than pyroute2's decoder for 5,000 routes)."""
+        one raw dump decoded by ``nlbatch`` (9-15x less CPU than pyroute2's decoder for 5,000 routes, measured)."""
         return self._dump("route show", lambda s, q: nlbatch.dump_routes(s, q, Route, family, table, oif))
 
     def route_get(self, ip: Address) -> Route:

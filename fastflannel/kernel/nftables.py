@@ -53,6 +53,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from fastflannel.errors import TrafficError
+from fastflannel.retry import FailureLog, run_periodic
 
 log = logging.getLogger("fastflannel.kernel.nftables")
 
@@ -66,6 +67,7 @@ FORWARD_COMMENT = "chain to accept flannel traffic"
 MULTICAST = {"ip": "224.0.0.0/4", "ip6": "ff00::/8"}
 KUBE_PROXY_MARK = "0x4000"
 RESYNC_S = 5.0
+RESYNC_BACKOFF_MAX_S = 60.0  # while nft fails: 5 s doubling to 60 s between attempts
 CMD_TIMEOUT_S = 30.0
 
 
@@ -242,17 +244,13 @@ class NftTrafficManager:
         return self._applied is not None and self.nft.tables() == self._applied
 
     def run(self, stop: threading.Event) -> None:
-        """Every ``resync_s`` seconds re-apply when the tables drifted, until ``stop`` is set. Never raises."""
-        failing = False
-        while not stop.wait(self.resync_s):
-            try:
-                if not self.check():
-                    log.warning("event=nftables_drift action=reapply")
-                    self.apply()
-                if failing:
-                    log.info("event=nftables_resync_recovered")
-                failing = False
-            except TrafficError as e:
-                if not failing:
-                    log.error("event=nftables_resync_failed error=%s", e)
-                failing = True
+        """Every ``resync_s`` seconds re-apply when the tables drifted, until ``stop`` is set. Never raises: while
+        nft fails the period backs off (to ``RESYNC_BACKOFF_MAX_S``), logged once when it starts and once when
+        it ends (``retry.run_periodic``, as the iptables resync)."""
+        def step() -> None:
+            if not self.check():
+                log.warning("event=nftables_drift action=reapply")
+                self.apply()
+
+        failure = FailureLog(log, "nftables_resync_failed", "nftables_resync_recovered", level=logging.ERROR)
+        run_periodic(stop, self.resync_s, step, failure, cap=RESYNC_BACKOFF_MAX_S, errors=(TrafficError,))

@@ -214,6 +214,10 @@ class UserspaceDevice:
 
     def start(self) -> None:
         """Start the process and wait for its socket; raise BackendError with its output if it fails."""
+        if self._socket_in_use():  # its answers would look like ours: never start beside it
+            raise BackendError(
+                f"{self.sock} is in use by another wireguard-go serving {self.name} (one UAPI directory per "
+                f"machine, not per netns); stop it, or give this daemon a private /var/run/wireguard")
         env = dict(os.environ, WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD="1", LOG_LEVEL="error")
         # stdout/stderr: the daemon's (its errors land in the daemon log); the PDEATHSIG fires when the thread
         # that forked exits, so start() is called from the main or the network thread, both live until shutdown
@@ -238,6 +242,20 @@ class UserspaceDevice:
                 raise BackendError(f"{self.binary} {self.name}: no UAPI socket {self.sock} after "
                                    f"{START_TIMEOUT_S:.0f} s")
             time.sleep(0.02)
+
+    def _socket_in_use(self, grace_s: float = 2.0) -> bool:
+        """True if a live process answers on our socket path for ``grace_s`` (one whose device was just deleted
+        needs a moment to exit); a stale socket of a dead process is fine (wireguard-go replaces it)."""
+        deadline = time.monotonic() + grace_s
+        while os.path.exists(self.sock):
+            try:
+                self.uapi.get()
+            except BackendError:
+                return False
+            if time.monotonic() > deadline:
+                return True
+            time.sleep(0.1)
+        return False
 
     def configure(self, private_key: str, listen_port: int) -> None:
         self.uapi.set(uapi_set_lines(private_key=private_key, listen_port=listen_port))

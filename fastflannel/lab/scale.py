@@ -10,8 +10,8 @@
    10.168.0.0/16, the underlay here, so host-gw's routes are on-link. Daemon CPU seconds (steadier than wall time
    on a shared machine), RSS, fds, and one periodic reconcile of the same state timed in-process.
 2. propagation: one new lease reaches M running daemons (host-gw): every host runs a watcher subscribed to the
-   kernel's route events (no polling) that notes when the new subnet's route appears; latency = the watcher's timestamp minus the writer's
-   timestamp just before the put (same clock: one machine).
+   kernel's route events (no polling) that notes when the new subnet's route appears; latency = the watcher's
+   timestamp minus the writer's timestamp just before the put (same clock: one machine).
 3. etcd load (``--etcd-load``): the operations one host does in steady state (re-list, own-key check, keep-alive,
    watch delivery) against a 3-member etcd holding N leases: etcd CPU per operation and the rate it sustains.
 

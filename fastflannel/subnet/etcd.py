@@ -50,6 +50,7 @@ from etcd3gw.utils import _decode, _encode, _increment_last_byte
 from fastflannel.ip import parse_subnet_key
 from fastflannel.lease import EventType, Lease, LeaseAttrs
 from fastflannel.subnet import StoreUnavailableError, SubnetError
+from fastflannel.subnet.etcdhints import probe_hint, tls_hint
 from fastflannel.subnet.registry import (
     CompactedError,
     LeaseNotFoundError,
@@ -58,8 +59,10 @@ from fastflannel.subnet.registry import (
     WatchItem,
     config_key,
     lease_from_kv,
+    StoredSubnet,
     log_skipped,
     removed_lease,
+    stored_subnet,
     subnet_key,
     subnets_prefix,
 )
@@ -242,6 +245,7 @@ class EtcdRegistry:
         with self._lock:
             start = self._idx
         errors: List[str] = []
+        failed: List[Endpoint] = []
         n = len(self._clients)
         for k in range(n):
             i = (start + k) % n
@@ -258,6 +262,7 @@ class EtcdRegistry:
                         raise
             except _CONN_ERRORS as e:
                 errors.append(f"{self.endpoints[i]}: {_detail(e)}")
+                failed.append(self.endpoints[i])
                 continue
             except etcd_exc.Etcd3Exception as e:
                 raise EtcdRequestError(f"etcd {op} at {self.endpoints[i]} failed: {_detail(e)}") from None
@@ -266,11 +271,12 @@ class EtcdRegistry:
                     self._idx = i
                 log.info("event=etcd_failover op=%s endpoint=%s", op, self.endpoints[i])
             return result
-        raise StoreUnavailableError(
-            f"etcd unavailable ({op}) at {self.endpoints_text()}: {'; '.join(errors)}. Check that etcd is running "
-            "and reachable from this host, and the --etcd-endpoints and TLS flags (--etcd-cafile, --etcd-certfile, "
-            "--etcd-keyfile)"
-        )
+        hints = sorted({h for h in (tls_hint(ep, err) or probe_hint(ep, err, self._connect_timeout)
+                                    for ep, err in zip(failed, errors)) if h})
+        advice = " ".join(hints) if hints else (
+            "Check that etcd is running and reachable from this host, and the --etcd-endpoints and TLS flags "
+            "(--etcd-cafile, --etcd-certfile, --etcd-keyfile)")
+        raise StoreUnavailableError(f"etcd unavailable ({op}) at {self.endpoints_text()}: {'; '.join(errors)}. {advice}")
 
     def _range(self, c: etcd3gw.Etcd3Client, key: str, prefix: bool = False) -> Dict[str, Any]:
         payload: Dict[str, Any] = {"key": _encode(key)}
@@ -313,6 +319,51 @@ class EtcdRegistry:
             return self._parse_kv(kvs[0])
         except ValueError:
             return None
+
+    def read_subnet(self, subnet: IPv4Network, subnet6: Optional[IPv6Network] = None) -> Optional[StoredSubnet]:
+        r = self._call("get subnet", lambda c: self._range(c, subnet_key(self.prefix, subnet, subnet6)))
+        kvs = r.get("kvs") or []
+        if not kvs:
+            return None
+        kv = kvs[0]
+        key = _decode(kv["key"]).decode("utf-8", errors="replace")
+        return stored_subnet(key, _decode(kv.get("value", "")), int(kv.get("mod_revision", 0)), int(kv.get("lease", 0)))
+
+    def replace_subnet(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int, mod_revision: int,
+                       lease_id: Optional[int] = None, subnet6: Optional[IPv6Network] = None) -> Lease:
+        key = subnet_key(self.prefix, subnet, subnet6)
+        lid, remaining, granted = 0, 0, False
+        if ttl > 0:
+            if lease_id:
+                remaining = self._lease_ttl(lease_id)
+                lid = lease_id if remaining > 0 else 0
+            if not lid:
+                lid, remaining, granted = self._grant(ttl), ttl, True
+        put: Dict[str, Any] = {"key": _encode(key), "value": _encode(attrs.to_json())}
+        if lid:
+            put["lease"] = lid
+        txn = {
+            "compare": [{"key": _encode(key), "result": "EQUAL", "target": "MOD", "mod_revision": mod_revision}],
+            "success": [{"request_put": put}],
+            "failure": [{"request_range": {"key": _encode(key)}}],
+        }
+        try:
+            r = self._call("replace subnet", lambda c: c.post(c.get_url("/kv/txn"), data=json.dumps(txn)))
+        except StoreUnavailableError:
+            raise  # may have been applied: a granted lease is left to its TTL
+        except SubnetError:
+            if granted:
+                self._revoke(lid)
+            raise
+        if not r.get("succeeded"):
+            existing = _failure_kv(r)
+            if not (lid and existing is not None and int(existing.get("lease", 0)) == lid
+                    and _decode(existing.get("value", "")) == attrs.to_json().encode()):
+                if granted:
+                    self._revoke(lid)
+                raise SubnetExistsError(subnet, key)
+            # else our own write, answered on a retry after a lost response
+        return Lease(subnet, attrs, time.time() + remaining if lid else 0.0, lid)
 
     def _grant(self, ttl: int) -> int:
         r = self._call("grant lease", lambda c: c.post(c.get_url("/lease/grant"), json={"TTL": ttl, "ID": 0}))

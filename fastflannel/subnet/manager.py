@@ -17,11 +17,17 @@ Keep (``keep_lease``), deliberately unlike Flannel:
   - our key is checked every ``check_s`` seconds and at once when the watch sees it change; if it is gone (deleted,
     or its etcd lease expired, e.g. during a long outage) the SAME subnet is re-created while it is free, with a
     WARNING ``event=lease_lost``. Flannel shuts the daemon down instead (flannel-compat.md section 2);
+  - our key holding a value that is not a lease (an operator's mistaken ``etcdctl put``) is seen from the watch
+    event (the batch's ``skipped`` keys) and rewritten with our lease in a txn guarded by that value's mod
+    revision (a concurrent legitimate writer wins), one WARNING ``event=lease_repaired``; subnet and data plane
+    stay. Another host's valid lease in our key is a conflict: ERROR ``event=lease_conflict`` once, re-checked
+    with back-off (0.5 s doubling to 30 s) and on every watch event of the key, never in a hot loop;
   - store outages log one line when they start and one when they end, and retry with backoff.
 
 Watch (``watch_leases``): snapshot at revision R -> ``LeaseWatcher.reset``; watch from R+1 -> ``update``;
-reconnect with backoff 100 ms -> 5 s; compaction -> re-list + reset; a full re-list every ``resync_s`` (longer in large clusters, jittered: ``resync_delay``) so state
-converges even after a missed event (Flannel has none); an empty batch at least every ``tick_s`` (1 s).
+reconnect with backoff 100 ms -> 5 s; compaction -> re-list + reset; a full re-list every ``resync_s``
+(longer in large clusters, jittered: ``resync_delay``) so state converges even after a missed event (Flannel
+has none); an empty batch at least every ``tick_s`` (1 s).
 
 Concurrency: plain threads. ``keep_lease`` and ``watch_leases`` run on different threads; they share only
 ``_wake`` (a ``threading.Event``: the watch saw our key change) and ``_current`` (read/written under ``_lock``).
@@ -38,7 +44,9 @@ from typing import Iterator, List, Optional, Tuple
 
 from fastflannel.config import NetworkConfig, parse_config
 from fastflannel.lease import Event, EventType, Lease, LeaseAttrs, LeaseWatcher
+from fastflannel.retry import Backoff, FailureLog
 from fastflannel.subnet import ConfigNotFoundError, LeaseError, StoreUnavailableError
+from fastflannel.ip import parse_subnet_key
 from fastflannel.subnet.allocator import pick_subnet
 from fastflannel.subnet.registry import (
     CompactedError,
@@ -63,6 +71,8 @@ WATCH_BACKOFF_MIN_S = 0.1  # flannel's watch reconnect backoff: 100 ms ...
 WATCH_BACKOFF_MAX_S = 5.0  # ... doubling up to 5 s
 KEEP_BACKOFF_MIN_S = 1.0  # keep_lease retry after a store error: 1 s doubling ...
 KEEP_BACKOFF_MAX_S = 30.0  # ... to 30 s (Flannel retries renewal once a minute)
+RECHECK_BACKOFF_MIN_S = 0.5  # our key not ours (lost create race, another host's lease): look again after 0.5 s ...
+RECHECK_BACKOFF_MAX_S = 30.0  # ... doubling to 30 s (the watch also wakes the keeper when the key changes)
 TICK_S = 1.0  # longest time watch_leases goes without yielding (so the caller can check stop)
 _POLL_S = 0.2  # granularity of stop/wake checks inside keep_lease
 
@@ -100,6 +110,7 @@ class LocalManager:
         tick_s: float = TICK_S,
         watch_backoff: Tuple[float, float] = (WATCH_BACKOFF_MIN_S, WATCH_BACKOFF_MAX_S),
         keep_backoff: Tuple[float, float] = (KEEP_BACKOFF_MIN_S, KEEP_BACKOFF_MAX_S),
+        recheck_backoff: Tuple[float, float] = (RECHECK_BACKOFF_MIN_S, RECHECK_BACKOFF_MAX_S),
     ) -> None:
         if ttl > 0 and not 0 < renew_margin_s < ttl:
             raise ValueError(f"renew margin {renew_margin_s}s must be between 0 and the lease TTL {ttl}s")
@@ -115,6 +126,7 @@ class LocalManager:
         self.tick_s = tick_s
         self.watch_backoff = watch_backoff
         self.keep_backoff = keep_backoff
+        self.recheck_backoff = recheck_backoff
         self._lock = threading.Lock()
         self._current: Optional[Lease] = None
         self._wake = threading.Event()
@@ -209,11 +221,12 @@ class LocalManager:
     def keep_lease(self, lease: Lease, stop: threading.Event) -> None:
         """Keep ``lease`` alive until ``stop`` is set (see the module docstring). Never raises for outages."""
         self._set_current(lease)
+        reservation = lease.lease_id == 0  # an operator's key without an etcd lease stays one
         interval = self.refresh_interval()
-        backoff = self.keep_backoff[0]
-        available = True
-        lost_logged = False
-        conflict_holder: Optional[IPv4Address] = None
+        store = Backoff(*self.keep_backoff)
+        recheck = Backoff(*self.recheck_backoff)  # while our key is not ours: lost race, conflict
+        outage = FailureLog(log, "store_unavailable", "store_available", op="keep_lease", subnet=lease.subnet)
+        own_state = ""
         now = time.monotonic()
         next_refresh = now  # a first keep-alive at once resets a reused lease to the full TTL
         next_check = now + self.check_s
@@ -237,48 +250,64 @@ class LocalManager:
                         self._set_current(lease)
                     next_refresh = now + interval
                 if need_check:
-                    lease, lost_logged, conflict_holder = self._check_own(lease, lost_logged, conflict_holder)
-                    next_check = now + self.check_s
-                if not available:
-                    log.info("event=store_available op=keep_lease subnet=%s", lease.subnet)
-                    available = True
-                backoff = self.keep_backoff[0]
+                    lease, own_state, again = self._check_own(lease, own_state, reservation)
+                    if again:
+                        next_check = now + recheck.next()
+                    else:
+                        recheck.reset()
+                        next_check = now + self.check_s
+                outage.ok()
+                store.reset()
             except StoreUnavailableError as e:
-                if available:
-                    log.warning("event=store_unavailable op=keep_lease subnet=%s error=%r action=retry", lease.subnet, str(e))
-                    available = False
+                outage.failed(e)
+                delay = store.next()
                 # when the store is back: refresh and check at once
-                next_refresh = next_check = time.monotonic() + backoff
-                stop.wait(backoff)
-                backoff = min(backoff * 2, self.keep_backoff[1])
+                next_refresh = next_check = time.monotonic() + delay
+                stop.wait(delay)
 
-    def _check_own(
-        self, lease: Lease, lost_logged: bool, conflict_holder: Optional[IPv4Address]
-    ) -> Tuple[Lease, bool, Optional[IPv4Address]]:
-        """Verify our key; re-create it if gone. Return (lease, lost_logged, conflict_holder)."""
-        cur = self.registry.get_subnet(lease.subnet, lease.subnet6)
-        if cur is not None and cur.attrs == lease.attrs:
-            if cur.lease_id != lease.lease_id:
-                lease = replace(lease, lease_id=cur.lease_id)
-                self._set_current(lease)
-            return lease, False, None
-        if cur is not None:
-            if conflict_holder != cur.attrs.public_ip:
+    def _check_own(self, lease: Lease, state: str, reservation: bool) -> Tuple[Lease, str, bool]:
+        """Verify our key and repair it. Return (lease, state, check again soon).
+
+        ``state`` is "" (the key holds our lease), "lost" (absent, being re-created) or "conflict <ip>" (another
+        host's valid lease): each is logged once when entered. A value that is not a lease at all (an operator's
+        mistaken put) is overwritten with ours, guarded by its mod revision so a concurrent writer wins."""
+        cur = self.registry.read_subnet(lease.subnet, lease.subnet6)
+        ttl = 0 if reservation else self.ttl
+        if cur is not None and cur.lease is not None:
+            if cur.lease.attrs == lease.attrs:
+                if cur.lease_id != lease.lease_id:
+                    lease = replace(lease, lease_id=cur.lease_id)
+                    self._set_current(lease)
+                if state:
+                    log.info("event=lease_ok subnet=%s lease_id=%x after=%r", lease.subnet, lease.lease_id, state)
+                return lease, "", False
+            new_state = f"conflict {cur.lease.attrs.public_ip}"
+            if new_state != state:
                 log.error(
                     "event=lease_conflict subnet=%s holder=%s public_ip=%s action=wait_until_free",
-                    lease.subnet, cur.attrs.public_ip, lease.attrs.public_ip,
+                    lease.subnet, cur.lease.attrs.public_ip, lease.attrs.public_ip,
                 )
-            return lease, lost_logged, cur.attrs.public_ip
-        if not lost_logged:
-            log.warning("event=lease_lost subnet=%s public_ip=%s action=reacquire", lease.subnet, lease.attrs.public_ip)
+            return lease, new_state, True
         try:
-            new = self.registry.create_subnet(lease.subnet, lease.attrs, self.ttl, subnet6=lease.subnet6)
+            if cur is not None:
+                new = self.registry.replace_subnet(lease.subnet, lease.attrs, ttl, cur.mod_revision,
+                                                   lease_id=lease.lease_id or None, subnet6=lease.subnet6)
+                log.warning(
+                    "event=lease_repaired subnet=%s key=%s found=%r error=%r lease_id=%x "
+                    "action=rewrote_own_lease hint=\"the key held a value that is not a lease (a mistaken etcdctl put?)\"",
+                    lease.subnet, cur.key, cur.value[:80], cur.error, new.lease_id,
+                )
+            else:
+                if state != "lost":
+                    log.warning("event=lease_lost subnet=%s public_ip=%s action=reacquire", lease.subnet,
+                                lease.attrs.public_ip)
+                state = "lost"
+                new = self.registry.create_subnet(lease.subnet, lease.attrs, ttl, subnet6=lease.subnet6)
+                log.warning("event=lease_reacquired subnet=%s lease_id=%x ttl=%d", new.subnet, new.lease_id, ttl)
         except SubnetExistsError:
-            self._wake.set()  # someone (maybe us, via a retried request) wrote it meanwhile: look again
-            return lease, True, conflict_holder
-        log.warning("event=lease_reacquired subnet=%s lease_id=%x ttl=%d", new.subnet, new.lease_id, self.ttl)
+            return lease, state, True  # someone (maybe us, via a retried request) wrote it meanwhile: look again
         self._set_current(new)
-        return new, False, None
+        return new, "", False
 
     # -- watch -------------------------------------------------------------------------------------------------
     def _pause(self, seconds: float, stop: threading.Event) -> Iterator[List[Event]]:
@@ -366,6 +395,12 @@ class LocalManager:
                 backoff = min(backoff * 2, self.watch_backoff[1])
 
     def _apply(self, own: Lease, watcher: LeaseWatcher, batch: WatchBatch) -> List[Event]:
+        for key in batch.skipped:  # a value we cannot parse: if it is in our key, the keeper repairs it now
+            try:
+                if parse_subnet_key(key.rsplit("/", 1)[-1])[0] == own.subnet:
+                    self._wake.set()
+            except ValueError:
+                pass
         events: List[Event] = []
         for typ, item in batch.items:
             self._note_own(own, typ, item)

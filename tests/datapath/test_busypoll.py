@@ -16,8 +16,9 @@ from typing import List, Tuple
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_fastpath import HAVE_CYTHON, IMPLS, NO_CYTHON_REASON, PEER, REMOTE, Rig, make
-from test_packets import ipv4_packet
+from fastpath_rig import PEER, REMOTE, Rig, make
+from impls import HAVE_CYTHON, IMPLS, NO_CYTHON_REASON
+from packets import ipv4_packet
 
 from fastflannel.datapath import fastpath, twin
 from fastflannel.datapath.contract import BUSY_FLOOR_SHIFT, BUSY_HIT, BUSY_MISS, BUSY_WOKE
@@ -151,17 +152,15 @@ def test_loop_threads_get_their_priority(impl: str) -> None:
         rig.close()
 
 
-def test_daemon_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fastflannel.backend import udp
+def test_daemon_defaults_and_environment() -> None:
+    from fastflannel.backend import udp_options
+    from fastflannel.backend.udp import fastpath_options
 
-    for k in ("FASTFLANNEL_UDP_BUSY_POLL_US", "FASTFLANNEL_UDP_LOOP_PRIORITY"):
-        monkeypatch.delenv(k, raising=False)
-    o = udp.fastpath_options_from_env()
-    assert o.busy_poll_us == udp.BUSY_POLL_US == 0  # measured: spinning loses on shared CPUs (docs/fastpath.md)
-    assert o.loop_priority == udp.LOOP_PRIORITY == "fifo:1"
-    monkeypatch.setenv("FASTFLANNEL_UDP_BUSY_POLL_US", "50")
-    monkeypatch.setenv("FASTFLANNEL_UDP_LOOP_PRIORITY", "")  # set but empty: inherit, not the default
-    o = udp.fastpath_options_from_env()
+    o = fastpath_options(udp_options.UdpOptions.load(environ={}), threads=1)
+    assert o.busy_poll_us == udp_options.BUSY_POLL_US == 0  # measured: spinning loses on shared CPUs
+    assert o.loop_priority == udp_options.LOOP_PRIORITY == "fifo:1"  # measured: the wake-up lever that pays
+    o = fastpath_options(udp_options.UdpOptions.load(environ={"FASTFLANNEL_UDP_BUSY_POLL_US": "50",
+                                                              "FASTFLANNEL_UDP_LOOP_PRIORITY": "inherit"}), 1)
     assert o.busy_poll_us == 50 and fastpath.parse_loop_priority(o.loop_priority) == ("", 0)
 
 

@@ -24,12 +24,12 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import List, Tuple
 
 import pytest
+from impls import HAVE_CYTHON, NO_CYTHON_REASON
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastflannel.datapath.twin import ip_checksum
 from fastflannel.datapath.fastpath import COUNTER_NAMES, FastPath, FastPathOptions
-from test_fastpath import HAVE_CYTHON, NO_CYTHON_REASON
 
 EXAMPLES = int(os.environ.get("FASTFLANNEL_FUZZ_EXAMPLES") or 300)
 fuzz_settings = settings(max_examples=EXAMPLES, deadline=None,

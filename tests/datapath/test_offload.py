@@ -2,65 +2,23 @@
 """Property tests of the offload core: TSO split (TUN reads) and TCP coalescing (TUN writes).
 
 The Cython functions (``_fastpath.gso_split``/``gro_coalesce``, the code the loop runs) are compared with the
-pure-Python reference in ``_fastpath_py``, and both with the invariants: split then coalesce gives back the
-original super-packet, every checksum is valid, seq/id/flags are right.
+pure-Python reference in ``twin_offload.py``, and both with the invariants: split then coalesce gives back the
+original super-packet, every checksum is valid (checked with tests/helpers' RFC 1071 sum, not the data path's),
+seq/id/flags are right.
 """
 from __future__ import annotations
-
-import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from packets import checksum as ip_checksum
+from vnet import ACK, DST, FIN, PSH, SRC, VNET, tcp_checksum, tcp_packet, tso_read
 
 from fastflannel.datapath import twin as ref
-from fastflannel.datapath.twin import ip_checksum, tcp_checksum
 
 cy = pytest.importorskip("fastflannel.datapath._fastpath")
 if getattr(cy, "IMPLEMENTATION", None) != "cython":  # pragma: no cover
     pytest.skip("Cython fast path not built", allow_module_level=True)
-
-VNET = struct.Struct("=BBHHHH")
-ACK, PSH, FIN = 0x10, 0x08, 0x01
-SRC, DST = bytes([10, 5, 1, 7]), bytes([10, 5, 2, 9])
-
-
-def tcp_packet(payload: bytes, seq: int, flags: int = ACK, ip_id: int = 1, options: bytes = b"", ttl: int = 63,
-               ack: int = 777, sport: int = 40000, dport: int = 5201, csum: bool = True) -> bytearray:
-    doff = 20 + len(options)
-    ip = bytearray(20)
-    ip[0] = 0x45
-    ip[2:4] = (20 + doff + len(payload)).to_bytes(2, "big")
-    ip[4:6] = ip_id.to_bytes(2, "big")
-    ip[6] = 0x40  # DF
-    ip[8] = ttl
-    ip[9] = 6
-    ip[12:16] = SRC
-    ip[16:20] = DST
-    ip[10:12] = ip_checksum(bytes(ip)).to_bytes(2, "big")
-    tcp = bytearray(20) + options
-    tcp[0:2] = sport.to_bytes(2, "big")
-    tcp[2:4] = dport.to_bytes(2, "big")
-    tcp[4:8] = (seq & 0xFFFFFFFF).to_bytes(4, "big")
-    tcp[8:12] = ack.to_bytes(4, "big")
-    tcp[12] = (doff // 4) << 4
-    tcp[13] = flags
-    tcp[14:16] = (65000).to_bytes(2, "big")
-    pkt = ip + tcp + payload
-    if csum:
-        pkt[36:38] = tcp_checksum(bytes(pkt)).to_bytes(2, "big")
-    return pkt
-
-
-def tso_read(payload: bytes, mss: int, seq: int, flags: int, ip_id: int, options: bytes,
-             bogus_hdr_len: bool) -> bytes:
-    """What a TUN with TSO4 hands us for a forwarded super-packet: partial checksum, maybe a wrong hdr_len."""
-    pkt = tcp_packet(payload, seq, flags, ip_id, options, csum=False)
-    plen = len(pkt) - 20
-    pseudo = SRC + DST + bytes([0, 6]) + plen.to_bytes(2, "big")
-    pkt[36:38] = (~ip_checksum(pseudo) & 0xFFFF).to_bytes(2, "big")  # folded pseudo sum, not complemented
-    hdr_len = min(len(pkt), 20 + 20 + len(options) + mss) if bogus_hdr_len else 40 + len(options)
-    return VNET.pack(1, 1, hdr_len, mss, 20, 16) + bytes(pkt)
 
 
 def check_segment(seg: bytes, mss: int) -> None:

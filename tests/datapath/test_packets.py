@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Check the packet helpers of the fast path against slow references: checksum, TTL patch, ICMP, validation.
 
-Also home of the packet builders the fast-path tests import (``ipv4_packet``).
+Packets are built with tests/helpers/packets.py (its own RFC 1071 sum, not the code under test).
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from ipaddress import IPv4Address
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from packets import checksum, ipv4_packet
 
 from fastflannel.datapath.contract import ICMP_TTL
 from fastflannel.datapath.twin_rules import (
@@ -20,41 +21,9 @@ from fastflannel.datapath.twin_rules import (
 )
 
 
-def ipv4_packet(src: str, dst: str, *, proto: int = 17, ttl: int = 64, payload: bytes = b"payload!",
-                options: bytes = b"", frag: int = 0, ident: int = 0x1234, tos: int = 0) -> bytes:
-    """Build an IPv4 packet with a correct header checksum (``options`` padded to 4 bytes)."""
-    options = options + b"\0" * (-len(options) % 4)
-    ihl = 20 + len(options)
-    h = bytearray(ihl)
-    h[0] = 0x40 | (ihl // 4)
-    h[1] = tos
-    h[2:4] = (ihl + len(payload)).to_bytes(2, "big")
-    h[4:6] = ident.to_bytes(2, "big")
-    h[6:8] = frag.to_bytes(2, "big")
-    h[8] = ttl
-    h[9] = proto
-    h[12:16] = IPv4Address(src).packed
-    h[16:20] = IPv4Address(dst).packed
-    h[20:] = options
-    h[10:12] = ip_checksum(h).to_bytes(2, "big")
-    return bytes(h) + payload
-
-
-def checksum_ref(data: bytes) -> int:
-    """Compute the RFC 1071 checksum the slow, obvious way: 32-bit accumulation, one fold at the end."""
-    if len(data) % 2:
-        data += b"\0"
-    total = 0
-    for i in range(0, len(data), 2):
-        total += data[i] * 256 + data[i + 1]
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    return 0xFFFF - total
-
-
 @given(st.binary(max_size=200))
 def test_checksum_matches_reference(data: bytes) -> None:
-    assert ip_checksum(data) == checksum_ref(data)
+    assert ip_checksum(data) == checksum(data)
 
 
 headers = st.builds(
@@ -75,7 +44,7 @@ def test_ttl_decrement_equals_recomputation(pkt: bytes) -> None:
     ihl = (p[0] & 15) * 4
     ref = bytearray(p[:ihl])
     ref[10:12] = b"\0\0"
-    assert int.from_bytes(p[10:12], "big") == checksum_ref(bytes(ref))
+    assert int.from_bytes(p[10:12], "big") == checksum(bytes(ref))
     assert ip_checksum(bytes(p[:ihl])) == 0  # the header verifies
     assert p[:8] == pkt[:8] and p[12:] == pkt[12:]
 

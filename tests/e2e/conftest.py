@@ -3,7 +3,8 @@
 
 - ``bed``: a 3-host cluster shared by a module's tests of one backend (parametrize ``bed`` indirectly with the
   backend name), torn down before the next backend's is built;
-- ``make_cluster(backend, n_hosts=3, env=..., config=..., **testbed_kwargs)``: a cluster for one test.
+- ``make_cluster(backend, n_hosts=3, env=..., config=..., containers=True, **testbed_kwargs)``: a cluster for one
+  test (``containers=False``: daemons only, for control-plane tests).
 Both return a ``cluster.Cluster``: converged, one container per host, every container pinging every other.
 """
 from __future__ import annotations
@@ -29,8 +30,9 @@ def make_cluster(make_testbed) -> Iterator[Callable[..., Cluster]]:
     made: list[Cluster] = []
 
     def make(backend: str, n_hosts: int = 3, *, env: dict | None = None, config: dict | None = None,
-             **testbed_kw) -> Cluster:
-        c = Cluster.build(make_testbed(n_hosts, **testbed_kw), backend, env=env, config=config)
+             containers: bool = True, **testbed_kw) -> Cluster:
+        c = Cluster.build(make_testbed(n_hosts, **testbed_kw), backend, env=env, config=config,
+                          containers=containers)
         LIVE.append(c)
         made.append(c)
         return c

@@ -52,14 +52,9 @@ def subnet_of(host) -> str:
 
 
 @pytest.fixture
-def cluster(make_testbed):
-    tb = make_testbed(3)
-    tb.put_config(HOSTGW)
-    for h in tb.hosts:
-        h.start_daemon()
-    for h in tb.hosts:
-        h.wait_subnet_env()
-    return tb
+def cluster(make_cluster):
+    """Three host-gw daemons, converged (no containers: these tests read the control plane)."""
+    return make_cluster("host-gw", config=HOSTGW, containers=False).tb
 
 
 def test_three_hosts_distinct_subnets_flannel_format(cluster):

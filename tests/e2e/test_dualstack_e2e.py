@@ -9,7 +9,7 @@ In each world (vxlan, then host-gw):
 - a bulk TCP transfer over IPv6 with equal sha256;
 - keys, lease JSON and subnet.env byte for byte as Flannel writes them (expected values built here by hand);
 - ip6tables masquerade rules on the host started with ``--ip-masq``;
-- kill -9 and restart keep both subnets (and, for vxlan, both VTEP MACs);
+- kill -9 and restart keep both subnets (and, for vxlan, both VTEP MACs); a deleted flannel-v6.1 comes back;
 - a lease deleted in etcd removes that peer's entries of both families on every host.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 
 import pytest
 
+import flanneld_by_hand as flanneld
 import waiting
 from peer_transfer import tcp_transfer
 
@@ -80,28 +81,18 @@ def announce(tb, o, backend: str) -> None:
 def configure_by_hand(o, backend: str, peers) -> None:
     """Program host ``o`` with plain iproute2 exactly as flanneld does (flannel-compat.md sections 5 and 6)."""
     v4, v6, m4, m6 = MANUAL[o.name]
-    ip = lambda *a: o.run(["ip", *a])  # noqa: E731
+    run = lambda argv: o.run(argv)  # noqa: E731
     if backend == "vxlan":
-        ip("link", "add", "flannel.1", "address", m4, "type", "vxlan", "id", "1", "dev", "eth0", "local", str(o.ip),
-           "dstport", "8472", "nolearning")
-        ip("addr", "add", f"{v4.network_address}/32", "dev", "flannel.1")
-        ip("link", "set", "flannel.1", "mtu", "1450", "up")
+        flanneld.vxlan_device(run, dev="flannel.1", mac=m4, local=o.ip, addr=v4.network_address, mtu=1450)
         if v6 is not None:
-            ip("link", "add", "flannel-v6.1", "address", m6, "type", "vxlan", "id", "1", "dev", "eth0", "local",
-               str(o.ip6), "dstport", "8472", "nolearning")
-            ip("addr", "add", f"{v6.network_address}/128", "dev", "flannel-v6.1", "nodad")
-            ip("link", "set", "flannel-v6.1", "mtu", "1430", "up")
-    for p in peers:  # (v4, v6, PublicIP, PublicIPv6, mac4, mac6) of every fastflannel host
-        pv4, pv6, pip, pip6, pm4, pm6 = p
+            flanneld.vxlan_device(run, dev="flannel-v6.1", mac=m6, local=o.ip6, addr=v6.network_address, mtu=1430)
+    for pv4, pv6, pip, pip6, pm4, pm6 in peers:  # every fastflannel host
         fams = [("flannel.1", pv4, pip, pm4)] + ([("flannel-v6.1", pv6, pip6, pm6)] if v6 is not None else [])
         for dev, sub, pub, pmac in fams:
-            fam = ["-6"] if sub.version == 6 else []
             if backend == "vxlan":
-                ip(*fam, "neigh", "replace", str(sub.network_address), "lladdr", pmac, "dev", dev, "nud", "permanent")
-                o.run(["bridge", "fdb", "replace", pmac, "dev", dev, "dst", str(pub), "self", "permanent"])
-                ip(*fam, "route", "replace", str(sub), "via", str(sub.network_address), "dev", dev, "onlink")
+                flanneld.vxlan_peer(run, dev=dev, subnet=sub, public_ip=pub, mac=pmac)
             else:
-                ip(*fam, "route", "replace", str(sub), "via", str(pub), "dev", "eth0")
+                flanneld.hostgw_peer(run, subnet=sub, public_ip=pub)
     mtu = 1450 if backend == "vxlan" else 1500
     o.subnet_file.write_text(flannel_subnet_env(v4, v6, mtu, False))
 
@@ -182,6 +173,15 @@ def test_dual_stack_world(make_testbed, backend):
     if backend == "vxlan":
         assert (mac(h2, "flannel.1"), mac(h2, "flannel-v6.1")) == before_macs
     assert ping(ctrs["h1"], ctrs["h2"].ip6) and ping(ctrs["h2"], ctrs["o1"].ip6) and ping(ctrs["h2"], ctrs["h3"].ip)
+
+    # -- vxlan: a deleted flannel-v6.1 comes back at once (link watcher) with its MAC, and IPv6 flows again -------
+    if backend == "vxlan":
+        mac6 = mac(h1, "flannel-v6.1")
+        h1.run(["ip", "link", "del", "flannel-v6.1"])
+        waiting.wait_for(lambda: h1.run(["ip", "link", "show", "dev", "flannel-v6.1"], check=False).returncode == 0,
+                         10, 0.1, "flannel-v6.1 re-created on h1")
+        assert mac(h1, "flannel-v6.1") == mac6
+        assert ping(ctrs["h1"], ctrs["h3"].ip6) and ping(ctrs["o1"], ctrs["h1"].ip6)
 
     # -- a lease deleted in etcd: that peer's entries of both families go everywhere ----------------------------
     h3.stop_daemon()  # SIGTERM: its kernel state and lease stay (Flannel's shutdown); then the lease is deleted

@@ -393,6 +393,59 @@ def test_tls_client_certificates(etcd, caplog):
 
 
 @pytest.mark.etcd
+def test_replace_subnet_is_guarded_by_mod_revision(etcd, prefix):
+    """read_subnet shows an unparsable value with its mod revision; replace_subnet rewrites it only at that
+    revision (a concurrent writer wins), keeping our etcd lease."""
+    reg = registry(etcd, prefix)
+    net = IPv4Network("10.5.7.0/24")
+    mine = reg.create_subnet(net, vx("192.0.2.7"), 600)
+    etcd.ctl("put", f"{prefix}/subnets/10.5.7.0-24", "oops")  # an operator's mistake: no lease, not JSON
+    cur = reg.read_subnet(net)
+    assert cur.lease is None and cur.value == "oops" and cur.error and cur.lease_id == 0 and cur.mod_revision > 0
+    etcd.ctl("put", f"{prefix}/subnets/10.5.7.0-24", "oops again")  # changed after we read it
+    with pytest.raises(SubnetExistsError):
+        reg.replace_subnet(net, vx("192.0.2.7"), 600, cur.mod_revision, lease_id=mine.lease_id)
+    assert reg.read_subnet(net).value == "oops again"
+    cur = reg.read_subnet(net)
+    got = reg.replace_subnet(net, vx("192.0.2.7"), 600, cur.mod_revision, lease_id=mine.lease_id)
+    assert got.lease_id == mine.lease_id
+    now = reg.read_subnet(net)
+    assert now.lease is not None and now.lease.attrs == vx("192.0.2.7") and now.lease_id == mine.lease_id
+    assert reg.get_subnet(net).attrs == vx("192.0.2.7")
+
+
+@pytest.mark.etcd
+def test_scheme_and_tls_mismatch_named_with_what_to_change(etcd):
+    """https against plain etcd, http against TLS etcd, a wrong CA, no client certificate: the error (logged once
+    per outage by the retry loops) says what to change, not just "unavailable"."""
+    import tempfile
+    from pathlib import Path
+
+    from fastflannel.lab.testbed.tls import make_tls_files
+
+    def err(**kw) -> str:
+        with pytest.raises(StoreUnavailableError) as ei:
+            EtcdRegistry(timeout=3, connect_timeout=2, **kw).get_config()
+        return str(ei.value)
+
+    e = tls_etcd()
+    try:
+        f = e.tls_files
+        assert "use http:// in --etcd-endpoints" in err(endpoints=etcd.endpoint.replace("http:", "https:"))
+        assert "use http:// in --etcd-endpoints" in err(endpoints=etcd.endpoint.replace("http:", "https:"),
+                                                        keyfile=f["client_key"], certfile=f["client_cert"])
+        assert "serves TLS, not plain http: use https://" in err(endpoints=e.endpoint.replace("https:", "http:"))
+        other = make_tls_files(Path(tempfile.mkdtemp(dir=e.data_dir)), [IPv4Address("127.0.0.1")])
+        assert "set --etcd-cafile to the CA" in err(endpoints=e.endpoint, cafile=other["ca"],
+                                                    keyfile=f["client_key"], certfile=f["client_cert"])
+        assert "set --etcd-certfile/--etcd-keyfile" in err(endpoints=e.endpoint, cafile=f["ca"])
+        # an ordinary outage keeps the general advice
+        e.stop()
+        assert "Check that etcd is running" in err(endpoints=e.endpoint, cafile=f["ca"])
+    finally:
+        e.close()
+
+
 def test_dual_lease_key_json_and_watch_delete(etcd, prefix):
     """Dual stack (issue 15): Flannel's key and JSON read back by etcdctl, a flanneld-written dual key read, a watch
     DELETE of a dual key that carries both subnets."""

@@ -31,6 +31,7 @@ LAYER_OF: dict[str, str] = {
     "fastflannel.ip": "base",
     "fastflannel.config": "base",
     "fastflannel.lease": "base",
+    "fastflannel.retry": "base",
     "fastflannel.kernel": "kernel",
     "fastflannel.datapath": "datapath",
     "fastflannel.subnet": "subnet",

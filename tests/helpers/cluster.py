@@ -216,15 +216,17 @@ class Cluster:
     args: dict = field(default_factory=dict)  # extra daemon arguments per host name, reused by restarts
 
     @classmethod
-    def build(cls, tb, backend: str, *, env: dict | None = None, config: dict | None = None) -> Cluster:
-        """Put the config, start a daemon on every host, one container each; return once converged and pinging."""
+    def build(cls, tb, backend: str, *, env: dict | None = None, config: dict | None = None,
+              containers: bool = True) -> Cluster:
+        """Put the config, start a daemon on every host, one container each (unless not ``containers``: the
+        control-plane tests); return once converged and, with containers, every container pinging every other."""
         tb.put_config(config or network_config(backend))
         c = cls(tb, backend, list(tb.hosts), env=dict(env or {}))
         for h in c.hosts:
             c.start(h)
         for h in c.hosts:
             h.wait_subnet_env(timeout=60)
-        c.ctrs = [h.add_container() for h in c.hosts]
+        c.ctrs = [h.add_container() for h in c.hosts] if containers else []
         c.wait_converged(timeout=30)
         c.ping_all()
         return c

@@ -28,8 +28,10 @@ from fastflannel.subnet.registry import (
     WatchBatch,
     config_key,
     lease_from_kv,
+    StoredSubnet,
     log_skipped,
     removed_lease,
+    stored_subnet,
     subnet_key,
     subnets_prefix,
 )
@@ -170,6 +172,25 @@ class FakeRegistry:
             except ValueError as e:
                 log_skipped(log, key, e)
                 return None
+
+    def read_subnet(self, subnet: IPv4Network, subnet6: Optional[IPv6Network] = None) -> Optional[StoredSubnet]:
+        self._enter("read_subnet", subnet)
+        key = subnet_key(self.prefix, subnet, subnet6)
+        with self.cond:
+            kv = self.kv.get(key)
+            return None if kv is None else stored_subnet(key, kv.value, kv.mod_revision, kv.lease)
+
+    def replace_subnet(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int, mod_revision: int,
+                       lease_id: Optional[int] = None, subnet6: Optional[IPv6Network] = None) -> Lease:
+        self._enter("replace_subnet", subnet, attrs, ttl, mod_revision, lease_id)
+        key = subnet_key(self.prefix, subnet, subnet6)
+        with self.cond:
+            kv = self.kv.get(key)
+            if (kv.mod_revision if kv else 0) != mod_revision:
+                raise SubnetExistsError(subnet, key)
+            lid = lease_id if lease_id and lease_id in self.leases else (self.grant(ttl) if ttl else 0)
+            self._mutate("PUT", key, attrs.to_json(), lid)
+            return Lease(subnet, attrs, time.time() + ttl if ttl else 0.0, lid)
 
     def create_subnet(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int,
                       subnet6: Optional[IPv6Network] = None) -> Lease:

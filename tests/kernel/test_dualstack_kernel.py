@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
+import flanneld_by_hand as flanneld
 from fakes import FakeManager, Rig, added, ipn, netns_marks, nsexec, removed, rig, sh  # noqa: F401
 
 from fastflannel.backend.hostgw import HostGwBackend
@@ -58,24 +59,11 @@ def test_vxlan_dual_stack_interop_with_iproute2_flanneld_peer(rig):
         v6 = nl.link_info("flannel-v6.1")
         assert v6 is not None and v6.mac == mac6_a and v6.mtu == 1430 and str(v6.vxlan.local) == "fd00::2"
         # side B: exactly the objects flanneld creates for a dual-stack host, with plain iproute2
-        for cmd in (
-            ["link", "add", "flannel.1", "address", mac_b, "type", "vxlan", "id", "1", "dev", "eth0",
-             "local", "10.168.0.3", "dstport", "8472", "nolearning"],
-            ["addr", "add", "100.96.2.0/32", "dev", "flannel.1"],
-            ["link", "set", "flannel.1", "mtu", "1450", "up"],
-            ["neigh", "replace", "100.96.1.0", "lladdr", mac_a, "dev", "flannel.1", "nud", "permanent"],
-            ["link", "add", "flannel-v6.1", "address", mac6_b, "type", "vxlan", "id", "1", "dev", "eth0",
-             "local", "fd00::3", "dstport", "8472", "nolearning"],
-            ["addr", "add", "fc00:0:0:2::/128", "dev", "flannel-v6.1", "nodad"],
-            ["link", "set", "flannel-v6.1", "mtu", "1430", "up"],
-            ["neigh", "replace", "fc00:0:0:1::", "lladdr", mac6_a, "dev", "flannel-v6.1", "nud", "permanent"],
-        ):
-            ipn(b, *cmd)
-        for mac, dev, dst in ((mac_a, "flannel.1", "10.168.0.2"), (mac6_a, "flannel-v6.1", "fd00::2")):
-            sh(["ip", "netns", "exec", b, "bridge", "fdb", "replace", mac, "dev", dev, "dst", dst, "self",
-                "permanent"])
-        ipn(b, "route", "replace", "100.96.1.0/24", "via", "100.96.1.0", "dev", "flannel.1", "onlink")
-        ipn(b, "-6", "route", "replace", "fc00:0:0:1::/64", "via", "fc00:0:0:1::", "dev", "flannel-v6.1", "onlink")
+        run_b = lambda argv: nsexec(b, *argv)  # noqa: E731
+        flanneld.vxlan_device(run_b, dev="flannel.1", mac=mac_b, local="10.168.0.3", addr="100.96.2.0", mtu=1450)
+        flanneld.vxlan_device(run_b, dev="flannel-v6.1", mac=mac6_b, local="fd00::3", addr="fc00:0:0:2::", mtu=1430)
+        flanneld.vxlan_peer(run_b, dev="flannel.1", subnet="100.96.1.0/24", public_ip="10.168.0.2", mac=mac_a)
+        flanneld.vxlan_peer(run_b, dev="flannel-v6.1", subnet="fc00:0:0:1::/64", public_ip="fd00::2", mac=mac6_a)
         peer = Lease(IPv4Network("100.96.2.0/24"),
                      LeaseAttrs.from_json('{"PublicIP":"10.168.0.3","PublicIPv6":"fd00::3","BackendType":"vxlan",'
                                           f'"BackendData":{{"VNI":1,"VtepMAC":"{mac_b}"}},'
@@ -108,8 +96,8 @@ def test_vxlan_dual_stack_interop_with_iproute2_flanneld_peer(rig):
 @netns_marks
 def test_hostgw_dual_stack_routes_via_public_ipv6(rig):
     a, b = _pair(rig)
-    ipn(b, "route", "replace", "100.96.1.0/24", "via", "10.168.0.2", "dev", "eth0")
-    ipn(b, "-6", "route", "replace", "fc00:0:0:1::/64", "via", "fd00::2", "dev", "eth0")
+    flanneld.hostgw_peer(lambda argv: nsexec(b, *argv), subnet="100.96.1.0/24", public_ip="10.168.0.2")
+    flanneld.hostgw_peer(lambda argv: nsexec(b, *argv), subnet="fc00:0:0:1::/64", public_ip="fd00::2")
     with Netlink(netns=a) as nl:
         ext = select_interface(["eth0"], [], None, nl, ipv6=True)
         mgr = FakeManager("100.96.1.0/24", "fc00:0:0:1::/64")

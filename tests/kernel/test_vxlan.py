@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
+import flanneld_by_hand as flanneld
 import pytest
 from fakes import (FakeManager, FakeNetlink, Rig, added, ext_iface, hostgw_lease, ipn, netns_marks, nsexec,
                    removed, rig, sh, vxlan_lease)  # noqa: F401
@@ -283,17 +284,9 @@ def test_interop_ping_with_iproute2_configured_flanneld_peer(rig):
         net = VxlanBackend(mgr, _ext(nl), nl, watch_links=False).register_network(CONFIG)
         mac_a = mgr.acquired[0].backend_data["VtepMAC"]
         # side B: exactly the objects flanneld creates, with plain iproute2
-        for cmd in (
-            ["link", "add", "flannel.1", "address", mac_b, "type", "vxlan", "id", "1", "dev", "eth0",
-             "local", "10.168.0.3", "dstport", "8472", "nolearning"],
-            ["addr", "add", "100.96.2.0/32", "dev", "flannel.1"],
-            ["link", "set", "flannel.1", "mtu", "1450", "up"],
-            ["neigh", "replace", "100.96.1.0", "lladdr", mac_a, "dev", "flannel.1", "nud", "permanent"],
-        ):
-            ipn(b, *cmd)
-        sh(["ip", "netns", "exec", b, "bridge", "fdb", "replace", mac_a, "dev", "flannel.1", "dst", "10.168.0.2",
-            "self", "permanent"])
-        ipn(b, "route", "replace", "100.96.1.0/24", "via", "100.96.1.0", "dev", "flannel.1", "onlink")
+        run_b = lambda argv: nsexec(b, *argv)  # noqa: E731
+        flanneld.vxlan_device(run_b, dev="flannel.1", mac=mac_b, local="10.168.0.3", addr="100.96.2.0", mtu=1450)
+        flanneld.vxlan_peer(run_b, dev="flannel.1", subnet="100.96.1.0/24", public_ip="10.168.0.2", mac=mac_a)
         net.handle_events(added(vxlan_lease("100.96.2.0/24", "10.168.0.3", mac_b)))
     nsexec(a, "ping", "-c", "2", "-W", "2", "-I", "100.96.1.1", "100.96.2.1")
     nsexec(b, "ping", "-c", "2", "-W", "2", "-I", "100.96.2.1", "100.96.1.1")

@@ -158,3 +158,20 @@ def test_planted_oversized_file_and_a_stale_exception_fail(tmp_path: Path) -> No
     assert arch.size_violations(root, {"fastflannel/big.py": "reason"}) == []
     assert arch.size_violations(root, {"fastflannel/ok.py": "reason", "fastflannel/big.py": "reason"}) == [
         "fastflannel/ok.py: listed as an exception to the 600-line rule but has 600 lines; remove it from the list"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the tests' own rule: what two test modules share lives in tests/helpers
+
+
+def test_no_test_module_imports_another() -> None:
+    tests = REPO / "tests"
+    names = {p.stem for p in tests.rglob("test_*.py")}
+    offenders = []
+    for p in sorted(tests.rglob("test_*.py")):
+        for node in ast.walk(ast.parse(p.read_text(), filename=str(p))):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            offenders += [f"{p.relative_to(REPO)}:{node.lineno} imports {m}" for m in mods
+                          if m.split(".")[0] in names or m.startswith("tests.")]
+    assert offenders == [], "move what they share to tests/helpers: " + "; ".join(offenders)

@@ -78,3 +78,18 @@ def test_watcher_removal_carries_known_attrs():
     assert ev.lease.attrs.vxlan_data()[1] == "0a:00:00:00:00:03"
     assert w.update([Event(EventType.REMOVED, bare)]) == []  # unknown removal: nothing to clean
     assert w.update([Event(EventType.ADDED, L("10.5.1.0/24"))]) == []  # own lease filtered
+
+
+def test_lease_from_kv_is_memoised_on_the_exact_stored_value():
+    from fastflannel.subnet.registry import lease_from_kv
+
+    value = b'{"PublicIP":"10.168.0.3","PublicIPv6":null,"BackendType":"host-gw"}'
+    a = lease_from_kv("/coreos.com/network/subnets/100.96.2.0-24", value, 7)
+    assert lease_from_kv("/coreos.com/network/subnets/100.96.2.0-24", value, 7) is a  # parsed once
+    other = lease_from_kv("/coreos.com/network/subnets/100.96.2.0-24", value, 8)
+    assert other is not a and other.lease_id == 8 and other == a  # another etcd lease: parsed again
+    changed = lease_from_kv("/coreos.com/network/subnets/100.96.2.0-24", value.replace(b".3", b".4"), 7)
+    assert str(changed.attrs.public_ip) == "10.168.0.4"
+    for _ in range(2):  # errors are raised every time, never cached as a value
+        with pytest.raises(ValueError):
+            lease_from_kv("/coreos.com/network/subnets/100.96.2.7-24", value, 7)

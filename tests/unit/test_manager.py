@@ -413,6 +413,77 @@ def test_watch_own_key_deleted_wakes_keep_lease():
         k.close()
 
 
+# -- own key overwritten (issue 14) ---------------------------------------------------------------------------------
+
+def test_own_key_garbage_repaired_from_the_watch_event(caplog):
+    """An operator's non-JSON put over our key: seen from the watch (not the 60 s check), rewritten once, same
+    subnet and etcd lease, no hot loop afterwards."""
+    caplog.set_level(logging.INFO)
+    reg, m, own = setup_watch(check_s=3600)
+    k = KeepRunner(m, own)
+    w = WatchRunner(m, own)
+    try:
+        time.sleep(0.2)
+        reg.put_raw(str(own.subnet).replace("/", "-"), "oops, not json")
+        assert wait_for(lambda: reg.value_of(str(own.subnet)).value == own.attrs.to_json(), timeout=3)
+        kv = reg.value_of(str(own.subnet))
+        assert kv.lease == own.lease_id and m.current_lease.subnet == own.subnet
+        n = len(reg.calls)
+        time.sleep(1.0)
+        assert len(reg.calls) - n < 10, reg.calls[n:]  # quiet again: a refresh/watch tick at most
+        assert "10.3.2.0/24" in w.state()
+    finally:
+        w.close()
+        k.close()
+    msgs = [r.getMessage() for r in caplog.records]
+    repaired = [x for x in msgs if "event=lease_repaired" in x]
+    assert len(repaired) == 1 and "oops, not json" in repaired[0], repaired
+    assert not any("event=lease_lost" in x or "event=lease_conflict" in x for x in msgs)
+
+
+def test_own_key_repair_loses_to_a_concurrent_valid_writer(caplog):
+    """The rewrite is guarded by the garbage's mod revision: a host that writes a valid lease in between wins, and
+    we become a logged-once conflict re-checked with back-off (not a hot loop)."""
+    reg, m, own = setup_watch(check_s=3600)
+    raced = []
+
+    def race(subnet, *_):
+        if not raced:
+            raced.append(1)
+            reg.put_lease(str(subnet), attrs("6.6.6.6"))
+
+    reg.hooks["replace_subnet"].append(race)
+    k = KeepRunner(m, own)
+    w = WatchRunner(m, own)
+    try:
+        time.sleep(0.2)
+        reg.put_raw(str(own.subnet).replace("/", "-"), "garbage")
+        assert wait_for(lambda: raced, timeout=3)
+        time.sleep(2.0)
+        assert json.loads(reg.value_of(str(own.subnet)).value)["PublicIP"] == "6.6.6.6"
+        assert reg.calls.count("read_subnet") <= 8, reg.calls.count("read_subnet")  # 0.5, 1, 2 s back-off
+    finally:
+        w.close()
+        k.close()
+    assert sum("event=lease_conflict" in r.getMessage() for r in caplog.records) == 1
+    assert not any("event=lease_repaired" in r.getMessage() for r in caplog.records)
+
+
+def test_conflict_is_rechecked_with_backoff(caplog):
+    reg = FakeRegistry(config=CONFIG)
+    m = mgr(reg, check_s=0.05, recheck_backoff=(0.1, 0.4))
+    lease = m.acquire_lease(attrs("1.1.1.1"))
+    reg.put_lease(str(lease.subnet), attrs("6.6.6.6"))
+    k = KeepRunner(m, lease)
+    try:
+        time.sleep(2.0)
+    finally:
+        k.close()
+    # without back-off check_s=0.05 would mean ~40 reads; 0.1, 0.2, 0.4, 0.4 ... is ~6
+    assert 3 <= reg.calls.count("read_subnet") <= 9, reg.calls.count("read_subnet")
+    assert sum("event=lease_conflict" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_resync_delay_spreads_hosts_started_together():
     from fastflannel.subnet.manager import RESYNC_JITTER, resync_delay
 

@@ -265,25 +265,7 @@ def test_select_endpoint_follows_flannel():
 def test_single_device_mode_one_device_both_families_one_peer(tmp_path):
     from ipaddress import IPv6Address, IPv6Interface, IPv6Network
 
-    class Nl6(FakeNl):
-        def addr_list(self, ifname, family=2):
-            return [AddrInfo(7, a, 0, 0x80) for a in self.addrs.get(ifname, ()) if (a.version == 6) == (family == 10)]
-
-    class Mgr6:
-        def acquire_lease(self, attrs):
-            self.attrs = attrs
-            return Lease(IPv4Network("100.96.1.0/24"), attrs, subnet6=IPv6Network("fd00:100:0:1::/64"))
-
-    nl, devs, mgr = Nl6(), {}, Mgr6()
-
-    def factory(netlink, name, mtu):
-        netlink.links[name] = "down"
-        devs[name] = FakeDevice()
-        return devs[name]
-
-    ext = ExternalInterface("eth0", 2, IPv4Address("10.168.0.2"), IPv4Address("10.168.0.2"), 1500,
-                            iface_addr6=IPv6Address("fd00::2"), ext_addr6=IPv6Address("fd00::2"))
-    be = WireguardBackend(mgr, ext, nl, device_factory=factory, key_file=str(tmp_path / "wgkey"))
+    nl, devs, mgr, be = dual_rig(tmp_path)
     dual = ('{"Network":"100.96.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:100::/48",'
             '"Backend":{"Type":"wireguard","Mode":"%s"}}')
     net = be.register_network(parse_config(dual % "ipv6"))
@@ -405,17 +387,22 @@ def test_genl_wrapper_decodes_pyroute2_messages_and_builds_peer_requests():
     assert rm["peer"] == {"public_key": peer_pub, "remove": True}
 
 
-def test_dual_stack_separate_mode_second_device_v6_lease_and_peers(tmp_path):
-    from ipaddress import IPv6Address, IPv6Interface, IPv6Network
+class Nl6(FakeNl):
+    def addr_list(self, ifname, family=2):
+        return [AddrInfo(7, a, 0, 0x80) for a in self.addrs.get(ifname, ()) if (a.version == 6) == (family == 10)]
 
-    class Nl6(FakeNl):
-        def addr_list(self, ifname, family=2):
-            return [AddrInfo(7, a, 0, 0x80) for a in self.addrs.get(ifname, ()) if (a.version == 6) == (family == 10)]
 
-    class Mgr6:
-        def acquire_lease(self, attrs):
-            self.attrs = attrs
-            return Lease(IPv4Network("100.96.1.0/24"), attrs, subnet6=IPv6Network("fd00:100:0:1::/64"))
+class Mgr6:
+    def acquire_lease(self, attrs):
+        from ipaddress import IPv6Network
+
+        self.attrs = attrs
+        return Lease(IPv4Network("100.96.1.0/24"), attrs, subnet6=IPv6Network("fd00:100:0:1::/64"))
+
+
+def dual_rig(tmp_path):
+    """A dual-stack host (10.168.0.2, fd00::2) with fake netlink, manager and devices (by name)."""
+    from ipaddress import IPv6Address
 
     nl, devs, mgr = Nl6(), {}, Mgr6()
 
@@ -426,7 +413,13 @@ def test_dual_stack_separate_mode_second_device_v6_lease_and_peers(tmp_path):
 
     ext = ExternalInterface("eth0", 2, IPv4Address("10.168.0.2"), IPv4Address("10.168.0.2"), 1500,
                             iface_addr6=IPv6Address("fd00::2"), ext_addr6=IPv6Address("fd00::2"))
-    be = WireguardBackend(mgr, ext, nl, device_factory=factory, key_file=str(tmp_path / "wgkey"))
+    return nl, devs, mgr, WireguardBackend(mgr, ext, nl, device_factory=factory, key_file=str(tmp_path / "wgkey"))
+
+
+def test_dual_stack_separate_mode_second_device_v6_lease_and_peers(tmp_path):
+    from ipaddress import IPv6Address, IPv6Interface, IPv6Network
+
+    nl, devs, mgr, be = dual_rig(tmp_path)
     net = be.register_network(parse_config(
         '{"Network":"100.96.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:100::/48",'
         '"Backend":{"Type":"wireguard","ListenPortV6":51999}}'))

@@ -3,7 +3,8 @@
 
 Packet fields are big endian and read byte by byte (no pointer casts onto packet memory); virtio_net_hdr fields
 are host order (no TUNSETVNETLE/BE): ld16n/st16n. Checksums are summed in native order (ff_sum_native, fastpath.h)
-and stored with a native 16-bit store, which is right on either endianness (RFC 1071 s.2).
+and stored with a native 16-bit store, which is right on either endianness (RFC 1071 s.2): the one checksum
+routine of the extension.
 """
 
 
@@ -43,26 +44,13 @@ cdef inline void st16(uint8_t *p, uint32_t v) noexcept nogil:
     p[1] = <uint8_t>v
 
 
-cdef uint16_t ff_cksum(const uint8_t *p, size_t n) noexcept nogil:
-    """Return the Internet checksum (RFC 1071) of p[0:n]; only used for the small ICMP packet."""
-    cdef uint64_t s = 0
-    cdef size_t i = 0
-    while i + 1 < n:
-        s += (<uint32_t>p[i] << 8) | p[i + 1]
-        i += 2
-    if n & 1:
-        s += <uint32_t>p[n - 1] << 8
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return <uint16_t>(~s & 0xFFFF)
-
-
 cdef inline uint64_t ff_pseudo(const uint8_t *ip, uint32_t l4len, uint8_t proto) noexcept nogil:
     """Native-order sum of the IPv4 pseudo-header of ``ip`` for an L4 segment of ``l4len`` bytes."""
     return ff_sum_native(ip + 12, 8, 0) + htons(proto) + htons(<uint16_t>l4len)
 
 
 cdef inline void ff_ip_csum(uint8_t *ip, size_t ihl) noexcept nogil:
+    """Compute the IPv4 header checksum of ip[0:ihl] into ip[10:12]."""
     ip[10] = 0
     ip[11] = 0
     st16n(ip + 10, <uint16_t>~ff_fold(ff_sum_native(ip, ihl, 0)))

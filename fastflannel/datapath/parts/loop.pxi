@@ -1,15 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """The per-packet loop: one batch per burst, read phase -> pure process phase -> sendmmsg / TUN writes.
 
-Shared by both loops: ff_count_batch, ff_wait_writable and ff_io_error (what a write-side site does after a failed
+Counting is count.pxi's (shared with the process_* test entry points: ff_tx_decide / ff_rx_decide are the
+process phase with its accounting, what those entry points run). Shared by both loops: ff_wait_writable and ff_io_error (what a write-side site does after a failed
 syscall). No Python objects; every function returns 0, 1 (stop seen) or -errno.
 """
-
-
-cdef inline void ff_count_batch(ff_state *st, int base, uint64_t n) noexcept nogil:
-    """Count one burst of ``n`` packets: c[base] += n (the sum), and its bucket (<=1, <=4, <=16, <=64, >64)."""
-    ff_add(&st.c[base], n)
-    ff_add(&st.c[base + 1 + ff_batch_bucket(n)], 1)
 
 
 cdef int ff_wait_writable(ff_state *st, int fd) noexcept nogil:
@@ -74,6 +69,7 @@ cdef unsigned int ff_tx_process(ff_state *st, unsigned int count, unsigned int *
     cdef uint32_t nh = 0, pid = 0
     cdef size_t ilen = 0
     cdef uint8_t *p
+    ff_check(count <= st.batch)
     for i in range(count):
         p = io.bufs + <size_t>i * FF_SLOT
         v = ff_out_one(st, p, io.lens[i], &nh, &pid, io.icmp + <size_t>ni * FF_ICMP_MAX, &ilen)
@@ -90,13 +86,18 @@ cdef unsigned int ff_tx_process(ff_state *st, unsigned int count, unsigned int *
     return nsend
 
 
+cdef inline unsigned int ff_tx_decide(ff_state *st, unsigned int count, unsigned int *nicmp) noexcept nogil:
+    """The tx process phase of a burst of ``count`` read slots, with its accounting (batch, drops); return nsend."""
+    ff_tx_batch(st, count)
+    return ff_tx_process(st, count, nicmp)
+
+
 cdef int ff_tx_burst(ff_state *st, int *stage, unsigned int *got) noexcept nogil:
     """Drain up to one batch from the TUN, process it, send it; 0, 1 (stop seen) or -errno. got: packets read."""
     cdef ff_io *io = &st.tx
     cdef unsigned int count = 0, nsend, nicmp = 0, sent = 0, i
     cdef ssize_t n
     cdef int r, e, a, rc
-    cdef ff_peer_tx *pt
     cdef uint64_t syscalls = 0, packets = 0, nbytes = 0
     while count < st.batch:
         n = read(st.tun_fd, io.bufs + <size_t>count * FF_SLOT, FF_SLOT)
@@ -119,9 +120,7 @@ cdef int ff_tx_burst(ff_state *st, int *stage, unsigned int *got) noexcept nogil
     if count == 0:
         ff_add(&st.c[C_TX_SYSCALLS], syscalls)
         return 0
-    ff_add(&st.c[C_TX_BATCHES], 1)
-    ff_count_batch(st, C_TX_BATCH_PACKETS, count)
-    nsend = ff_tx_process(st, count, &nicmp)
+    nsend = ff_tx_decide(st, count, &nicmp)
     for i in range(nicmp):
         syscalls += 1
         if write(st.tun_fd, io.icmp + <size_t>i * FF_ICMP_MAX, io.icmp_lens[i]) < 0:
@@ -137,20 +136,12 @@ cdef int ff_tx_burst(ff_state *st, int *stage, unsigned int *got) noexcept nogil
                 ff_add(&st.c[C_TX_SYSCALLS], syscalls)
                 stage[0] = S_UDP_SEND
                 return rc
-            ff_add(&st.c[C_TX_DROP_SEND], 1)  # this datagram only (EPERM, ENETUNREACH, EMSGSIZE...)
-            ff_add(&ff_ptx(st, io.pids[sent]).drop_send, 1)
+            ff_tx_drop_send(st, io.pids[sent], 1)  # this datagram only (EPERM, ENETUNREACH, EMSGSIZE...)
             sent += 1
             continue
-        for i in range(sent, sent + <unsigned int>r):
-            packets += 1
-            nbytes += io.iov[i].iov_len
-            pt = ff_ptx(st, io.pids[i])
-            ff_add(&pt.packets, 1)
-            ff_add(&pt.bytes, io.iov[i].iov_len)
+        ff_tx_count_sent(st, sent, sent + <unsigned int>r, &packets, &nbytes)
         sent += <unsigned int>r
-    ff_add(&st.c[C_TX_SYSCALLS], syscalls)
-    ff_add(&st.c[C_TX_PACKETS], packets)
-    ff_add(&st.c[C_TX_BYTES], nbytes)
+    ff_tx_done(st, syscalls, packets, nbytes)
     return 0
 
 
@@ -166,6 +157,13 @@ cdef unsigned int ff_rx_process(ff_state *st, unsigned int count) noexcept nogil
     return nwrite
 
 
+cdef inline unsigned int ff_rx_decide(ff_state *st, unsigned int count) noexcept nogil:
+    """The rx process phase of a burst of ``count`` received slots, with its accounting (batch, drops); return
+    how many are to be written (their lens stay > 0)."""
+    ff_rx_batch(st, count)
+    return ff_rx_process(st, count)
+
+
 cdef int ff_rx_burst(ff_state *st, int *stage, unsigned int *got) noexcept nogil:
     """Receive up to one batch with recvmmsg, process it, write it to the TUN; 0, 1 (stop seen) or -errno.
     got: datagrams received."""
@@ -173,7 +171,6 @@ cdef int ff_rx_burst(ff_state *st, int *stage, unsigned int *got) noexcept nogil
     cdef unsigned int i, count
     cdef int r, e, a, rc
     cdef ssize_t w
-    cdef ff_peer_rx *pr
     cdef uint64_t syscalls = 1, packets = 0, nbytes = 0
     for i in range(st.batch):
         io.msgs[i].msg_hdr.msg_namelen = sizeof(io.addrs[0])
@@ -194,14 +191,12 @@ cdef int ff_rx_burst(ff_state *st, int *stage, unsigned int *got) noexcept nogil
         return 0
     count = <unsigned int>r
     got[0] = count
-    ff_add(&st.c[C_RX_BATCHES], 1)
-    ff_count_batch(st, C_RX_BATCH_PACKETS, count)
     for i in range(count):
         io.lens[i] = io.msgs[i].msg_len
         if io.msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
             io.lens[i] = IPV4_MAX + 1  # cannot happen with FF_SLOT buffers; counted as malformed if it does
         io.srcs[i] = ntohl(io.addrs[i].sin_addr.s_addr) if io.addrs[i].sin_family == AF_INET else 0
-    ff_rx_process(st, count)
+    ff_rx_decide(st, count)
     for i in range(count):
         if io.lens[i] == 0:
             continue
@@ -209,11 +204,7 @@ cdef int ff_rx_burst(ff_state *st, int *stage, unsigned int *got) noexcept nogil
             w = write(st.tun_fd, io.bufs + <size_t>i * FF_SLOT, io.lens[i])
             syscalls += 1
             if w >= 0:
-                packets += 1
-                nbytes += io.lens[i]
-                pr = ff_prx(st, io.pids[i])
-                ff_add(&pr.packets, 1)
-                ff_add(&pr.bytes, io.lens[i])
+                ff_rx_written(st, io.pids[i], 1, io.lens[i], &packets, &nbytes)
                 break
             a = ff_io_error(st, st.tun_fd, C_RX_TUN_WRITE_WAITS, &syscalls, &rc)
             if a == FF_IO_RETRY:
@@ -224,7 +215,5 @@ cdef int ff_rx_burst(ff_state *st, int *stage, unsigned int *got) noexcept nogil
                 return rc
             ff_add(&st.c[C_RX_DROP_TUN_WRITE], 1)
             break
-    ff_add(&st.c[C_RX_SYSCALLS], syscalls)
-    ff_add(&st.c[C_RX_PACKETS], packets)
-    ff_add(&st.c[C_RX_BYTES], nbytes)
+    ff_rx_done(st, syscalls, packets, nbytes)
     return 0

@@ -11,7 +11,6 @@ cdef int ff_send_slow(ff_state *st, unsigned int m, uint64_t *syscalls, uint64_t
     cdef size_t left = io.giov[m].iov_len, seg = io.gseglen[m], l
     cdef ssize_t w
     cdef int a, rc
-    cdef ff_peer_tx *pt = ff_ptx(st, io.gpids[m])
     while left > 0:
         l = left if left < seg else seg
         w = sendto(st.udp_fd, base, l, MSG_DONTWAIT, &io.gaddrs[m], sizeof(sockaddr_in))
@@ -22,13 +21,9 @@ cdef int ff_send_slow(ff_state *st, unsigned int m, uint64_t *syscalls, uint64_t
                 continue
             if a == FF_IO_STOP:
                 return rc
-            ff_add(&st.c[C_TX_DROP_SEND], 1)
-            ff_add(&pt.drop_send, 1)
+            ff_tx_drop_send(st, io.gpids[m], 1)
         else:
-            packets[0] += 1
-            nbytes[0] += l
-            ff_add(&pt.packets, 1)
-            ff_add(&pt.bytes, l)
+            ff_tx_sent(st, io.gpids[m], 1, l, packets, nbytes)
         base += l
         left -= l
     return 0
@@ -41,7 +36,6 @@ cdef int ff_tx_flush(ff_state *st, int *stage, uint64_t *syscalls) noexcept nogi
     cdef int r, a, rc
     cdef cmsghdr *cm
     cdef uint16_t segsz
-    cdef ff_peer_tx *pt
     cdef uint64_t packets = 0, nbytes = 0, gsends = 0
     for m in range(io.ngmsg):
         if io.gsegs[m] > 1 and st.gso:
@@ -78,22 +72,16 @@ cdef int ff_tx_flush(ff_state *st, int *stage, uint64_t *syscalls) noexcept nogi
                 st.gso = 0
                 ff_add(&st.c[C_TX_GSO_ERRORS], 1)
                 continue
-            ff_add(&st.c[C_TX_DROP_SEND], io.gsegs[sent])
-            ff_add(&ff_ptx(st, io.gpids[sent]).drop_send, io.gsegs[sent])
+            ff_tx_drop_send(st, io.gpids[sent], io.gsegs[sent])
             sent += 1
             continue
         for k in range(sent, sent + <unsigned int>r):
-            packets += io.gsegs[k]
-            nbytes += io.giov[k].iov_len
-            pt = ff_ptx(st, io.gpids[k])
-            ff_add(&pt.packets, io.gsegs[k])
-            ff_add(&pt.bytes, io.giov[k].iov_len)
+            ff_tx_sent(st, io.gpids[k], io.gsegs[k], io.giov[k].iov_len, &packets, &nbytes)
             if io.gsegs[k] > 1 and st.gso:
                 gsends += 1
         sent += <unsigned int>r
         r = 0
-    ff_add(&st.c[C_TX_PACKETS], packets)
-    ff_add(&st.c[C_TX_BYTES], nbytes)
+    ff_tx_done(st, 0, packets, nbytes)  # the caller adds the syscalls
     ff_add(&st.c[C_TX_GSO_SENDS], gsends)
     io.ngmsg = 0
     io.arena_used = 0
@@ -187,10 +175,10 @@ cdef int ff_tx_burst_vnet(ff_state *st, int *stage, unsigned int *got) noexcept 
                     ff_add(&st.c[C_TX_DROP_ICMP_WRITE], 1)
             p += l
         io.arena_used += <size_t>(p - (io.arena + io.arena_used))
+        ff_check(io.arena_used <= FF_ARENA and io.ngmsg <= FF_TXMSG_MAX)
     got[0] = reads
     if reads:
-        ff_add(&st.c[C_TX_BATCHES], 1)
-        ff_count_batch(st, C_TX_BATCH_PACKETS, pkts)
+        ff_tx_batch(st, pkts)
     r = 0
     if io.ngmsg:
         r = ff_tx_flush(st, stage, &syscalls)
@@ -223,7 +211,6 @@ cdef int ff_rx_flush(ff_state *st, int *stage, uint64_t *syscalls) noexcept nogi
     cdef size_t n
     cdef int r = 0
     cdef ff_item *it
-    cdef ff_peer_rx *pr
     cdef uint64_t packets = 0, nbytes = 0, cw = 0, cp = 0
     for k in range(io.nout):
         it = &io.items[k]
@@ -235,17 +222,12 @@ cdef int ff_rx_flush(ff_state *st, int *stage, uint64_t *syscalls) noexcept nogi
             continue
         if r != 0:
             break
-        packets += it.count
-        nbytes += it.in_bytes
-        pr = ff_prx(st, it.pid)
-        ff_add(&pr.packets, it.count)
-        ff_add(&pr.bytes, it.in_bytes)
+        ff_rx_written(st, it.pid, it.count, it.in_bytes, &packets, &nbytes)
         if it.count > 1:
             cw += 1
             cp += it.count
     io.nout = 0
-    ff_add(&st.c[C_RX_PACKETS], packets)
-    ff_add(&st.c[C_RX_BYTES], nbytes)
+    ff_rx_done(st, 0, packets, nbytes)  # the caller adds the syscalls
     ff_add(&st.c[C_RX_COALESCED_WRITES], cw)
     ff_add(&st.c[C_RX_COALESCED_PACKETS], cp)
     return r
@@ -261,7 +243,6 @@ cdef int ff_rx_burst_gro(ff_state *st, int *stage, unsigned int *got) noexcept n
     cdef uint8_t *base
     cdef uint32_t src, pid = 0
     cdef cmsghdr *cm
-    cdef ff_peer_rx *pr
     cdef uint64_t syscalls = 1, packets = 0, nbytes = 0, dgrams = 0
     got[0] = 0
     for i in range(st.batch):
@@ -324,11 +305,7 @@ cdef int ff_rx_burst_gro(ff_state *st, int *stage, unsigned int *got) noexcept n
                     elif r != 0:
                         break
                     else:
-                        packets += 1
-                        nbytes += il
-                        pr = ff_prx(st, pid)
-                        ff_add(&pr.packets, 1)
-                        ff_add(&pr.bytes, il)
+                        ff_rx_written(st, pid, 1, il, &packets, &nbytes)
             off += il
             if off >= total or total > IPV4_MAX:
                 break
@@ -340,7 +317,5 @@ cdef int ff_rx_burst_gro(ff_state *st, int *stage, unsigned int *got) noexcept n
     if st.gro:
         ff_add(&st.c[C_RX_GRO_RECEIVES], count)
         ff_add(&st.c[C_RX_GRO_DATAGRAMS], dgrams)
-    ff_add(&st.c[C_RX_SYSCALLS], syscalls)
-    ff_add(&st.c[C_RX_PACKETS], packets)
-    ff_add(&st.c[C_RX_BYTES], nbytes)
+    ff_rx_done(st, syscalls, packets, nbytes)
     return r

@@ -4,15 +4,15 @@
 
 cdef int ff_io_alloc(ff_io *io, unsigned int batch, uint16_t port_be) noexcept nogil:
     cdef unsigned int i
-    io.bufs = <uint8_t *>PyMem_RawMalloc(<size_t>batch * FF_SLOT)
-    io.lens = <uint32_t *>PyMem_RawCalloc(batch if batch > FF_SEGS_MAX else FF_SEGS_MAX, sizeof(uint32_t))
-    io.srcs = <uint32_t *>PyMem_RawCalloc(batch, sizeof(uint32_t))
-    io.pids = <uint32_t *>PyMem_RawCalloc(batch, sizeof(uint32_t))
-    io.msgs = <mmsghdr *>PyMem_RawCalloc(batch, sizeof(mmsghdr))
-    io.iov = <iovec *>PyMem_RawCalloc(batch, sizeof(iovec))
-    io.addrs = <sockaddr_in *>PyMem_RawCalloc(batch, sizeof(sockaddr_in))
-    io.icmp = <uint8_t *>PyMem_RawMalloc(<size_t>batch * FF_ICMP_MAX)
-    io.icmp_lens = <uint32_t *>PyMem_RawCalloc(batch, sizeof(uint32_t))
+    io.bufs = <uint8_t *>ff_malloc(<size_t>batch * FF_SLOT)
+    io.lens = <uint32_t *>ff_calloc(batch if batch > FF_SEGS_MAX else FF_SEGS_MAX, sizeof(uint32_t))
+    io.srcs = <uint32_t *>ff_calloc(batch, sizeof(uint32_t))
+    io.pids = <uint32_t *>ff_calloc(batch, sizeof(uint32_t))
+    io.msgs = <mmsghdr *>ff_calloc(batch, sizeof(mmsghdr))
+    io.iov = <iovec *>ff_calloc(batch, sizeof(iovec))
+    io.addrs = <sockaddr_in *>ff_calloc(batch, sizeof(sockaddr_in))
+    io.icmp = <uint8_t *>ff_malloc(<size_t>batch * FF_ICMP_MAX)
+    io.icmp_lens = <uint32_t *>ff_calloc(batch, sizeof(uint32_t))
     if (io.bufs == NULL or io.lens == NULL or io.srcs == NULL or io.pids == NULL or io.msgs == NULL or io.iov == NULL
             or io.addrs == NULL or io.icmp == NULL or io.icmp_lens == NULL):
         return -ENOMEM
@@ -33,18 +33,18 @@ cdef int ff_io_alloc(ff_io *io, unsigned int batch, uint16_t port_be) noexcept n
 cdef int ff_offload_alloc(ff_io *io, unsigned int batch, uint16_t port_be) noexcept nogil:
     """The offload-mode buffers (large ones are malloc'd lazily by the kernel: untouched pages cost nothing)."""
     cdef int i
-    io.rbuf = <uint8_t *>PyMem_RawMalloc(FF_RBUF)
-    io.arena = <uint8_t *>PyMem_RawMalloc(FF_ARENA)
-    io.gmsgs = <mmsghdr *>PyMem_RawCalloc(FF_TXMSG_MAX, sizeof(mmsghdr))
-    io.giov = <iovec *>PyMem_RawCalloc(FF_TXMSG_MAX, sizeof(iovec))
-    io.gaddrs = <sockaddr_in *>PyMem_RawCalloc(FF_TXMSG_MAX, sizeof(sockaddr_in))
-    io.gcmsg = <uint8_t *>PyMem_RawCalloc(FF_TXMSG_MAX, FF_CMSG)
-    io.gsegs = <uint32_t *>PyMem_RawCalloc(FF_TXMSG_MAX, sizeof(uint32_t))
-    io.gseglen = <uint32_t *>PyMem_RawCalloc(FF_TXMSG_MAX, sizeof(uint32_t))
-    io.gpids = <uint32_t *>PyMem_RawCalloc(FF_TXMSG_MAX, sizeof(uint32_t))
-    io.rcmsg = <uint8_t *>PyMem_RawCalloc(batch, FF_CMSG)
-    io.wslots = <uint8_t *>PyMem_RawMalloc(<size_t>FF_WSLOTS * FF_WSLOT)
-    io.items = <ff_item *>PyMem_RawCalloc(FF_WSLOTS, sizeof(ff_item))
+    io.rbuf = <uint8_t *>ff_malloc(FF_RBUF)
+    io.arena = <uint8_t *>ff_malloc(FF_ARENA)
+    io.gmsgs = <mmsghdr *>ff_calloc(FF_TXMSG_MAX, sizeof(mmsghdr))
+    io.giov = <iovec *>ff_calloc(FF_TXMSG_MAX, sizeof(iovec))
+    io.gaddrs = <sockaddr_in *>ff_calloc(FF_TXMSG_MAX, sizeof(sockaddr_in))
+    io.gcmsg = <uint8_t *>ff_calloc(FF_TXMSG_MAX, FF_CMSG)
+    io.gsegs = <uint32_t *>ff_calloc(FF_TXMSG_MAX, sizeof(uint32_t))
+    io.gseglen = <uint32_t *>ff_calloc(FF_TXMSG_MAX, sizeof(uint32_t))
+    io.gpids = <uint32_t *>ff_calloc(FF_TXMSG_MAX, sizeof(uint32_t))
+    io.rcmsg = <uint8_t *>ff_calloc(batch, FF_CMSG)
+    io.wslots = <uint8_t *>ff_malloc(<size_t>FF_WSLOTS * FF_WSLOT)
+    io.items = <ff_item *>ff_calloc(FF_WSLOTS, sizeof(ff_item))
     if (io.rbuf == NULL or io.arena == NULL or io.gmsgs == NULL or io.giov == NULL or io.gaddrs == NULL
             or io.gcmsg == NULL or io.gsegs == NULL or io.gseglen == NULL or io.gpids == NULL or io.rcmsg == NULL
             or io.wslots == NULL
@@ -61,27 +61,27 @@ cdef int ff_offload_alloc(ff_io *io, unsigned int batch, uint16_t port_be) noexc
 
 
 cdef void ff_io_free(ff_io *io) noexcept nogil:
-    PyMem_RawFree(io.rbuf)
-    PyMem_RawFree(io.arena)
-    PyMem_RawFree(io.gmsgs)
-    PyMem_RawFree(io.giov)
-    PyMem_RawFree(io.gaddrs)
-    PyMem_RawFree(io.gcmsg)
-    PyMem_RawFree(io.gsegs)
-    PyMem_RawFree(io.gseglen)
-    PyMem_RawFree(io.gpids)
-    PyMem_RawFree(io.rcmsg)
-    PyMem_RawFree(io.wslots)
-    PyMem_RawFree(io.items)
-    PyMem_RawFree(io.bufs)
-    PyMem_RawFree(io.lens)
-    PyMem_RawFree(io.srcs)
-    PyMem_RawFree(io.pids)
-    PyMem_RawFree(io.msgs)
-    PyMem_RawFree(io.iov)
-    PyMem_RawFree(io.addrs)
-    PyMem_RawFree(io.icmp)
-    PyMem_RawFree(io.icmp_lens)
+    ff_free(io.rbuf)
+    ff_free(io.arena)
+    ff_free(io.gmsgs)
+    ff_free(io.giov)
+    ff_free(io.gaddrs)
+    ff_free(io.gcmsg)
+    ff_free(io.gsegs)
+    ff_free(io.gseglen)
+    ff_free(io.gpids)
+    ff_free(io.rcmsg)
+    ff_free(io.wslots)
+    ff_free(io.items)
+    ff_free(io.bufs)
+    ff_free(io.lens)
+    ff_free(io.srcs)
+    ff_free(io.pids)
+    ff_free(io.msgs)
+    ff_free(io.iov)
+    ff_free(io.addrs)
+    ff_free(io.icmp)
+    ff_free(io.icmp_lens)
     memset(io, 0, sizeof(ff_io))
 
 
@@ -91,17 +91,17 @@ cdef void ff_state_free(ff_state *st) noexcept nogil:
         return
     ff_io_free(&st.tx)
     ff_io_free(&st.rx)
-    PyMem_RawFree(st.table)
-    PyMem_RawFree(st.table_pid)
-    PyMem_RawFree(st.peers.keys)
-    PyMem_RawFree(st.peers.pids)
+    ff_free(st.table)
+    ff_free(st.table_pid)
+    ff_free(st.peers.keys)
+    ff_free(st.peers.pids)
     for i in range(st.peer_chunks):
         if st.ptx != NULL:
-            PyMem_RawFree(st.ptx[i])
+            ff_free(st.ptx[i])
         if st.prx != NULL:
-            PyMem_RawFree(st.prx[i])
-    PyMem_RawFree(st.ptx)
-    PyMem_RawFree(st.prx)
+            ff_free(st.prx[i])
+    ff_free(st.ptx)
+    ff_free(st.prx)
     if st.stop_fd >= 0:
         close(st.stop_fd)
-    PyMem_RawFree(st)
+    ff_free(st)

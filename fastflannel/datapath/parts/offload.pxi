@@ -161,6 +161,7 @@ cdef int ff_gro_add(ff_io *io, const uint8_t *p, size_t n, uint32_t pid) noexcep
     it.in_bytes = <uint32_t>n
     it.count = 1
     io.nout += 1
+    ff_check(io.nout <= FF_WSLOTS)
     return 0
 
 
@@ -170,6 +171,7 @@ cdef size_t ff_gro_finish(ff_io *io, unsigned int k) noexcept nogil:
     cdef ff_item *it = &io.items[k]
     cdef uint8_t *slot = io.wslots + <size_t>k * FF_WSLOT
     cdef uint8_t *ip = slot + FF_VNET
+    ff_check(k < io.nout and FF_VNET + it.len <= FF_WSLOT)
     memset(slot, 0, FF_VNET)
     if it.count > 1:
         slot[0] = VIRTIO_F_NEEDS_CSUM

@@ -45,6 +45,7 @@ cdef int ff_peer_insert(ff_peers *ps, uint32_t k, uint32_t pid) noexcept nogil:
     ps.keys[i] = k
     ps.pids[i] = pid
     ps.count += 1
+    ff_check(ps.count * 2 <= ps.cap)
     return 0
 
 
@@ -61,11 +62,11 @@ cdef int ff_peer_add(ff_peers *ps, uint32_t k, uint32_t pid) noexcept nogil:
         old = ps.keys
         old_pids = ps.pids
         old_cap = ps.cap
-        new_pids = <uint32_t *>PyMem_RawCalloc(old_cap * 2, sizeof(uint32_t))
-        ps.keys = <uint32_t *>PyMem_RawCalloc(old_cap * 2, sizeof(uint32_t))
+        new_pids = <uint32_t *>ff_calloc(old_cap * 2, sizeof(uint32_t))
+        ps.keys = <uint32_t *>ff_calloc(old_cap * 2, sizeof(uint32_t))
         if ps.keys == NULL or new_pids == NULL:
-            PyMem_RawFree(ps.keys)
-            PyMem_RawFree(new_pids)
+            ff_free(ps.keys)
+            ff_free(new_pids)
             ps.keys = old
             return -ENOMEM
         ps.pids = new_pids
@@ -74,8 +75,8 @@ cdef int ff_peer_add(ff_peers *ps, uint32_t k, uint32_t pid) noexcept nogil:
         for i in range(old_cap):
             if old[i] != 0:
                 ff_peer_insert(ps, old[i], old_pids[i])
-        PyMem_RawFree(old)
-        PyMem_RawFree(old_pids)
+        ff_free(old)
+        ff_free(old_pids)
     return ff_peer_insert(ps, k, pid)
 
 

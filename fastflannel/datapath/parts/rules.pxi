@@ -34,7 +34,6 @@ cdef size_t ff_icmp_unreach(const ff_state *st, const uint8_t *off, size_t n, ui
     """Build flannel's ICMP net-unreachable about ``off`` into ``out``; return its length, 0 if none is due."""
     cdef size_t ihl = (off[0] & 0x0F) * 4
     cdef size_t quote = ihl + 8, have, total
-    cdef uint16_t ck
     if off[9] == IPPROTO_ICMP:  # RFC 792: no ICMP about ICMP
         return 0
     if (((<uint32_t>off[6] << 8) | off[7]) & FRAG_OFFSET_MASK) != 0:  # only about first fragments
@@ -47,9 +46,7 @@ cdef size_t ff_icmp_unreach(const ff_state *st, const uint8_t *off, size_t n, ui
     memcpy(out + IPV4_HDR_MIN + 8, off, have)  # offender header + 8 bytes, zero-padded
     out[IPV4_HDR_MIN] = ICMP_DEST_UNREACH
     out[IPV4_HDR_MIN + 1] = ICMP_NET_UNREACH
-    ck = ff_cksum(out + IPV4_HDR_MIN, 8 + quote)
-    out[IPV4_HDR_MIN + 2] = <uint8_t>(ck >> 8)
-    out[IPV4_HDR_MIN + 3] = <uint8_t>ck
+    st16n(out + IPV4_HDR_MIN + 2, <uint16_t>~ff_fold(ff_sum_native(out + IPV4_HDR_MIN, 8 + quote, 0)))
     out[0] = 0x45
     out[2] = <uint8_t>(total >> 8)
     out[3] = <uint8_t>total
@@ -57,9 +54,7 @@ cdef size_t ff_icmp_unreach(const ff_state *st, const uint8_t *off, size_t n, ui
     out[9] = IPPROTO_ICMP
     st32(out + 12, st.tun_ip)
     memcpy(out + 16, off + 12, 4)
-    ck = ff_cksum(out, IPV4_HDR_MIN)
-    out[10] = <uint8_t>(ck >> 8)
-    out[11] = <uint8_t>ck
+    ff_ip_csum(out, IPV4_HDR_MIN)
     return total
 
 

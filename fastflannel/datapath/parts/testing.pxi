@@ -15,7 +15,7 @@ def gso_split(bytes buf not None):
     cdef size_t pos = 0
     if n > FF_RBUF:
         raise ValueError("longer than one TUN read")
-    out = <uint8_t *>PyMem_RawMalloc(FF_SEG_ROOM)
+    out = <uint8_t *>ff_malloc(FF_SEG_ROOM)
     if out == NULL:
         raise MemoryError()
     try:
@@ -29,7 +29,7 @@ def gso_split(bytes buf not None):
             pos += lens[i]
         return res
     finally:
-        PyMem_RawFree(out)
+        ff_free(out)
 
 
 def gro_coalesce(packets):
@@ -40,8 +40,8 @@ def gro_coalesce(packets):
     cdef unsigned int k
     cdef size_t n
     memset(&io, 0, sizeof(io))
-    io.wslots = <uint8_t *>PyMem_RawMalloc(<size_t>FF_WSLOTS * FF_WSLOT)
-    io.items = <ff_item *>PyMem_RawCalloc(FF_WSLOTS, sizeof(ff_item))
+    io.wslots = <uint8_t *>ff_malloc(<size_t>FF_WSLOTS * FF_WSLOT)
+    io.items = <ff_item *>ff_calloc(FF_WSLOTS, sizeof(ff_item))
     res = []
     try:
         if io.wslots == NULL or io.items == NULL:
@@ -60,8 +60,8 @@ def gro_coalesce(packets):
             res.append(PyBytes_FromStringAndSize(<char *>io.wslots + <size_t>k * FF_WSLOT, n))
         return res
     finally:
-        PyMem_RawFree(io.wslots)
-        PyMem_RawFree(io.items)
+        ff_free(io.wslots)
+        ff_free(io.items)
 
 
 def busy_window_next(long long window, long long max_ns, int event, long long slept_ns=0):

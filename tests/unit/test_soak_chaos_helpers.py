@@ -1,0 +1,35 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The pure parts of the soak and chaos tools (the runs themselves are long: ``make soak``, ``make chaos``)."""
+from __future__ import annotations
+
+import random
+
+from fastflannel.lab.chaos import FAULTS, PING_INTERVAL_S, PingStream, fault_plan
+from fastflannel.lab.soak import floor_delta, slope_per_hour
+
+
+def test_slope_per_hour_is_least_squares():
+    assert slope_per_hour([(0, 10.0), (1800, 10.5), (3600, 11.0)]) == 1.0
+    assert abs(slope_per_hour([(t, 50.0 + (0.3 if t % 20 else -0.3)) for t in range(0, 1800, 10)])) < 0.1
+    assert slope_per_hour([(0, 1.0)]) == 0.0
+
+
+def test_floor_delta_ignores_transients_but_not_a_raised_floor():
+    assert floor_delta([10, 14, 10, 12, 10, 13, 10, 11]) == 0  # transient pipes/sockets
+    assert floor_delta([10, 11, 10, 12, 13, 14, 13, 15]) == 3  # the floor rose: a leak
+
+
+def test_fault_plan_is_seeded_and_covers_every_kind():
+    a, b = fault_plan(random.Random(14), 20), fault_plan(random.Random(14), 20)
+    assert a == b and set(a) == set(FAULTS) and len(a) == 20
+    assert fault_plan(random.Random(15), 20) != a
+
+
+def test_ping_stream_charges_losses_to_windows():
+    p = PingStream.__new__(PingStream)
+    # seq 1..10 every 0.1 s from t=100; 4-6 unanswered ("no answer yet"), 5 answered late after all
+    p.events = [(100 + i * PING_INTERVAL_S, i, i not in (4, 5, 6)) for i in range(1, 11)]
+    p.events.append((100 + 5 * PING_INTERVAL_S, 5, True))
+    lost, sent, longest = p.lost_between(100.0, 102.0)
+    assert (lost, sent) == (2, 10)
+    assert p.lost_between(100.0, 100.35) == (0, 3, 0.0)
