@@ -78,3 +78,21 @@ def test_half_programmed_vxlan_peer_is_rolled_back(rig, caplog):
     # B's entries are gone from the kernel too (read back with iproute2, not our own decoder)
     assert "100.96.3.0 " not in ipn(ns, "neigh", "show", "dev", "flannel.1")
     assert "0a:58:00:00:00:03" not in sh(["bridge", "-n", ns, "fdb", "show", "dev", "flannel.1"])
+
+
+@netns_marks
+def test_route_get_many_matches_route_get(rig):
+    ns = rig.host("h", "10.168.0.2/16")
+    ipn(ns, "route", "add", "172.16.0.0/16", "via", "10.168.0.1", "dev", "eth0")
+    ips = ["10.168.1.5", "172.16.3.4", "192.0.2.1", "10.168.0.9"] * 100  # 400: two datagrams
+    with Netlink(netns=ns) as nl:
+        got = nl.route_get_many(ips)
+        eth0 = nl.link_index("eth0")
+        assert len(got) == len(ips) and got[2] is None  # no route to 192.0.2.1 here (no default route)
+        for ip, r in zip(ips[:4], got[:4]):
+            if r is not None:
+                single = nl.route_get(ip)
+                assert (r.gateway, r.oif) == (single.gateway, single.oif)
+        assert (got[0].gateway, got[0].oif) == (None, eth0)
+        assert (str(got[1].gateway), got[1].oif) == ("10.168.0.1", eth0)
+        assert [r is None for r in got] == [ip == "192.0.2.1" for ip in ips]
