@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all setup system-deps venv compile compile-release debug test-debug test test-noext demo bench bench-smoke clean distclean wheel fuzz soak chaos
+.PHONY: all setup system-deps venv compile compile-release debug test-debug test test-noext demo bench bench-smoke clean distclean wheel fuzz soak chaos scale
 
 all: compile
 
@@ -93,6 +93,12 @@ soak: setup
 CHAOS_MINUTES ?= 10
 chaos: setup
 	rm -rf build/chaos-work && mkdir -p build && $(PY) -m fastflannel.lab.chaos --minutes $(CHAOS_MINUTES) --json build/chaos.json --workdir build/chaos-work $(CHAOS_ARGS)
+
+# Scale (not part of `make test`): 5,000 leases restart/live on every backend, 50-daemon propagation, etcd load
+# of a 5,000-host cluster (docs/scale.md). ~15 minutes on 2 cores.
+SCALE_LEASES ?= 5000
+scale: setup
+	mkdir -p build && $(PY) -m fastflannel.lab.scale --leases $(SCALE_LEASES) --hosts 50 --reps 5 --etcd-load --json build/scale.json $(SCALE_ARGS)
 
 wheel: venv
 	$(PY) -m pip install -q build
