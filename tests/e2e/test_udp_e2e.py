@@ -27,9 +27,9 @@ pytestmark = [pytest.mark.netns, pytest.mark.etcd]
 HEALTHZ_BOUND_S = 1.0  # /healthz under load: a liveness bound (a held GIL starves it for seconds), not a latency goal
 
 
-def bring_up(make_cluster, impl, n_hosts=3):
+def bring_up(make_cluster, impl, n_hosts=3, extra_env=None):
     """A udp cluster on ``impl`` (every container pinging every other); check flanneld's MTU in subnet.env."""
-    c = make_cluster("udp", n_hosts, env=impl_env(impl))
+    c = make_cluster("udp", n_hosts, env={**impl_env(impl), **(extra_env or {})})
     for h in c.hosts:
         assert h.read_subnet_env()["FLANNEL_MTU"] == str(c.tb.mtu - 28)
     return c.tb, c.ctrs
@@ -142,8 +142,16 @@ FORWARDER = textwrap.dedent(r'''
 ''')
 
 
-def test_wire_compat_with_independent_forwarder(make_cluster):
-    tb, cs = bring_up(make_cluster, _default_impl())
+# the wake-up levers (issue 12) change when the loop runs, never what it sends: the same checks with them on
+WAKE_LEVERS = {"FASTFLANNEL_UDP_BUSY_POLL_US": "50", "FASTFLANNEL_UDP_LOOP_PRIORITY": "nice:-5"}
+
+
+@pytest.mark.parametrize("wake", ["defaults", "busy-poll+priority"])
+def test_wire_compat_with_independent_forwarder(make_cluster, wake):
+    tb, cs = bring_up(make_cluster, _default_impl(), extra_env=WAKE_LEVERS if wake != "defaults" else None)
+    if wake != "defaults":
+        for h in tb.hosts:
+            assert "busy_poll_us=50 loop_priority=nice:-5" in h.daemon_log_text(), h.daemon_log_text()[-2000:]
     flannel_hosts = list(tb.hosts)
     peer = tb.add_host("h4")
     # the lease exactly as flanneld's udp backend writes it: no BackendType
