@@ -26,6 +26,15 @@ TUN_TXQUEUELEN = 5000
 # 5.32 Gb/s (docs/fastpath.md "Offloads"). The per-packet path keeps 2.
 OFFLOAD_THREADS = 1
 PLAIN_THREADS = 2
+# The loop threads' scheduling (FASTFLANNEL_UDP_LOOP_PRIORITY: inherit, nice:N, fifo:N). SCHED_FIFO 1: a woken loop
+# runs at once instead of queueing behind ordinary tasks, like the kernel's own softirq forwarding for vxlan.
+# Measured side by side on 2 shared vCPUs (docs/fastpath.md "Wake-ups", docs/benchmarks.md): request/response
+# 0.48x -> 0.71x VXLAN, ping p99 7.4x -> 2.4x VXLAN's, TCP 1 stream 0.49x -> 0.57x, 4 streams 0.37x -> 0.65x; idle
+# unchanged; CPU per Gbit up (smaller batches). Refused without CAP_SYS_NICE (or an RT budget in the cgroup):
+# logged once per loop thread, the loop runs at the daemon's priority.
+LOOP_PRIORITY = "fifo:1"
+# The busy-poll window before the loop sleeps (FASTFLANNEL_UDP_BUSY_POLL_US): off, measured slower on shared CPUs.
+BUSY_POLL_US = 0
 
 # field -> environment variable
 ENV = {
@@ -66,8 +75,9 @@ class UdpOptions:
     # measurement knobs: benchmarks and tests only; None/0 = the measured default
     bench_threads: Optional[int] = None  # loop threads; None: 1 with both offloads, else 2
     bench_spin: int = 8  # bursts read without poll() while a fd keeps returning data (0: poll every burst)
-    bench_busy_poll_us: int = 0  # the loop's busy-poll window before sleeping, us (0: off; docs/fastpath.md "Wake-ups")
-    bench_loop_priority: str = ""  # the loop threads' scheduling: '' (inherit), 'nice:N' or 'fifo:N'
+    bench_busy_poll_us: int = BUSY_POLL_US  # busy-poll window before sleeping, us (0: off; docs/fastpath.md "Wake-ups")
+    # the loop threads' scheduling: 'inherit', 'nice:N' or 'fifo:N' (an operator may turn it off: configuration.md)
+    bench_loop_priority: str = LOOP_PRIORITY
     bench_txqueuelen: int = TUN_TXQUEUELEN  # flannel0's txqueuelen
     bench_rcvbuf: Optional[int] = None  # SO_RCVBUF bytes; None: 32 MiB with GRO, else 4 MiB (fastpath.py)
     bench_gso_max_size: int = 0  # TUN gso_max_size; 0: the kernel's (62000 measured harmful)
@@ -123,4 +133,4 @@ def _parse(name: str, var: str, raw: str):
     raise BackendError(f"{var}={raw!r}: not a switch (use 1/0, true/false, yes/no or on/off)")
 
 
-__all__ = ["UdpOptions", "ENV", "DEFAULT_PORT", "TUN_TXQUEUELEN", "OFFLOAD_THREADS"]
+__all__ = ["UdpOptions", "ENV", "DEFAULT_PORT", "TUN_TXQUEUELEN", "OFFLOAD_THREADS", "LOOP_PRIORITY", "BUSY_POLL_US"]

@@ -228,12 +228,13 @@ class VxlanNetwork:
         """Program ``leases``; return (programmed, failed)."""
         nl, dev = self.netlink, self.device.index
         items, owners, cleanup, failed = [], [], [], 0
+        direct = self._direct_ips(leases)
         for lease in leases:
             try:
                 mac = self._peer_mac(lease)
                 if mac is None:
                     continue
-                if self._is_direct(lease.attrs.public_ip):
+                if lease.attrs.public_ip in direct:
                     r = direct_route(lease, self.ext)
                     items.append(nlbatch.Staged([[nlbatch.route_replace(r.dst, r.gateway, r.oif, r.onlink)]], []))
                 else:
@@ -322,15 +323,19 @@ class VxlanNetwork:
             return None
         return valid_mac(lease.attrs.vxlan_data()[1])  # VNI is not checked (as in Flannel)
 
-    def _is_direct(self, ip: IPv4Address) -> bool:
+    def _direct_ips(self, leases) -> set:
+        """With DirectRouting, the PublicIPs the kernel reaches without a gateway via the external interface
+        (``ip route get``, one pipelined batch for all peers); else none."""
         if not self.direct_routing:
-            return False
+            return set()
+        ips = sorted({x.attrs.public_ip for x in leases})
         try:
-            r = self.netlink.route_get(ip)
+            routes = self.netlink.route_get_many(ips)
         except BackendError as e:
-            log.warning("event=route_get_failed ip=%s error=%s", ip, e)
-            return False
-        return r.gateway is None and r.oif == self.ext.index
+            log.warning("event=route_get_failed ips=%d error=%s", len(ips), e)
+            return set()
+        return {ip for ip, r in zip(ips, routes)
+                if r is not None and r.gateway is None and r.oif == self.ext.index}
 
     # -- reconcile ---------------------------------------------------------------------------------
     def ensure_device(self) -> bool:
@@ -366,6 +371,7 @@ class VxlanNetwork:
         want_fdb: Dict[str, IPv4Address] = {}
         want_routes = {}
         programmed: Dict[IPv4Network, Lease] = {}
+        direct = self._direct_ips(leases.values())
         for subnet, lease in leases.items():
             try:
                 mac = self._peer_mac(lease, quiet=True)
@@ -374,7 +380,7 @@ class VxlanNetwork:
             if mac is None or subnet == self.lease.subnet:
                 continue
             programmed[subnet] = lease
-            if self._is_direct(lease.attrs.public_ip):
+            if lease.attrs.public_ip in direct:
                 want_routes[subnet] = direct_route(lease, self.ext)
                 continue
             from fastflannel.kernel.netlink import Route

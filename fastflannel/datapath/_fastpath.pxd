@@ -126,6 +126,7 @@ cdef struct ff_state:
     uint32_t own_net
     uint32_t own_mask
     uint32_t tun_ip
+    int64_t icmp_echo_next_ns  # rate limit of net-unreachables about echo requests (ICMP_ECHO_UNREACH_GAP_NS)
     uint32_t shift  # 32 - subnet_len
     uint32_t table_size
     uint16_t port_be

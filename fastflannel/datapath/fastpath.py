@@ -89,11 +89,11 @@ def implementation_module(name: Optional[str] = None) -> Any:
 
 
 def parse_loop_priority(text: str) -> Tuple[str, int]:
-    """Parse FastPathOptions.loop_priority: '' (inherit), 'nice:N' (-20..19) or 'fifo:N' (SCHED_FIFO 1..99).
+    """Parse FastPathOptions.loop_priority: '' or 'inherit', 'nice:N' (-20..19) or 'fifo:N' (SCHED_FIFO 1..99).
 
     Raise ValueError saying what is accepted."""
     text = (text or "").strip()
-    if not text:
+    if text in ("", "inherit"):
         return ("", 0)
     kind, sep, num = text.partition(":")
     try:
@@ -104,7 +104,7 @@ def parse_loop_priority(text: str) -> Tuple[str, int]:
         return ("nice", value)
     if kind == "fifo" and value is not None and 1 <= value <= 99:
         return ("fifo", value)
-    raise ValueError(f"loop priority {text!r}: expected '', 'nice:N' (N in -20..19) or 'fifo:N' (N in 1..99)")
+    raise ValueError(f"loop priority {text!r}: expected 'inherit', 'nice:N' (N in -20..19) or 'fifo:N' (N in 1..99)")
 
 
 def apply_loop_priority(kind: str, value: int) -> Optional[str]:

@@ -38,6 +38,7 @@ from fastflannel.datapath.contract import (  # noqa: F401  (re-exported: the twi
     DROP_UNKNOWN_PEER,
     FATAL_ERRNOS,
     ICMP,
+    ICMP_ECHO_UNREACH_GAP_NS,
     IPV4_MAX,
     PEER_CHUNK_SHIFT,
     PEER_COUNTER_NAMES,
@@ -55,6 +56,7 @@ from fastflannel.datapath.contract import (  # noqa: F401  (re-exported: the twi
 from fastflannel.datapath.twin_offload import gro_coalesce, gso_split, tcp_checksum  # noqa: F401
 from fastflannel.datapath.twin_rules import (  # noqa: F401
     icmp_allowed,
+    icmp_echo_request,
     icmp_net_unreachable,
     ip_checksum,
     malformed,
@@ -144,6 +146,7 @@ class Proxy:
         self._own_net = own_net
         self._own_mask = _mask(own_plen)
         self._tun_ip = tun_ip
+        self._echo_next_ns = 0  # rate limit of net-unreachables about echo requests
         self._mtu = mtu
         self._port = port
         self._check_peer = check_peer_source
@@ -265,7 +268,7 @@ class Proxy:
         nh = self._table[idx] if (dst & self._net_mask) == self._net else 0
         if not nh:
             c[_TX_DROP_NO_ROUTE] += 1
-            if icmp_allowed(pkt):
+            if icmp_allowed(pkt) or (icmp_echo_request(pkt) and self._echo_due()):
                 c[_TX_ICMP_UNREACH] += 1
                 return ICMP, icmp_net_unreachable(pkt, self._tun_ip), 0, 0
             return DROP_NO_ROUTE, None, 0, 0
@@ -274,6 +277,14 @@ class Proxy:
             return DROP_TTL, None, 0, 0
         ttl_decrement(pkt)
         return SEND, None, nh, self._route_pid[idx]
+
+    def _echo_due(self) -> bool:
+        """At most one net-unreachable about an echo request per ICMP_ECHO_UNREACH_GAP_NS (C: ff_echo_unreach_due)."""
+        now = time.monotonic_ns()
+        if now < self._echo_next_ns:
+            return False
+        self._echo_next_ns = now + ICMP_ECHO_UNREACH_GAP_NS
+        return True
 
     def _sent(self, pid: int, n: int) -> None:
         """Count one inner packet of ``n`` bytes accepted by the UDP socket, in total and for its peer."""

@@ -20,6 +20,7 @@ from fastflannel.datapath.contract import (
     ICMP_DEST_UNREACH,
     ICMP_NET_UNREACH,
     ICMP_TTL,
+    ICMP_ECHO_REQUEST,
     IPPROTO_ICMP,
     IPV4_HDR_ICMP_LIMIT,
     IPV4_HDR_MIN,
@@ -55,6 +56,15 @@ def icmp_allowed(pkt: bytes) -> bool:
     ihl = (pkt[0] & 0x0F) * 4
     frag = ((pkt[6] << 8) | pkt[7]) & FRAG_OFFSET_MASK
     return pkt[9] != IPPROTO_ICMP and frag == 0 and ihl < IPV4_HDR_ICMP_LIMIT
+
+
+def icmp_echo_request(pkt: bytes) -> bool:
+    """Tell whether this (well-formed) offender is an ICMP echo request that may get a net-unreachable (RFC 1122
+    3.2.2 forbids ICMP errors only about ICMP error messages; the caller rate-limits: ICMP_ECHO_UNREACH_GAP_NS)."""
+    ihl = (pkt[0] & 0x0F) * 4
+    frag = ((pkt[6] << 8) | pkt[7]) & FRAG_OFFSET_MASK
+    return (pkt[9] == IPPROTO_ICMP and frag == 0 and ihl < IPV4_HDR_ICMP_LIMIT and len(pkt) > ihl
+            and pkt[ihl] == ICMP_ECHO_REQUEST)
 
 
 def icmp_net_unreachable(offender: bytes, tun_ip: int) -> bytes:

@@ -201,7 +201,6 @@ class Netlink:
     def _dump(self, what: str, fn: Callable[..., list]) -> list:
         with self._lock:
             return self._fast.dump(what, fn)
-
     def _name(self, index: int) -> str:
         info = self.link_by_index(index)
         return info.name if info else f"#{index}"
@@ -425,6 +424,10 @@ class Netlink:
         if not msgs:
             raise KernelError(f"route get {ip}", "no answer")
         return _route(msgs[0])
+
+    def route_get_many(self, ips: List[Address]) -> List[Optional[Route]]:
+        with self._lock:  # route_get for many addresses, pipelined; None where the kernel has no route
+            return self._fast.route_get_many(ips, Route)
 
     # -- neighbours and FDB ------------------------------------------------------------------------
     def neigh_replace(self, ifindex: int, ip: Address, mac: str) -> None:

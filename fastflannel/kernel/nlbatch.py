@@ -15,12 +15,12 @@ itself. ``match_acks`` maps every ACK back to its request by sequence number; an
 overrun) becomes ``ENOBUFS`` for its request, never success. NETLINK_CAP_ACK keeps error ACKs small and
 NETLINK_EXT_ACK adds the kernel's own text ("Nexthop has invalid gateway"), which goes into the error message.
 
-Everything here except ``transact``/``dump`` is a pure function of bytes, tested without root
-(tests/unit/test_nlbatch_messages.py); the kernel behaviour (an error in the middle of a batch) is tested in a namespace
-(tests/kernel/test_nlbatch.py).
+Everything but the socket I/O is a pure function of bytes (tests/unit/test_nlbatch_messages.py); the kernel's side
+(an error in the middle of a batch) is tested in a namespace (tests/kernel/test_nlbatch.py).
 """
 from __future__ import annotations
 
+import collections
 import errno as _errno
 import os
 import select
@@ -313,6 +313,23 @@ def parse_neigh(payload: bytes) -> Optional[tuple]:
     return family, ifindex, state, flags, at.get(NDA_DST), at.get(NDA_LLADDR)
 
 
+def route_get_request(ip) -> Tuple[int, int, bytes]:
+    """``ip route get <ip>`` (no NLM_F_ACK: the answer is the route, or an NLMSG_ERROR)."""
+    addr = _ip(ip)
+    return RTM_GETROUTE, NLM_F_REQUEST, _RTMSG.pack(_family(addr), addr.max_prefixlen, 0, 0, 0, 0, 0, 0, 0) + _attr(
+        RTA_DST, addr.packed)
+
+
+def match_replies(pending: Dict[int, int], data: bytes, results: List[Optional[Tuple[int, Optional[bytes]]]]) -> None:
+    """As ``match_acks`` for requests answered by a message (a get): ``(0, payload)`` for the answer, ``(errno,
+    None)`` for an NLMSG_ERROR."""
+    for mtype, flags, seq, payload in messages(data):
+        idx = pending.pop(seq, None)
+        if idx is None:
+            continue
+        results[idx] = (parse_ack(flags, payload)[0] or _errno.EIO, None) if mtype == NLMSG_ERROR else (0, payload)
+
+
 def route_dump_request(family: int) -> Tuple[int, int, bytes]:
     return RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
 
@@ -370,9 +387,10 @@ class SeqCounter:
 
 
 def transact(sock: socket.socket, requests: Sequence[Tuple[int, int, bytes]], seqs: SeqCounter,
-             window: int = WINDOW, timeout: float = TIMEOUT_S) -> List[Tuple[int, str]]:
-    """Send ``requests`` pipelined, ``window`` per datagram; return ``(errno, text)`` per request (0 = done)."""
-    results: List[Optional[Tuple[int, str]]] = [None] * len(requests)
+             window: int = WINDOW, timeout: float = TIMEOUT_S, match: Callable[..., None] = match_acks) -> list:
+    """Send ``requests`` pipelined, ``window`` per datagram; return ``(errno, text)`` per request (0 = done), or
+    with ``match=match_replies`` ``(errno, answer payload)``."""
+    results: List[Optional[tuple]] = [None] * len(requests)
     for start in range(0, len(requests), window):
         chunk = requests[start:start + window]
         first = seqs.take(len(chunk))
@@ -392,8 +410,9 @@ def transact(sock: socket.socket, requests: Sequence[Tuple[int, int, bytes]], se
                     drain(sock)
                     break
                 raise
-            match_acks(pending, data, results)
-    return [r if r is not None else (_errno.ENOBUFS, "ACK lost (receive buffer overrun)") for r in results]
+            match(pending, data, results)
+    lost = (_errno.ENOBUFS, "ACK lost (receive buffer overrun)" if match is match_acks else None)
+    return [r if r is not None else lost for r in results]
 
 
 def dump(sock: socket.socket, request: Tuple[int, int, bytes], seqs: SeqCounter,
@@ -461,6 +480,16 @@ class Channel:
             code = e.errno or 0
             raise KernelError(what, os.strerror(code) if code else str(e), code) from e
 
+    def route_get_many(self, ips: Sequence[Any], make: Callable[..., Any]) -> list:
+        """``route get`` for every address, pipelined: the route (``make(...)``, as ``dump_routes``) or None when
+        the kernel has none (unreachable)."""
+        try:
+            answers = transact(self.socket(), [route_get_request(ip) for ip in ips], self.seqs, match=match_replies)
+        except OSError as e:
+            code = e.errno or 0
+            raise KernelError(f"route get of {len(ips)} addresses", os.strerror(code) if code else str(e), code) from e
+        return [_make_route(make, parse_route(payload)) if not err and payload else None for err, payload in answers]
+
     def close(self) -> None:
         self._closed = True
         sock, self._sock = self._sock, None
@@ -509,12 +538,17 @@ def dump_routes(sock: socket.socket, seqs: SeqCounter, make: Callable[..., Any],
         r = parse_route(payload)
         if r is None or r[0] != family or r[6] != table or (oif is not None and r[4] != oif):
             continue
-        fam, dst, dst_len, gw, r_oif, flags, r_table, rtype, proto, scope, src = r
-        dst_net = (IPv4Network if fam == AF_INET else IPv6Network)((int.from_bytes(dst, "big") if dst else 0, dst_len))
-        out.append(make(dst=dst_net, gateway=ip_address(gw) if gw else None, oif=r_oif,
-                        onlink=bool(flags & RTNH_F_ONLINK), table=r_table, type=rtype, proto=proto, scope=scope,
-                        prefsrc=ip_address(src) if src else None))
+        out.append(_make_route(make, r))
     return out
+
+
+def _make_route(make: Callable[..., Any], r: Optional[tuple]) -> Any:
+    if r is None:
+        return None
+    fam, dst, dst_len, gw, r_oif, flags, r_table, rtype, proto, scope, src = r
+    dst_net = (IPv4Network if fam == AF_INET else IPv6Network)((int.from_bytes(dst, "big") if dst else 0, dst_len))
+    return make(dst=dst_net, gateway=ip_address(gw) if gw else None, oif=r_oif, onlink=bool(flags & RTNH_F_ONLINK),
+                table=r_table, type=rtype, proto=proto, scope=scope, prefsrc=ip_address(src) if src else None)
 
 
 def dump_neighs(sock: socket.socket, seqs: SeqCounter, make: Callable[..., Any], family: int, ifindex: int) -> list:
@@ -536,10 +570,7 @@ def dump_neighs(sock: socket.socket, seqs: SeqCounter, make: Callable[..., Any],
 
 def summary(ops: Iterable[Op]) -> str:
     """``verb=count ...`` of a batch, for log lines."""
-    counts: Dict[str, int] = {}
-    for op in ops:
-        counts[op.verb] = counts.get(op.verb, 0) + 1
-    return " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    return " ".join(f"{k}={v}" for k, v in sorted(collections.Counter(op.verb for op in ops).items()))
 
 
 def describe(op: Op, dev: str) -> str:

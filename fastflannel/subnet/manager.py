@@ -5,7 +5,8 @@ Acquire (``acquire_lease``), up to ``RACE_RETRIES`` attempts, each on a fresh li
   1. our PublicIP already holds a lease -> config-compatible: re-put it (same etcd lease if still alive, else a new
      one; a key without an etcd lease, Flannel's "reservation", stays one); incompatible: delete it;
   2. else the previous subnet(s) from subnet.env (FLANNEL_SUBNET, and FLANNEL_IPV6_SUBNET with EnableIPv6), if
-     compatible and free;
+     compatible and free; its key holding a value that is not a lease (written while we were down) is still
+     ours: rewritten, guarded by that value's mod revision (``event=lease_repaired source=previous_subnet``);
   3. else ``pick_subnet`` (random among the first 100 free), for IPv6 too (chosen independently, as Flannel).
   Dual stack: the key is ``<v4>-<len>&<v6>-<len6>`` and a lease is compatible only if both parts are (a v4-only
   lease of our PublicIP is deleted and re-allocated when EnableIPv6 is turned on, as in Flannel).
@@ -203,10 +204,25 @@ class LocalManager:
             elif any(prev.overlaps(t) for t in taken) or (prev6 is not None and any(prev6.overlaps(t) for t in taken6)):
                 log.info("event=previous_subnet_ignored subnet=%s subnet6=%s reason=taken", prev, prev6)
             else:
-                return self.registry.create_subnet(prev, attrs, self.ttl, subnet6=prev6), "previous_subnet"
+                try:
+                    return self.registry.create_subnet(prev, attrs, self.ttl, subnet6=prev6), "previous_subnet"
+                except SubnetExistsError:
+                    return self._repair_previous(prev, prev6, attrs), "previous_subnet_repaired"
         subnet = pick_subnet(config, taken, self.rng, prefix=self.prefix)
         subnet6 = pick_subnet(config, taken6, self.rng, prefix=self.prefix, family=6) if config.enable_ipv6 else None
         return self.registry.create_subnet(subnet, attrs, self.ttl, subnet6=subnet6), "allocated"
+
+    def _repair_previous(self, prev: IPv4Network, prev6: Optional[IPv6Network], attrs: LeaseAttrs) -> Lease:
+        """Our previous subnet's key exists but was not in the listing: if it holds a value that is not a lease
+        (a mistaken put while we were down), it is still ours (subnet.env says so): rewrite it, guarded by that
+        value's mod revision. Else re-raise ``SubnetExistsError`` (a real race: retried on a fresh listing)."""
+        cur = self.registry.read_subnet(prev, prev6)
+        if cur is None or cur.lease is not None:
+            raise SubnetExistsError(prev)
+        lease = self.registry.replace_subnet(prev, attrs, self.ttl, cur.mod_revision, subnet6=prev6)
+        log.warning("event=lease_repaired subnet=%s key=%s found=%r error=%r lease_id=%x action=rewrote_own_lease "
+                    "source=previous_subnet", prev, cur.key, cur.value[:80], cur.error, lease.lease_id)
+        return lease
 
     def lookup_lease_by_public_ip(self, ip: IPv4Address) -> Optional[Lease]:
         """Return the stored lease advertising ``ip`` as PublicIP (first found), or None."""

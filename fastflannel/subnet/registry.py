@@ -19,12 +19,11 @@ Every method blocks its caller's thread and may raise ``StoreUnavailableError``.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
-from typing import Iterator, List, Optional, Protocol, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Protocol, Tuple, Union
 
 from fastflannel.ip import make_subnet_key, parse_subnet_key
 from fastflannel.lease import EventType, Lease, LeaseAttrs
@@ -155,7 +154,8 @@ def subnet_key(prefix: str, subnet: IPv4Network, subnet6: Optional[IPv6Network] 
     return subnets_prefix(prefix) + "/" + make_subnet_key(subnet, subnet6)
 
 
-LEASE_PARSE_CACHE = 32768  # parsed leases kept by (key, value, etcd lease): more than a /10 of /24s
+LEASE_PARSE_CACHE = 32768  # keys whose last parsed lease is kept: more than a /10 of /24s
+_LAST_PARSED: Dict[str, Tuple["str | bytes", int, Lease]] = {}  # key -> (value, etcd lease id, Lease)
 
 
 def lease_from_kv(key: str, value: "str | bytes", lease_id: int = 0) -> Lease:
@@ -163,11 +163,21 @@ def lease_from_kv(key: str, value: "str | bytes", lease_id: int = 0) -> Lease:
 
     Memoised on the exact (key, value, lease id): parsing is ~47 us a lease (mostly ``ipaddress``), and every
     daemon parses the same 5,000 values again and again - twice after a restart (to pick its subnet, to start
-    the watch) and at every re-list. A ``Lease`` is frozen, so sharing it is safe; errors are not cached."""
-    return _lease_from_kv(key, value, lease_id)
+    the watch) and at every re-list. A ``Lease`` is frozen, so sharing it is safe; errors are not cached.
+    Only the LAST value of each key is kept (about 1 KiB each): lease churn, where every write is a new value
+    and etcd lease, must not fill a cache of old values (an LRU on (key, value, lease) grew ~1 KiB per churned
+    lease, up to ~34 MiB: a slow RSS rise in the soak, issue 14). Cleared if it ever holds more keys than
+    ``LEASE_PARSE_CACHE``."""
+    hit = _LAST_PARSED.get(key)
+    if hit is not None and hit[1] == lease_id and hit[0] == value:
+        return hit[2]
+    lease = _lease_from_kv(key, value, lease_id)
+    if len(_LAST_PARSED) >= LEASE_PARSE_CACHE and key not in _LAST_PARSED:
+        _LAST_PARSED.clear()
+    _LAST_PARSED[key] = (value, lease_id, lease)
+    return lease
 
 
-@functools.lru_cache(maxsize=LEASE_PARSE_CACHE)
 def _lease_from_kv(key: str, value: "str | bytes", lease_id: int) -> Lease:
     name = key.rsplit("/", 1)[-1]
     net, net6 = parse_subnet_key(name)

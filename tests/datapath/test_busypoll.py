@@ -124,7 +124,7 @@ def test_busy_poll_option_is_bounded(bad: int) -> None:
 
 
 def test_loop_priority_parse() -> None:
-    assert fastpath.parse_loop_priority("") == ("", 0)
+    assert fastpath.parse_loop_priority("") == fastpath.parse_loop_priority("inherit") == ("", 0)
     assert fastpath.parse_loop_priority("nice:-5") == ("nice", -5)
     assert fastpath.parse_loop_priority(" fifo:1 ") == ("fifo", 1)
     for bad in ("nice", "nice:x", "nice:-21", "fifo:0", "fifo:100", "rr:5"):
@@ -148,5 +148,36 @@ def test_loop_threads_get_their_priority(impl: str) -> None:
 
         rig.wait_for(lambda: nices() == [7, 7], "the loop threads' nice value")
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 7  # only the loops
+    finally:
+        rig.close()
+
+
+def test_daemon_defaults_and_environment() -> None:
+    from fastflannel.backend import udp_options
+    from fastflannel.backend.udp import fastpath_options
+
+    o = fastpath_options(udp_options.UdpOptions.load(environ={}), threads=1)
+    assert o.busy_poll_us == udp_options.BUSY_POLL_US == 0  # measured: spinning loses on shared CPUs
+    assert o.loop_priority == udp_options.LOOP_PRIORITY == "fifo:1"  # measured: the wake-up lever that pays
+    o = fastpath_options(udp_options.UdpOptions.load(environ={"FASTFLANNEL_UDP_BUSY_POLL_US": "50",
+                                                              "FASTFLANNEL_UDP_LOOP_PRIORITY": "inherit"}), 1)
+    assert o.busy_poll_us == 50 and fastpath.parse_loop_priority(o.loop_priority) == ("", 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fifo_loop_forwards_and_is_realtime_when_allowed(impl: str) -> None:
+    import os
+    import threading
+
+    rig = Rig(impl, threads=1, loop_priority="fifo:1")
+    try:
+        rig.fp.set_route(REMOTE, PEER)
+        rig.fp.start()
+        (loop,) = [t for t in threading.enumerate() if t.name.startswith("fastpath-")]
+        rig.tun.send(ipv4_packet("10.244.1.5", "10.244.2.7", payload=b"rt"))
+        assert rig.peer.recvfrom(2048)[0][20:] == b"rt"  # forwards whether or not the kernel granted SCHED_FIFO
+        if os.geteuid() == 0:  # root has CAP_SYS_NICE: granted
+            rig.wait_for(lambda: os.sched_getscheduler(loop.native_id) == os.SCHED_FIFO, "SCHED_FIFO")
+        rig.fp.check()
     finally:
         rig.close()

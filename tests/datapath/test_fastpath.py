@@ -118,6 +118,28 @@ def test_outbound_rules(impl: str) -> None:
                 s["tx_drop_malformed"]) == (1, len(pkt), 1, 3, 2, 1)
 
 
+def test_echo_request_to_unleased_subnet_gets_a_rate_limited_net_unreachable(impl: str) -> None:
+    """Issue 14: an echo request to a subnet no host holds is answered with Destination Net Unreachable (at most
+    one per ICMP_ECHO_UNREACH_GAP_NS); never an ICMP error about an ICMP error (RFC 1122 3.2.2) or an echo reply;
+    TCP/UDP keep their unreachable on every packet."""
+    from fastflannel.datapath.contract import ICMP_ECHO_UNREACH_GAP_NS
+
+    echo = ipv4_packet("10.244.1.5", "10.244.3.7", proto=1, payload=b"\x08\x00\xf7\xff\x00\x00\x00\x00")
+    with make(impl) as fp:
+        v, icmp, _ = fp.process_outbound(echo)
+        assert v == "icmp" and icmp[20:22] == b"\x03\x00" and icmp[28:] == echo[:28]
+        assert fp.process_outbound(echo) == ("drop:no_route", None, None)  # within the gap: rate-limited
+        time.sleep(ICMP_ECHO_UNREACH_GAP_NS / 1e9 + 0.01)
+        assert fp.process_outbound(echo)[0] == "icmp"
+        for icmp_type in (0, 3, 11):  # echo reply, destination unreachable, time exceeded: never
+            time.sleep(ICMP_ECHO_UNREACH_GAP_NS / 1e9 + 0.01)
+            other = ipv4_packet("10.244.1.5", "10.244.3.7", proto=1, payload=bytes([icmp_type]) + b"\0" * 7)
+            assert fp.process_outbound(other) == ("drop:no_route", None, None), icmp_type
+        udp = ipv4_packet("10.244.1.5", "10.244.3.7")
+        assert [fp.process_outbound(udp)[0] for _ in range(3)] == ["icmp"] * 3  # not rate-limited
+        assert fp.stats()["tx_icmp_unreach"] == 5
+
+
 def test_inbound_rules(impl: str) -> None:
     with make(impl) as fp:
         fp.set_route(REMOTE, PEER)

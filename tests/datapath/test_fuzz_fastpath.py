@@ -119,6 +119,12 @@ def headers(draw, world):  # type: ignore[no-untyped-def]
         pkt += draw(st.binary(min_size=1, max_size=8))
     elif damage == "bad_checksum":  # not checked on a forwarding path (the kernel never verifies it there either)
         pkt[10] ^= 0xFF
+    ihl_now = (pkt[0] & 0x0F) * 4 if pkt else 0
+    if len(pkt) > max(ihl_now, 9) and pkt[9] == 1 and pkt[ihl_now] == 8:
+        # no echo requests here: their net-unreachable is rate-limited by the clock (one per 10 ms), so twin and
+        # Cython could differ by timing; test_echo_request_to_unleased_subnet_... covers them. Outside the header:
+        # its checksum stays valid.
+        pkt[ihl_now] = 0
     return bytes(pkt)
 
 
@@ -164,7 +170,8 @@ def check_forwarded(inp: bytes, out: bytes) -> None:
 def check_icmp(world, inp: bytes, icmp: bytes) -> None:
     own = world[2]
     ihl = (inp[0] & 0x0F) * 4
-    assert inp[9] != 1 and ((inp[6] << 8 | inp[7]) & 0x1FFF) == 0 and ihl < 60, "ICMP about a forbidden offender"
+    assert (inp[9] != 1 or inp[ihl] == 8) and ((inp[6] << 8 | inp[7]) & 0x1FFF) == 0 and ihl < 60, \
+        "ICMP about a forbidden offender (ICMP: only about an echo request)"
     assert icmp[0] == 0x45 and int.from_bytes(icmp[2:4], "big") == len(icmp) and icmp[9] == 1
     assert ip_checksum(icmp[:20]) == 0 and ip_checksum(icmp[20:]) == 0
     assert icmp[12:16] == own.network_address.packed and icmp[16:20] == inp[12:16]
@@ -274,7 +281,7 @@ def _pkt(ihl_words: int = 5, ttl: int = 64, frag: int = 0, proto: int = 17, dst:
     (_pkt(ihl_words=14, dst="10.244.9.9"), "icmp", "drop:foreign_dest"),
     (_pkt(frag=0x2000, dst="10.244.9.9"), "icmp", "drop:foreign_dest"),  # first fragment (MF): ICMP
     (_pkt(frag=0x2001, dst="10.244.9.9"), "drop:no_route", "drop:foreign_dest"),  # non-first: none
-    (_pkt(proto=1, dst="10.244.9.9"), "drop:no_route", "drop:foreign_dest"),  # never ICMP about ICMP
+    (_pkt(proto=1, dst="10.244.9.9"), "drop:no_route", "drop:foreign_dest"),  # no ICMP about ICMP but echo
     (_pkt(total_delta=1), "drop:malformed", "drop:malformed"),
     (_pkt(total_delta=-1), "drop:malformed", "drop:malformed"),
     (_pkt()[:19], "drop:malformed", "drop:malformed"),

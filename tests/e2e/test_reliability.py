@@ -188,3 +188,25 @@ def test_https_against_plain_etcd_is_named_in_one_line(world):
     line = next(x for x in log.splitlines() if "event=store_unavailable" in x)
     assert "does not speak TLS" in line and "use http:// in --etcd-endpoints" in line, line
     assert usage["h4"]["core"] < MAX_CORE and usage["h4"]["lines"] <= 1, usage
+
+
+def test_restart_over_garbage_in_own_key_keeps_the_subnet(world):
+    """kill -9, garbage over the key while the daemon is down, restart: the same subnet is taken back (the key is
+    repaired at acquire), not 10 lost races and exit 1."""
+    import signal
+
+    tb, (c1, c2, c3) = world
+    h2 = tb.hosts[1]
+    key = key_of(tb, h2)
+    subnet = h2.read_subnet_env()["FLANNEL_SUBNET"]
+    h2.stop_daemon(signal.SIGKILL)
+    tb.etcdctl("put", key, "garbage while h2 is down")
+    h2.start_daemon()
+    def ours() -> bool:
+        value = stored(tb, key)[0]
+        return value.startswith("{") and json.loads(value).get("PublicIP") == str(h2.ip)
+
+    wait_for(ours, 30, 0.1, "h2's lease back in its key")
+    assert h2.wait_subnet_env(timeout=30)["FLANNEL_SUBNET"] == subnet
+    assert "source=previous_subnet" in h2.daemon_log_text()
+    wait_for(lambda: c1.ping(c2.ip, count=1, timeout=2), 30, what="c1 -> c2 after the restart")

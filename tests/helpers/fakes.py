@@ -167,6 +167,9 @@ class FakeNetlink:
         gw = None if ip in self.direct else ip_address("10.168.0.1" if ip.version == 4 else "fd00::1")
         return Route(dst=ip_network(f"{ip}/{ip.max_prefixlen}"), gateway=gw, oif=2)
 
+    def route_get_many(self, ips):
+        return [self.route_get(ip) for ip in ips]
+
     def neigh_replace(self, ifindex, ip, mac):
         self._hit("neigh_replace", str(ip))
         self.neigh_table[(ifindex, ip_address(ip))] = mac

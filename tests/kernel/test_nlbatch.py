@@ -78,3 +78,48 @@ def test_half_programmed_vxlan_peer_is_rolled_back(rig, caplog):
     # B's entries are gone from the kernel too (read back with iproute2, not our own decoder)
     assert "100.96.3.0 " not in ipn(ns, "neigh", "show", "dev", "flannel.1")
     assert "0a:58:00:00:00:03" not in sh(["bridge", "-n", ns, "fdb", "show", "dev", "flannel.1"])
+
+
+@netns_marks
+def test_route_get_many_matches_route_get(rig):
+    ns = rig.host("h", "10.168.0.2/16")
+    ipn(ns, "route", "add", "172.16.0.0/16", "via", "10.168.0.1", "dev", "eth0")
+    ips = ["10.168.1.5", "172.16.3.4", "192.0.2.1", "10.168.0.9"] * 100  # 400: two datagrams
+    with Netlink(netns=ns) as nl:
+        got = nl.route_get_many(ips)
+        eth0 = nl.link_index("eth0")
+        assert len(got) == len(ips) and got[2] is None  # no route to 192.0.2.1 here (no default route)
+        for ip, r in zip(ips[:4], got[:4]):
+            if r is not None:
+                single = nl.route_get(ip)
+                assert (r.gateway, r.oif) == (single.gateway, single.oif)
+        assert (got[0].gateway, got[0].oif) == (None, eth0)
+        assert (str(got[1].gateway), got[1].oif) == ("10.168.0.1", eth0)
+        assert [r is None for r in got] == [ip == "192.0.2.1" for ip in ips]
+
+
+@netns_marks
+def test_direct_routing_decided_by_one_pipelined_route_get(rig):
+    ns = rig.host("h", "10.168.0.2/16")
+    ipn(ns, "route", "add", "172.16.0.0/16", "via", "10.168.0.1", "dev", "eth0")
+    near = [vxlan_lease(f"100.96.{i}.0/24", f"10.168.0.{10 + i}", f"0a:58:00:00:00:{i:02x}") for i in range(2, 30)]
+    far = vxlan_lease("100.96.40.0/24", "172.16.0.40", "0a:58:00:00:00:40")  # behind a router: vxlan
+    config = parse_config('{"Network": "100.96.0.0/16", "Backend": {"Type": "vxlan", "DirectRouting": true}}')
+    with Netlink(netns=ns) as nl:
+        info = nl.link_info("eth0")
+        ext = ExternalInterface("eth0", info.index, IPv4Address("10.168.0.2"), IPv4Address("10.168.0.2"), info.mtu)
+        net = VxlanBackend(FakeManager(), ext, nl, watch_links=False).register_network(config)
+        calls = []
+        real = nl.route_get_many
+        nl.route_get_many = lambda ips: calls.append(len(ips)) or real(ips)
+        net.handle_events(added(*near, far))
+        routes = {r.dst: r for r in nl.routes()}
+        dev = net.device.index
+        neighs = {n.ip for n in nl.neighs(dev)}
+    assert calls == [len(near) + 1]  # one batch for every peer, not one request each
+    for p in near:
+        r = routes[p.subnet]
+        assert (r.gateway, r.oif, r.onlink) == (p.attrs.public_ip, info.index, False)
+    r = routes[far.subnet]
+    assert (r.gateway, r.oif, r.onlink) == (far.subnet.network_address, dev, True)
+    assert neighs == {far.subnet.network_address}

@@ -93,3 +93,16 @@ def test_lease_from_kv_is_memoised_on_the_exact_stored_value():
     for _ in range(2):  # errors are raised every time, never cached as a value
         with pytest.raises(ValueError):
             lease_from_kv("/coreos.com/network/subnets/100.96.2.7-24", value, 7)
+
+
+def test_lease_parse_memo_keeps_one_value_per_key_under_churn():
+    """Lease churn (a new value and etcd lease at every write of the same keys) must not grow the memo: it holds
+    the last value of each key only (issue 14: an LRU of old values was a slow RSS rise in the soak)."""
+    from fastflannel.subnet import registry
+
+    keys = [f"/coreos.com/network/subnets/100.96.{i}.0-24" for i in range(200, 250)]
+    before = len(registry._LAST_PARSED)
+    for n in range(2000):
+        value = f'{{"PublicIP":"10.168.0.{n % 200}","PublicIPv6":null,"BackendType":"host-gw"}}'.encode()
+        registry.lease_from_kv(keys[n % 50], value, 0x1000 + n)
+    assert len(registry._LAST_PARSED) - before <= 50

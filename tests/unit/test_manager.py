@@ -504,3 +504,23 @@ def test_resync_period_grows_with_the_cluster():
         assert 0.95 * period < mean < 1.05 * period
         assert n / mean <= RESYNC_CLUSTER_PER_S * 1.05 or period == 60.0  # cluster-wide re-lists per second
     assert resync_delay(60.0, 5000, rng) > 3000  # 5,000 hosts: not every minute
+
+
+def test_restart_over_garbage_in_our_previous_key_repairs_it(caplog):
+    """Killed, then garbage written over our key, then restarted: the listing skips the garbage, the create of the
+    previous subnet (subnet.env) fails; the key is ours, so it is rewritten (not 10 lost races and exit 1)."""
+    reg = FakeRegistry(config=CONFIG)
+    reg.put_raw("10.3.42.0-24", "garbage while we were down")
+    lease = mgr(reg, previous_subnet=IPv4Network("10.3.42.0/24")).acquire_lease(attrs("1.1.1.1"))
+    assert lease.subnet == IPv4Network("10.3.42.0/24") and lease.lease_id
+    assert reg.value_of("10.3.42.0/24").value == attrs("1.1.1.1").to_json()
+    assert sum("event=lease_repaired" in r.getMessage() for r in caplog.records) == 1
+    assert not any("event=lease_race" in r.getMessage() for r in caplog.records)
+
+
+def test_previous_subnet_held_by_a_valid_lease_is_not_overwritten():
+    reg = FakeRegistry(config=CONFIG)
+    reg.put_lease("10.3.42.0/24", attrs("6.6.6.6"))
+    lease = mgr(reg, previous_subnet=IPv4Network("10.3.42.0/24")).acquire_lease(attrs("1.1.1.1"))
+    assert lease.subnet != IPv4Network("10.3.42.0/24")
+    assert json.loads(reg.value_of("10.3.42.0/24").value)["PublicIP"] == "6.6.6.6"

@@ -162,3 +162,15 @@ def test_apply_serially_and_describe():
     assert B.describe(B.fdb_replace(4, "0a:58:00:00:00:0b", "10.168.0.3"), "flannel.1") == \
         "fdb 0a:58:00:00:00:0b dev flannel.1 dst 10.168.0.3 self permanent"
     assert B.summary([B.neigh_del(1, "10.0.0.1")] * 2 + [B.route_del("10.0.0.0/8")]) == "neigh_del=2 route_del=1"
+
+
+def test_match_replies_takes_answers_and_errors_by_sequence_number():
+    results = [None] * 3
+    pending = {7: 0, 8: 1, 9: 2}
+    body = B.route_get_request("10.168.1.5")[2]
+    answer = B.frame(B.RTM_NEWROUTE, 0, 9, body)
+    B.match_replies(pending, answer + _ack(7, errno.ENETUNREACH) + B.frame(B.RTM_NEWROUTE, 0, 55, body), results)
+    assert results[0] == (errno.ENETUNREACH, None) and results[1] is None and results[2] == (0, body)
+    assert pending == {8: 1}
+    r = B.parse_route(results[2][1])
+    assert r[1] == bytes([10, 168, 1, 5]) and r[2] == 32

@@ -30,15 +30,28 @@ cdef inline void ff_ttl_dec(uint8_t *p) noexcept nogil:
     p[11] = <uint8_t>hc
 
 
-cdef size_t ff_icmp_unreach(const ff_state *st, const uint8_t *off, size_t n, uint8_t *out) noexcept nogil:
+cdef inline bint ff_echo_unreach_due(ff_state *st, const uint8_t *off, size_t n, size_t ihl) noexcept nogil:
+    """An ICMP offender gets an error only if it is an echo request (RFC 1122 3.2.2: never about an ICMP error
+    message; flannel sends none about any ICMP), at most one per ICMP_ECHO_UNREACH_GAP_NS (twin: _echo_due)."""
+    cdef int64_t now
+    if n <= ihl or off[ihl] != ICMP_ECHO_REQUEST:
+        return False
+    now = ff_now_ns()
+    if now < st.icmp_echo_next_ns:
+        return False
+    st.icmp_echo_next_ns = now + ICMP_ECHO_UNREACH_GAP_NS
+    return True
+
+
+cdef size_t ff_icmp_unreach(ff_state *st, const uint8_t *off, size_t n, uint8_t *out) noexcept nogil:
     """Build flannel's ICMP net-unreachable about ``off`` into ``out``; return its length, 0 if none is due."""
     cdef size_t ihl = (off[0] & 0x0F) * 4
     cdef size_t quote = ihl + 8, have, total
-    if off[9] == IPPROTO_ICMP:  # RFC 792: no ICMP about ICMP
-        return 0
     if (((<uint32_t>off[6] << 8) | off[7]) & FRAG_OFFSET_MASK) != 0:  # only about first fragments
         return 0
     if ihl >= IPV4_HDR_ICMP_LIMIT:
+        return 0
+    if off[9] == IPPROTO_ICMP and not ff_echo_unreach_due(st, off, n, ihl):
         return 0
     total = IPV4_HDR_MIN + 8 + quote
     memset(out, 0, total)
