@@ -77,6 +77,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
     setattr(item, f"rep_{rep.when}", rep)  # lets fixtures see whether the test failed
 
 
+@pytest.fixture(autouse=True)
+def _restore_product_log_level() -> Iterator[None]:
+    """Undo a test's change to the ``fastflannel`` logger's level (lab/scale.py sets WARNING in-process), which
+    otherwise hides the INFO lines later tests assert on (``caplog.set_level`` sets only the root logger)."""
+    logger = logging.getLogger("fastflannel")
+    level = logger.level
+    yield
+    logger.setLevel(level)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # SIGTERM -> KeyboardInterrupt, so fixtures (and testbeds) unwind when the run is killed
 
