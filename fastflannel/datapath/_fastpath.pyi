@@ -3,6 +3,7 @@
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 IMPLEMENTATION: str
+DEBUG: bool  # built by `make debug` (FASTFLANNEL_DEBUG=1)
 
 class Proxy:
     def __init__(self, tun_fd: int, udp_fd: int, net: int, net_plen: int, subnet_len: int, own_net: int,
@@ -26,3 +27,4 @@ class Proxy:
 def gso_split(buf: bytes) -> List[bytes]: ...
 def gro_coalesce(packets: Iterable[bytes]) -> List[bytes]: ...
 def busy_window_next(window: int, max_ns: int, event: int, slept_ns: int = 0) -> int: ...
+def debug_counters() -> Dict[str, int]: ...  # debug, allocs, frees, live, check_failures

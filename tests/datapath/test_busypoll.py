@@ -181,3 +181,24 @@ def test_fifo_loop_forwards_and_is_realtime_when_allowed(impl: str) -> None:
         rig.fp.check()
     finally:
         rig.close()
+
+
+def test_refused_priority_is_logged_and_the_loop_runs(monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    import os
+
+    def refuse(*_a: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)  # as without CAP_SYS_NICE
+    rig = Rig("python", threads=1, loop_priority="fifo:1")
+    try:
+        with caplog.at_level("WARNING", logger="fastflannel"):
+            rig.fp.set_route(REMOTE, PEER)
+            rig.fp.start()
+            rig.tun.send(ipv4_packet("10.244.1.5", "10.244.2.7", payload=b"still"))
+            assert rig.peer.recvfrom(2048)[0][20:] == b"still"
+        assert any("loop_priority_refused" in r.getMessage() and "fifo:1" in r.getMessage() for r in caplog.records)
+        rig.fp.check()
+    finally:
+        rig.close()

@@ -168,6 +168,7 @@ import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("0.0.0.0", 9999))
 s.settimeout(10)
+print("ready", flush=True)
 got = 0
 try:
     while got < int(sys.argv[1]):
@@ -208,7 +209,7 @@ def test_metrics_scraped_while_traffic_flows(make_testbed, tmp_path):
         res = a.ping_verbose(dst.ip, count=n_ping, timeout=30)
         assert res.returncode == 0, res.stdout
         recv = dst.popen([sys.executable, "-c", UDP_RECEIVER, str(n_udp)], stdout=subprocess.PIPE, text=True)
-        time.sleep(0.5)
+        assert recv.stdout.readline().strip() == "ready"  # bound before the first datagram is sent
         a.run([sys.executable, "-c", UDP_SENDER, str(dst.ip), str(n_udp)])
         got[dst.name] = int(recv.communicate(timeout=30)[0].strip() or 0)
         assert got[dst.name] >= n_udp * 0.9, f"only {got[dst.name]}/{n_udp} datagrams arrived at {dst}"

@@ -233,12 +233,12 @@ class Rig:
     """A set of throw-away namespaces. ``close()`` deletes every one it created (idempotent)."""
 
     def __init__(self) -> None:
-        try:  # name like conftest's netns_name() so the session leak guard attributes these to this run
-            from conftest import SESSION_NETNS_PREFIX
+        # named like conftest's netns_name() so the session leak guard attributes these to this run (and a
+        # concurrent run's guard leaves them alone); from tiers, not conftest: with tests/e2e/conftest.py present,
+        # the module named "conftest" is not always tests/conftest.py, and the old fallback name got deleted
+        from tiers import SESSION_NETNS_PREFIX
 
-            self.prefix = f"{SESSION_NETNS_PREFIX}-kb{secrets.token_hex(2)}"
-        except ImportError:
-            self.prefix = "ffkb" + secrets.token_hex(3)
+        self.prefix = f"{SESSION_NETNS_PREFIX}-kb{secrets.token_hex(2)}"
         self.namespaces: List[str] = []
 
     def netns(self, suffix: str) -> str:
