@@ -8,7 +8,8 @@ container per host runs, for ``--minutes`` (default 10):
 - a TCP stream: iperf3 from host1's container to host2's, back-to-back 20 s runs (``--iperf-rate``, default
   100 Mbit/s, so three clusters on a shared machine leave CPU to the daemons);
 - a ping every 0.2 s from host3's container to host1's (bounded count);
-- lease churn: every 5 s a simulated remote lease is written or deleted (peers added and removed on every host);
+- lease churn: every 5 s (``--churn-s``) a simulated remote lease is written or deleted (peers added and removed on
+  every host);
 - an etcd restart every ``--etcd-restart-min`` minutes (SIGTERM, down ``--etcd-down-s`` seconds, started again
   with its data) and a daemon restart (SIGTERM + start, hosts in turn h3, h2, h1) every ``--daemon-restart-min``.
 Every ``--interval`` seconds it samples each daemon's VmRSS, open fds, threads, CPU seconds and log lines.
@@ -166,7 +167,7 @@ class SoakCluster:
         self.ping = c3.popen(["ping", "-n", "-q", "-i", "0.2", "-c", str(int(a.minutes * 300) + 50), "-W", "1",
                               str(c1.ip)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.next_sample = t0
-        self.next_churn = t0 + CHURN_S
+        self.next_churn = t0 + a.churn_s
         self.next_etcd = t0 + a.etcd_restart_min * 60 if a.etcd_restart_min > 0 else float("inf")
         self.next_daemon = t0 + a.daemon_restart_min * 60 if a.daemon_restart_min > 0 else float("inf")
         self.started = {h.name: 0.0 for h in self.tb.hosts}
@@ -193,7 +194,7 @@ class SoakCluster:
                 self.iperf = None
         if now >= self.next_churn and self.etcd_down_until is None:
             self._churn()
-            self.next_churn = now + CHURN_S
+            self.next_churn = now + a.churn_s
         if self.etcd_down_until is not None and now >= self.etcd_down_until:
             self.tb.etcd[0].spawn()
             self.etcd_down_until = None
@@ -366,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default="udp,vxlan,host-gw")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between samples")
     p.add_argument("--iperf-rate", default="100M", help="iperf3 -b (0 = unlimited)")
+    p.add_argument("--churn-s", type=float, default=CHURN_S, help="seconds between lease churn writes")
     p.add_argument("--etcd-restart-min", type=float, default=15.0, help="minutes between etcd restarts (0: none)")
     p.add_argument("--etcd-down-s", type=float, default=10.0)
     p.add_argument("--daemon-restart-min", type=float, default=20.0, help="minutes between daemon restarts (0: none)")
