@@ -13,7 +13,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 IPERF_PORT = 5201
 _RTT_RE = re.compile(r"time[=<]([\d.]+) ms")
@@ -82,15 +82,17 @@ class IperfResult:
         return self.bits_per_second / 1e9
 
 
-class IperfServer:
-    """An iperf3 server inside ``node`` (one test at a time); a context manager."""
+class ServerProcess:
+    """A server process started inside a testbed node for one measurement; a context manager that stops it."""
 
-    def __init__(self, node, port: int = IPERF_PORT) -> None:
+    def __init__(self, node, port: int, argv: Sequence[str]) -> None:
         self.node = node
         self.port = port
-        self.proc = node.popen(["iperf3", "-s", "-p", str(port)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+        self.proc = node.popen(list(argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.3)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -101,11 +103,18 @@ class IperfServer:
                 self.proc.kill()
                 self.proc.wait(5)
 
-    def __enter__(self) -> "IperfServer":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class IperfServer(ServerProcess):
+    """An iperf3 server inside ``node`` (one test at a time); a context manager."""
+
+    def __init__(self, node, port: int = IPERF_PORT) -> None:
+        super().__init__(node, port, ["iperf3", "-s", "-p", str(port)])
 
 
 def iperf(client, server_ip, seconds: float = 3.0, streams: int = 1, udp: bool = False,

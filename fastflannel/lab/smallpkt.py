@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence
 
+from fastflannel.lab.measure import ServerProcess, process_cpu_seconds
+
 SOCKPERF_PORT = 11111
 FLOOD_PORT = 5401
 FLOOD_BATCH = 256
@@ -65,33 +67,11 @@ def parse_sockperf(text: str) -> PingPongResult:
                           avg_us=float(avg.group(1)) if avg else float("nan"), percentiles_us=pct)
 
 
-class SockperfServer:
+class SockperfServer(ServerProcess):
     """A ``sockperf server --tcp`` inside ``node`` (tracked by the testbed: killed at teardown); a context manager."""
 
     def __init__(self, node, port: int = SOCKPERF_PORT) -> None:
-        self.node = node
-        self.port = port
-        self.proc = node.popen(["sockperf", "server", "--tcp", "-i", str(node.ip), "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.3)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def __enter__(self) -> "SockperfServer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        super().__init__(node, port, ["sockperf", "server", "--tcp", "-i", str(node.ip), "-p", str(port)])
 
 
 def sockperf_pingpong(client, server_ip, seconds: float = 5.0, size: int = 64, port: int = SOCKPERF_PORT,
@@ -332,8 +312,6 @@ def iperf_cpu_seconds(raw: Optional[dict], seconds: float) -> float:
 
 def per_daemon_cpu_pct(pids: Sequence[int], run: Any) -> float:
     """Run ``run()`` and return the largest per-process CPU use of ``pids`` over it, in % of one core."""
-    from fastflannel.lab.measure import process_cpu_seconds
-
     c0 = [process_cpu_seconds(p) for p in pids]
     t0 = time.monotonic()
     run()
