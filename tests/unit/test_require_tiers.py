@@ -44,6 +44,7 @@ def _run(tmp_path: Path, require: bool, module: str) -> subprocess.CompletedProc
     # the ext tier probe fails by request in the child: a tier skip that happens on any machine
     env = {**os.environ, "PYTHONPATH": str(TESTS / "helpers"), "FASTFLANNEL_NO_EXTENSIONS": "1"}
     env.pop("FASTFLANNEL_REQUIRE_TIERS", None)
+    env.pop("CI", None)  # with CI set pytest prints the summary lines untruncated: keep the child's output the same
     if require:
         env["FASTFLANNEL_REQUIRE_TIERS"] = "1"
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "-o", "addopts=",
@@ -67,7 +68,15 @@ def test_with_the_switch_every_skip_is_an_error_naming_what_is_missing(tmp_path:
     assert "FASTFLANNEL_NO_EXTENSIONS is set: the tests of the compiled extension do not run" in out, out
     assert "needs sockperf (Debian package sockperf)" in out, out
     assert "needs no-such-tool-ff (Debian package no-such-package" in out, out
-    assert out.count("FASTFLANNEL_REQUIRE_TIERS=1: skipped, and every tier must run here") == 3, out
+    summary = [line.split(" - ")[0] for line in out.splitlines()
+               if line.startswith(("ERROR test_planted.py::", "FAILED test_planted.py::"))]
+    assert sorted(summary) == ["ERROR test_planted.py::test_marked_tier", "ERROR test_planted.py::test_missing_tool",
+                               "FAILED test_planted.py::test_skip_call"], out
+    # each of the three is the switch's error (the section of each test starts with it), not some other failure
+    sections = out.split("\n____")
+    for name in ("test_marked_tier", "test_missing_tool", "test_skip_call"):
+        own = [s for s in sections if f" {name} " in s.split("\n", 1)[0]]
+        assert own and "FASTFLANNEL_REQUIRE_TIERS=1: skipped, and every tier must run here" in own[0], (name, out)
 
 
 def test_with_the_switch_a_module_level_skip_is_a_collection_error(tmp_path: Path) -> None:
