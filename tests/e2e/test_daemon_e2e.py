@@ -14,6 +14,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
+from cluster import free_subnets
 from waiting import wait_for
 from fastflannel.lease import LeaseAttrs
 
@@ -123,16 +124,17 @@ def test_garbage_value_removes_nothing(cluster):
     tb = cluster
     h = tb.hosts[0]
     want = wait_for(lambda: len(peer_routes(h)) == 2 and peer_routes(h), what="initial routes")
-    tb.etcdctl("put", f"{tb.prefix_key}/subnets/100.96.77.0-24", "this is not json")
+    bad, good_subnet = free_subnets(tb, 2)
+    tb.etcdctl("put", f"{tb.prefix_key}/subnets/{str(bad).replace('/', '-')}", "this is not json")
     tb.etcdctl("put", f"{tb.prefix_key}/subnets/not-a-key", '{"PublicIP":"10.168.0.9","PublicIPv6":null}')
     time.sleep(2.0)
     assert peer_routes(h) == want
     # a good lease added afterwards still arrives: the watch survived the garbage
     good = LeaseAttrs(IPv4Address("10.168.0.9"), "host-gw").to_json()
-    tb.etcdctl("put", f"{tb.prefix_key}/subnets/100.96.78.0-24", good)
-    wait_for(lambda: peer_routes(h).get("100.96.78.0/24") == "10.168.0.9", what="good lease after garbage")
+    tb.etcdctl("put", f"{tb.prefix_key}/subnets/{str(good_subnet).replace('/', '-')}", good)
+    wait_for(lambda: peer_routes(h).get(str(good_subnet)) == "10.168.0.9", what="good lease after garbage")
     assert all(k in peer_routes(h) for k in want)
-    assert "100.96.77.0" in h.daemon_log_text()  # the skip is logged
+    assert str(bad.network_address) in h.daemon_log_text()  # the skip is logged
 
 
 def test_etcd_outage(cluster):
@@ -149,11 +151,12 @@ def test_etcd_outage(cluster):
     stored = leases(tb)
     for h in tb.hosts:
         assert subnets[h.name].replace("/", "-") in stored
-    # reconnected: a new lease still reaches every daemon
-    tb.etcdctl("put", f"{tb.prefix_key}/subnets/100.96.99.0-24",
+    # reconnected: a new lease (on a subnet no host holds) still reaches every daemon
+    (fresh,) = free_subnets(tb)
+    tb.etcdctl("put", f"{tb.prefix_key}/subnets/{str(fresh).replace('/', '-')}",
                LeaseAttrs(IPv4Address("10.168.0.99"), "host-gw").to_json())
     for h in tb.hosts:
-        wait_for(lambda: "100.96.99.0/24" in peer_routes(h), timeout=30, what=f"watch reconnected on {h.name}")
+        wait_for(lambda: str(fresh) in peer_routes(h), timeout=30, what=f"watch reconnected on {h.name}")
         log = h.daemon_log_text()
         assert "Traceback" not in log, log[-4000:]
         # one line per state change, not a storm: 20 s of outage must not produce hundreds of lines

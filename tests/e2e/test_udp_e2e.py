@@ -16,7 +16,7 @@ import textwrap
 from ipaddress import IPv4Network
 
 import pytest
-from cluster import HEALTHZ_PORT, NETWORK, At, fastpath_stats, wait_ping
+from cluster import HEALTHZ_PORT, NETWORK, At, fastpath_stats, free_subnets, wait_ping
 from tiers import IMPLS, ext_unavailable, impl_env
 from waiting import wait_for
 
@@ -154,8 +154,11 @@ def test_wire_compat_with_independent_forwarder(make_cluster, wake):
             assert "busy_poll_us=50 loop_priority=nice:-5" in h.daemon_log_text(), h.daemon_log_text()[-2000:]
     flannel_hosts = list(tb.hosts)
     peer = tb.add_host("h4")
-    # the lease exactly as flanneld's udp backend writes it: no BackendType
-    tb.etcdctl("put", f"{tb.prefix_key}/subnets/100.96.200.0-24", f'{{"PublicIP":"{peer.ip}","PublicIPv6":null}}')
+    # the lease exactly as flanneld's udp backend writes it: no BackendType (on a subnet no daemon holds)
+    (own,) = free_subnets(tb)
+    gw = str(own.network_address + 1)
+    tb.etcdctl("put", f"{tb.prefix_key}/subnets/{str(own).replace('/', '-')}",
+               f'{{"PublicIP":"{peer.ip}","PublicIPv6":null}}')
     routes = [f"{IPv4Network(h.read_subnet_env()['FLANNEL_SUBNET'], strict=False)}={h.ip}" for h in flannel_hosts]
     script = tb.workdir / "forwarder.py"
     script.write_text(FORWARDER)
@@ -163,18 +166,18 @@ def test_wire_compat_with_independent_forwarder(make_cluster, wake):
                      stderr=subprocess.PIPE, text=True)
     assert fwd.stdout.readline().strip() == "ready", fwd.stderr.read() if fwd.poll() is not None else ""
     peer.run(["ip", "link", "set", "flannel0", "mtu", str(tb.mtu - 28), "up"])
-    peer.run(["ip", "addr", "add", "100.96.200.0/32", "dev", "flannel0"])
+    peer.run(["ip", "addr", "add", f"{own.network_address}/32", "dev", "flannel0"])
     peer.run(["ip", "route", "replace", str(NETWORK), "dev", "flannel0"])
     peer.run(["ip", "link", "add", "cbr0", "type", "bridge"])  # no dummy module here; an empty bridge holds the address
-    peer.run(["ip", "addr", "add", "100.96.200.1/24", "dev", "cbr0"])
+    peer.run(["ip", "addr", "add", f"{gw}/{own.prefixlen}", "dev", "cbr0"])
     peer.run(["ip", "link", "set", "cbr0", "up"])
     for c in cs:  # fastflannel -> forwarder and back
-        wait_ping(c, "100.96.200.1")
+        wait_ping(c, gw)
     # forwarder -> fastflannel container (the peer originates)
-    r = peer.run(["ping", "-n", "-c", "3", "-I", "100.96.200.1", str(cs[1].ip)], check=False)
+    r = peer.run(["ping", "-n", "-c", "3", "-I", gw, str(cs[1].ip)], check=False)
     assert " 0% packet loss" in r.stdout, r.stdout
     # TCP both ways through the independent forwarder, checksums equal
-    peer_node = At(peer, "100.96.200.1")
+    peer_node = At(peer, gw)
     res = transfer_checksum(cs[0], peer_node, size_mb=5, port=5302)
     assert res["sent_sha256"] == res["recv_sha256"] and res["recv_bytes"] == str(5 << 20)
     res = transfer_checksum(peer_node, cs[2], size_mb=5, port=5303)
