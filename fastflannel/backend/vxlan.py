@@ -52,7 +52,7 @@ from fastflannel.backend.route_network import ROUTE_CHECK_INTERVAL_S, direct_rou
 from fastflannel.backend.dualstack import DualStackNetwork
 from fastflannel.backend.vxlan_device import VXLAN6_OVERHEAD, VxlanDevice, VxlanSpec, vxlan_mtu
 from fastflannel.config import NetworkConfig
-from fastflannel.kernel import nlbatch
+from fastflannel.kernel import nlbatch, staged
 from fastflannel.kernel.iface import ExternalInterface
 from fastflannel.kernel.linkevents import LINK_EVENTS_OVERRUN, RTM_DELLINK
 from fastflannel.lease import Event, EventType, Lease, LeaseAttrs, LeaseParseError, project
@@ -236,10 +236,10 @@ class VxlanNetwork:
                     continue
                 if lease.attrs.public_ip in direct:
                     r = direct_route(lease, self.ext)
-                    items.append(nlbatch.Staged([[nlbatch.route_replace(r.dst, r.gateway, r.oif, r.onlink)]], []))
+                    items.append(staged.Staged([[nlbatch.route_replace(r.dst, r.gateway, r.oif, r.onlink)]], []))
                 else:
                     gw, pub, subnet = lease.subnet.network_address, lease.attrs.public_ip, lease.subnet
-                    items.append(nlbatch.Staged(
+                    items.append(staged.Staged(
                         [[nlbatch.neigh_replace(dev, gw, mac), nlbatch.fdb_replace(dev, mac, pub)],
                          [nlbatch.route_replace(subnet, gw, dev, True)]],
                         [nlbatch.fdb_del(dev, mac, pub), nlbatch.neigh_del(dev, gw)]))
@@ -259,7 +259,7 @@ class VxlanNetwork:
         if not items:
             return 0, failed
         try:
-            errors, undo_errors = nlbatch.run_staged(nl.batch, items, cleanup)
+            errors, undo_errors = staged.run_staged(nl.batch, items, cleanup)
         except BackendError as e:  # the socket failed: nothing is known; the next reconcile repairs
             for lease, _ in owners:
                 self._peer_failed("added", lease, e)

@@ -134,41 +134,6 @@ def apply_serially(target: Any, ops: Sequence[Op], errors: tuple = (Exception,))
     return out
 
 
-@dataclass
-class Staged:
-    """One object made of several kernel entries (a vxlan peer: neighbour and FDB entry, then its route).
-    ``stages`` run in order, each stage of every object in one batch; an object whose op fails in a stage gets no
-    later stage and its ``rollback`` ops (deletes) run, so it is left either complete or absent."""
-
-    stages: List[List[Op]]
-    rollback: List[Op]
-
-
-def run_staged(batch: Any, items: Sequence[Staged], cleanup: Sequence[Op] = ()) -> Tuple[List[Optional[BaseException]],
-                                                                                       List[BaseException]]:
-    """Program ``items`` with one ``batch(ops) -> [error|None]`` call per stage plus one for the rollbacks of the
-    failed items and ``cleanup`` (extra deletes, e.g. a peer's previous FDB entry). Return the first error of each
-    item (None = complete) and the errors of the rollback/cleanup batch (to log)."""
-    first: List[Optional[BaseException]] = [None] * len(items)
-    depth = max((len(x.stages) for x in items), default=0)
-    for k in range(depth):
-        owners, ops = [], []
-        for i, item in enumerate(items):
-            if first[i] is None and k < len(item.stages):
-                for op in item.stages[k]:
-                    owners.append(i)
-                    ops.append(op)
-        if not ops:
-            continue
-        for i, err in zip(owners, batch(ops)):
-            if err is not None and first[i] is None:
-                first[i] = err
-    undo = [op for i, item in enumerate(items) if first[i] is not None for op in item.rollback]
-    undo += list(cleanup)
-    undo_errors = [e for e in batch(undo) if e is not None] if undo else []
-    return first, undo_errors
-
-
 # -- encoding (pure) ---------------------------------------------------------------------------------------
 def _attr(kind: int, payload: bytes) -> bytes:
     n = _ATTR.size + len(payload)
@@ -232,6 +197,11 @@ def encode(op: Op) -> Tuple[int, int, bytes]:
             body += _attr(NDA_DST, _ip(dst).packed)
         return (RTM_NEWNEIGH, _REPLACE, body) if op.verb == "fdb_replace" else (RTM_DELNEIGH, _DELETE, body)
     raise ValueError(f"no batch encoding for {op.verb!r}")
+
+
+def plain(op: Op) -> List[Tuple[Tuple[int, int, bytes], Sequence[int]]]:
+    """``op``'s one request, with the errnos that are not errors (the default expansion of ``run_ops``)."""
+    return [(encode(op), IGNORED_ERRNOS.get(op.verb, ()))]
 
 
 def frame(mtype: int, flags: int, seq: int, body: bytes) -> bytes:
@@ -469,8 +439,9 @@ class Channel:
             configure(self._sock)
         return self._sock
 
-    def batch(self, ops: Sequence[Op], name_of: Callable[[int], str]) -> List[Optional[KernelError]]:
-        return run_ops(self.socket(), self.seqs, ops, name_of)
+    def batch(self, ops: Sequence[Op], name_of: Callable[[int], str], expand: Callable[[Op], list] = plain
+              ) -> List[Optional[KernelError]]:
+        return run_ops(self.socket(), self.seqs, ops, name_of, expand)
 
     def dump(self, what: str, fn: Callable[[socket.socket, SeqCounter], list]) -> list:
         """``fn(sock, seqs)`` (``dump_routes``/``dump_neighs``); an OSError becomes ``KernelError`` naming ``what``."""
@@ -497,10 +468,11 @@ class Channel:
             sock.close()
 
 
-def run_ops(sock: socket.socket, seqs: SeqCounter, ops: Sequence[Op], name_of: Callable[[int], str]
-            ) -> List[Optional[KernelError]]:
-    """``Netlink.batch``: encode and ``transact`` ``ops``; return one ``KernelError`` (naming the object the way
-    the single verbs do, with the kernel's extended-ACK text) or None per op. Deletes of absent objects are not
+def run_ops(sock: socket.socket, seqs: SeqCounter, ops: Sequence[Op], name_of: Callable[[int], str],
+            expand: Callable[[Op], list] = plain) -> List[Optional[KernelError]]:
+    """``Netlink.batch``: encode (``expand``: an op's requests, e.g. ``kernel/nexthop.py``'s two per route) and
+    ``transact`` ``ops``; return one ``KernelError`` (naming the object the way the single verbs do, with the
+    kernel's extended-ACK text; an op's first failed request) or None per op. Deletes of absent objects are not
     errors. Raises ``KernelError`` only if the socket itself fails (then nothing is known about the ops)."""
     out: List[Optional[KernelError]] = [None] * len(ops)
 
@@ -511,10 +483,13 @@ def run_ops(sock: socket.socket, seqs: SeqCounter, ops: Sequence[Op], name_of: C
     reqs, where = [], []
     for i, op in enumerate(ops):
         try:
-            reqs.append(encode(op))
-            where.append(i)
+            parts = expand(op)
         except ValueError as e:
             out[i] = KernelError(what(op), str(e), _errno.EINVAL)
+            continue
+        for req, ignored in parts:
+            reqs.append(req)
+            where.append((i, ignored))
     if not reqs:
         return out
     try:
@@ -523,8 +498,8 @@ def run_ops(sock: socket.socket, seqs: SeqCounter, ops: Sequence[Op], name_of: C
         code = e.errno or 0
         raise KernelError(f"netlink batch of {len(reqs)} requests ({summary(ops)})",
                           os.strerror(code) if code else str(e), code) from e
-    for i, (code, text) in zip(where, results):
-        if code and code not in IGNORED_ERRNOS.get(ops[i].verb, ()):
+    for (i, ignored), (code, text) in zip(where, results):
+        if code and code not in ignored and out[i] is None:
             out[i] = KernelError(what(ops[i]), os.strerror(code) + (f" ({text})" if text else ""), code)
     return out
 

@@ -11,6 +11,7 @@ from ipaddress import IPv4Network
 import pytest
 
 from fastflannel.kernel import nlbatch as B
+from fastflannel.kernel import staged as S
 
 HDR = struct.Struct("=IHHII")
 
@@ -139,10 +140,10 @@ def test_run_staged_rolls_back_only_failed_items():
         calls.append([op.verb for op in ops])
         return [RuntimeError(f"boom {op.args}") if op.args and op.args[0] == "bad" else None for op in ops]
 
-    items = [B.Staged([[B.Op("a", ("x1",))], [B.Op("b", ("x2",))]], [B.Op("undo", ("x",))]),
-             B.Staged([[B.Op("a", ("bad",))], [B.Op("b", ("y2",))]], [B.Op("undo", ("y",))]),
-             B.Staged([[B.Op("a", ("z1",))], [B.Op("b", ("bad",))]], [B.Op("undo", ("z",))])]
-    first, undo_errors = B.run_staged(batch, items, cleanup=[B.Op("cleanup", ("c",))])
+    items = [S.Staged([[B.Op("a", ("x1",))], [B.Op("b", ("x2",))]], [B.Op("undo", ("x",))]),
+             S.Staged([[B.Op("a", ("bad",))], [B.Op("b", ("y2",))]], [B.Op("undo", ("y",))]),
+             S.Staged([[B.Op("a", ("z1",))], [B.Op("b", ("bad",))]], [B.Op("undo", ("z",))])]
+    first, undo_errors = S.run_staged(batch, items, cleanup=[B.Op("cleanup", ("c",))])
     assert calls == [["a", "a", "a"], ["b", "b"], ["undo", "undo", "cleanup"]]
     assert first[0] is None and "bad" in str(first[1]) and "bad" in str(first[2]) and undo_errors == []
 
