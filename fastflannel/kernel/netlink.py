@@ -27,7 +27,7 @@ from pyroute2 import config as _pyroute2_config
 from pyroute2.netlink.exceptions import NetlinkError
 
 from fastflannel.errors import KernelError
-from fastflannel.kernel import linkevents, nlbatch
+from fastflannel.kernel import linkevents, nexthop, nlbatch
 
 log = logging.getLogger("fastflannel.kernel.netlink")
 
@@ -154,6 +154,7 @@ class Netlink:
         if netns is not None:
             kw.update(netns=netns, flags=0)  # flags=0: never create the namespace implicitly
         self._fast = nlbatch.Channel(netns)  # batches and dumps: a raw socket, opened on first use
+        self._expand: Optional[Callable[..., list]] = None
         try:
             self._ipr: Optional[IPRoute] = IPRoute(**kw)
         except (NetlinkError, OSError) as e:
@@ -196,7 +197,10 @@ class Netlink:
         """Run ``ops`` (``nlbatch.route_replace(...)`` etc.) pipelined on one socket, in order; return one
         ``KernelError`` or None per op, as if each verb had been called alone (see ``nlbatch.run_ops``)."""
         with self._lock:
-            return self._fast.batch(ops, self._name_quiet)
+            if self._expand is None:  # probed once, on the first batch (kernel/nexthop.py)
+                self._expand, why = nexthop.choose(self._fast)
+                log.info("event=route_programming mode=%r", why)
+            return self._fast.batch(ops, self._name_quiet, self._expand)
 
     def _dump(self, what: str, fn: Callable[..., list]) -> list:
         with self._lock:
@@ -580,20 +584,13 @@ def _route(m: Any) -> Route:
     src = m.get_attr("RTA_PREFSRC")
     table = m.get_attr("RTA_TABLE") or m["table"]
     any_addr = "::" if m["family"] == AF_INET6 else "0.0.0.0"
-    return Route(
-        dst=ip_network(f"{dst or any_addr}/{m['dst_len']}", strict=False),
-        gateway=ip_address(gw) if gw else None,
-        oif=oif,
-        onlink=bool(m["flags"] & RTNH_F_ONLINK),
-        table=table,
-        type=m["type"],
-        proto=m["proto"],
-        scope=m["scope"],
-        prefsrc=ip_address(src) if src else None,
-    )
+    return Route(dst=ip_network(f"{dst or any_addr}/{m['dst_len']}", strict=False),
+                 gateway=ip_address(gw) if gw else None, oif=oif, onlink=bool(m["flags"] & RTNH_F_ONLINK),
+                 table=table, type=m["type"], proto=m["proto"], scope=m["scope"],
+                 prefsrc=ip_address(src) if src else None)
 
 
 __all__ = [
     "AF_INET", "AF_INET6", "AddrInfo", "Fdb", "KernelError", "LinkInfo", "Neigh", "Netlink", "Route", "VxlanAttrs",
-    "VXLAN_DEFAULT_PORT", "call_translated", "wireguard_socket", "write_sysctl",
+    "VXLAN_DEFAULT_PORT", "call_translated", "wireguard_socket",
 ]

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -223,6 +224,13 @@ def sh(cmd: List[str], check: bool = True, input: Optional[str] = None) -> str:
 
 def ipn(ns: str, *args: str, check: bool = True) -> str:
     return sh(["ip", "-n", ns, *args], check=check)
+
+
+def flannel_routes(ns: str, *args: str, check: bool = True) -> str:
+    """``ip route show`` as Flannel's routes read: the `` nhid N`` of a route through a nexthop object
+    (kernel/nexthop.py) is dropped, so the rest - destination, gateway, device, flags - is compared with what
+    Flannel programs. tests/kernel/test_nexthop.py checks the nhid itself."""
+    return re.sub(r" nhid \d+", "", ipn(ns, *args, "route", "show", check=check))
 
 
 def nsexec(ns: str, *args: str, check: bool = True, input: Optional[str] = None) -> str:

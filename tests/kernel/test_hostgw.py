@@ -5,8 +5,8 @@ from __future__ import annotations
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
-from fakes import (FakeManager, FakeNetlink, Rig, added, ext_iface, hostgw_lease, ipn, netns_marks, nsexec,
-                   removed, rig, vxlan_lease)  # noqa: F401
+from fakes import (FakeManager, FakeNetlink, Rig, added, ext_iface, flannel_routes, hostgw_lease, ipn, netns_marks,
+                   nsexec, removed, rig, vxlan_lease)  # noqa: F401
 
 from fastflannel.backend import get_backend
 from fastflannel.errors import BackendError
@@ -50,7 +50,7 @@ def _ext(ns: str, nl: Netlink, ip: str = "10.168.0.2") -> ExternalInterface:
 
 
 def _flannel_routes(ns: str) -> list:
-    return [line.strip() for line in ipn(ns, "-4", "route", "show").splitlines() if line.startswith("100.96.")]
+    return [line.strip() for line in flannel_routes(ns, "-4").splitlines() if line.startswith("100.96.")]
 
 
 @netns_marks

@@ -8,8 +8,8 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 import flanneld_by_hand as flanneld
 import pytest
-from fakes import (FakeManager, FakeNetlink, Rig, added, ext_iface, hostgw_lease, ipn, netns_marks, nsexec,
-                   removed, rig, sh, vxlan_lease)  # noqa: F401
+from fakes import (FakeManager, FakeNetlink, Rig, added, ext_iface, flannel_routes, hostgw_lease, ipn, netns_marks,
+                   nsexec, removed, rig, sh, vxlan_lease)  # noqa: F401
 
 from fastflannel.backend import get_backend
 from fastflannel.errors import BackendError
@@ -144,7 +144,7 @@ def _state(ns: str) -> str:
         ipn(ns, "addr", "show", "dev", "flannel.1", check=False),
         ipn(ns, "neigh", "show", "dev", "flannel.1", check=False),
         sh(["ip", "netns", "exec", ns, "bridge", "fdb", "show", "dev", "flannel.1"], check=False),
-        ipn(ns, "route", "show", check=False),
+        flannel_routes(ns, check=False),
     ])
 
 
@@ -266,7 +266,7 @@ def test_kernel_direct_routing(rig):
         far = vxlan_lease("100.96.5.0/24", "192.0.2.5", "0a:58:00:00:00:05")
         ipn(ns, "route", "add", "192.0.2.0/24", "via", "10.168.0.1", "dev", "eth0")
         net.handle_events(added(PEER_B, far))
-        routes = ipn(ns, "route", "show")
+        routes = flannel_routes(ns)
         assert "100.96.2.0/24 via 10.168.0.3 dev eth0" in routes
         assert "100.96.5.0/24 via 100.96.5.0 dev flannel.1 onlink" in routes
         net.handle_events(removed(PEER_B, far))
