@@ -540,6 +540,32 @@ def test_route_update_while_running(rig: Rig) -> None:
     assert rig.fp.routes() == {}
 
 
+def test_batched_route_update_while_running(rig: Rig) -> None:
+    """update_routes: hundreds of routes (several ctl chunks) in one call while the loop runs; a bad change fails
+    alone; every route is in effect when it returns; a batch of deletes takes every peer back out."""
+    from fastflannel.datapath.fastpath import CTL_CHUNK
+
+    rig.fp.start()
+    subnets = [IPv4Network(f"10.244.{i}.0/24") for i in range(2, 255)]
+    changes = [(s, IPv4Address(f"10.99.{i // 250}.{i % 250 + 1}")) for i, s in enumerate(subnets[:-1])]
+    changes.insert(100, (IPv4Network("10.245.0.0/24"), PEER))  # outside the network
+    changes.append((subnets[-1], PEER))
+    before = rig.fp.stats()["ctl_commands"]
+    errors = rig.fp.update_routes(changes)
+    assert [i for i, e in enumerate(errors) if e is not None] == [100] and "not a /24" in str(errors[100])
+    assert len(changes) * 2 > 3 * CTL_CHUNK  # a peer and a route command each: several round trips
+    assert rig.fp.stats()["ctl_commands"] - before == 2 * (len(changes) - 1)
+    assert len(rig.fp.routes()) == len(subnets) and len(rig.fp.peers()) == len(subnets)
+    pkt = ipv4_packet("10.244.1.5", "10.244.254.7", proto=6, payload=b"batched")
+    rig.tun.send(pkt)  # the last route of the batch is in effect when update_routes returns
+    data, _ = rig.peer.recvfrom(70000)
+    assert data[16:20] == pkt[16:20]
+    assert rig.fp.update_routes([(s, None) for s in subnets]) == [None] * len(subnets)
+    assert rig.fp.routes() == {} and rig.fp.peers() == {}
+    rig.tun.send(pkt)
+    assert rig.tun.recv(200)[20:22] == b"\x03\x00"  # net unreachable again
+
+
 def test_no_icmp_about_icmp_in_loop(rig: Rig) -> None:
     rig.fp.start()
     rig.tun.send(ipv4_packet("10.244.1.5", "10.244.9.7", proto=1))
