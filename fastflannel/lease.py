@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
+from fastflannel.ip import parse_ipv4
+
 
 class LeaseParseError(ValueError):
     """A lease value is not Flannel lease JSON; the message says which field is wrong."""
@@ -66,7 +68,7 @@ class LeaseAttrs:
         if not isinstance(pub, str):
             raise LeaseParseError(f"PublicIP: missing or not a string ({pub!r})")
         try:
-            public_ip = IPv4Address(pub)
+            public_ip = parse_ipv4(pub)
         except ValueError:
             raise LeaseParseError(f"PublicIP: {pub!r} is not an IPv4 address") from None
         pub6 = low.get("publicipv6")

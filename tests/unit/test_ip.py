@@ -4,7 +4,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Network
 import pytest
 from hypothesis import given, strategies as st
 
-from fastflannel.ip import first_host, make_subnet_key, parse_subnet_key, subnet_index
+from fastflannel.ip import first_host, make_subnet_key, parse_ipv4, parse_subnet_key, subnet_index
 
 
 def test_key_format_matches_flannel():
@@ -39,3 +39,25 @@ def test_subnet_index_and_first_host():
     assert subnet_index(IPv4Address("100.96.7.200"), network, 24) == 7
     assert subnet_index(IPv4Address("100.96.255.255"), network, 24) == 255
     assert first_host(IPv4Network("10.5.72.0/24")) == IPv4Address("10.5.72.1")
+
+
+def _ipaddress_or_error(text):
+    try:
+        return IPv4Address(text)
+    except ValueError:
+        return "error"
+
+
+def _ours_or_error(text):
+    try:
+        return parse_ipv4(text)
+    except ValueError:
+        return "error"
+
+
+@given(st.one_of(st.ip_addresses(v=4).map(str), st.text(alphabet="0123456789.x -", max_size=18),
+                 st.lists(st.integers(0, 300).map(str), min_size=1, max_size=5).map(".".join),
+                 st.lists(st.sampled_from(["0", "00", "01", "255", "256", "1", "9"]), min_size=4, max_size=4)
+                 .map(".".join)))
+def test_parse_ipv4_accepts_exactly_what_ipaddress_accepts(text):
+    assert _ours_or_error(text) == _ipaddress_or_error(text)
