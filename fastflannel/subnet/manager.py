@@ -25,7 +25,8 @@ Keep (``keep_lease``), deliberately unlike Flannel:
     with back-off (0.5 s doubling to 30 s) and on every watch event of the key, never in a hot loop;
   - store outages log one line when they start and one when they end, and retry with backoff.
 
-Watch (``watch_leases``): snapshot at revision R -> ``LeaseWatcher.reset``; watch from R+1 -> ``update``;
+Watch (``watch_leases``): snapshot at revision R -> ``LeaseWatcher.reset``; watch from R+1 -> ``update``; the
+first snapshot is the listing ``acquire_lease`` just made (a restarting host reads its 5,000 leases once, not twice);
 reconnect with backoff 100 ms -> 5 s; compaction -> re-list + reset; a full re-list every ``resync_s``
 (longer in large clusters, jittered: ``resync_delay``) so state converges even after a missed event (Flannel
 has none); an empty batch at least every ``tick_s`` (1 s).
@@ -63,6 +64,7 @@ from fastflannel.subnet.registry import (
 log = logging.getLogger(__name__)
 
 RACE_RETRIES = 10  # flannel raceRetries
+FIRST_LISTING_REUSE_S = 30.0  # the first watch reuses acquire's listing when it is younger than this
 DEFAULT_TTL_S = 86400  # flannel subnetTTL: 24 h
 DEFAULT_RENEW_MARGIN_S = 3600  # flannel --subnet-lease-renew-margin default: 60 min
 DEFAULT_RESYNC_S = 60.0  # full re-list of the leases (not in Flannel)
@@ -131,6 +133,9 @@ class LocalManager:
         self._lock = threading.Lock()
         self._current: Optional[Lease] = None
         self._wake = threading.Event()
+        # the listing acquire_lease made (leases, revision, monotonic time): the first watch starts from it
+        # instead of listing all leases again (5,000 after a restart), consumed once, only while fresh
+        self._first_listing: Optional[Tuple[List[Lease], int, float]] = None
 
     # -- config ------------------------------------------------------------------------------------------------
     def get_network_config(self) -> NetworkConfig:
@@ -161,7 +166,7 @@ class LocalManager:
         if not config.enable_ipv4 or config.network is None:
             raise LeaseError("the etcd subnet manager needs an IPv4 Network in the config (IPv6-only is unsupported)")
         for attempt in range(1, RACE_RETRIES + 1):
-            leases, _rev = self.registry.get_subnets()
+            leases, rev = self.registry.get_subnets()
             try:
                 lease, how = self._try_acquire(config, attrs, leases)
             except SubnetExistsError as e:
@@ -174,6 +179,7 @@ class LocalManager:
                 lease.lease_id, how,
             )
             self._set_current(lease)
+            self._first_listing = (leases, rev, time.monotonic())
             return lease
         raise LeaseError("max retries reached trying to acquire a subnet")
 
@@ -360,8 +366,12 @@ class LocalManager:
 
         while not stop.is_set():
             if need_list:
+                first, self._first_listing = self._first_listing, None
+                reuse = first is not None and time.monotonic() - first[2] < FIRST_LISTING_REUSE_S
                 try:
-                    leases, rev = self.registry.get_subnets()
+                    # acquire's listing at R plus the watch from R + 1 (which replays our own create and every
+                    # change since) is as consistent as a new listing, and saves reading every lease again
+                    leases, rev = first[:2] if reuse else self.registry.get_subnets()
                 except StoreUnavailableError as e:
                     unavailable("list", e)
                     yield from self._pause(backoff, stop)
@@ -369,7 +379,7 @@ class LocalManager:
                     continue
                 for x in leases:
                     self._note_own(own, EventType.ADDED, x)
-                if not any(x.subnet == own.subnet for x in leases):
+                if not reuse and not any(x.subnet == own.subnet for x in leases):
                     self._wake.set()
                 events = watcher.reset(leases)
                 need_list = False

@@ -247,7 +247,8 @@ def test_garbage_value_skipped_by_list_and_watch(etcd, prefix, caplog):
 
 
 @pytest.mark.etcd
-def test_watch_from_compacted_revision_raises_and_manager_relists(etcd, prefix):
+@pytest.mark.parametrize("reuse_listing", [True, False])
+def test_watch_from_compacted_revision_raises_and_manager_relists(etcd, prefix, reuse_listing):
     etcd.ctl("put", f"{prefix}/config", CONFIG)
     reg = registry(etcd, prefix)
     reg.create_subnet(IPv4Network("10.5.2.0/24"), vx("192.0.2.2"), 600)
@@ -267,21 +268,29 @@ def test_watch_from_compacted_revision_raises_and_manager_relists(etcd, prefix):
     real_list = reg.get_subnets
     calls = []
 
+    def change_and_compact():
+        etcd.ctl("del", f"{prefix}/subnets/10.5.2.0-24")
+        reg.create_subnet(IPv4Network("10.5.6.0/24"), vx("192.0.2.6"), 600)
+        _, now = real_list()
+        etcd.ctl("compact", str(now))
+
+    if reuse_listing:  # the first watch starts from acquire's listing: the change comes after that one
+        change_and_compact()
+
     def list_then_change():
         out = real_list()
         calls.append(out[1])
-        if len(calls) == 1:
-            etcd.ctl("del", f"{prefix}/subnets/10.5.2.0-24")
-            reg.create_subnet(IPv4Network("10.5.6.0/24"), vx("192.0.2.6"), 600)
-            _, now = real_list()
-            etcd.ctl("compact", str(now))
+        if len(calls) == 1 and not reuse_listing:
+            change_and_compact()
         return out
 
+    if not reuse_listing:
+        m._first_listing = None  # the watch lists for itself (as after a re-list or a reconnect)
     reg.get_subnets = list_then_change  # type: ignore[method-assign]
     w = Thread(m.watch_leases, own)
     try:
         assert wait_for(lambda: replay(w.result) == {"10.5.6.0/24": vx("192.0.2.6")})
-        assert len(calls) >= 2
+        assert len(calls) == 1 if reuse_listing else len(calls) >= 2  # reused: only the re-list after compaction
     finally:
         w.close()
 

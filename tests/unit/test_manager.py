@@ -305,6 +305,23 @@ def setup_watch(**kw):
     return reg, m, own
 
 
+@pytest.mark.parametrize("age_s, lists", [(0.0, 0), (3600.0, 1)])
+def test_first_watch_reuses_acquires_listing_while_fresh(age_s, lists):
+    """A restarting host reads every lease once: the first watch starts from acquire's listing and revision (a
+    change made in between still arrives, from the watch); a listing older than FIRST_LISTING_REUSE_S is not used."""
+    reg, m, own = setup_watch()
+    reg.put_lease("10.3.3.0/24", attrs("3.3.3.3"))  # after acquire's listing, before the watch
+    leases, rev, t = m._first_listing
+    m._first_listing = (leases, rev, t - age_s)
+    before = reg.calls.count("get_subnets")
+    w = WatchRunner(m, own)
+    try:
+        assert wait_for(lambda: w.state() == {"10.3.2.0/24": attrs("2.2.2.2"), "10.3.3.0/24": attrs("3.3.3.3")})
+        assert reg.calls.count("get_subnets") - before == lists
+    finally:
+        w.close()
+
+
 def test_watch_snapshot_added_removed_own_filtered():
     reg, m, own = setup_watch()
     w = WatchRunner(m, own)
