@@ -299,6 +299,7 @@ def run_programming(backend: str, n: int, *, mode: str = "live", timeout: float 
         res = {"backend": backend, "mode": mode, "leases": n, "ok": ok, "programmed": count,
                "kernel_entries": (3 * count if backend == "vxlan" else count if backend == "host-gw" else 0),
                "write_s": round(w["t_written"] - w["t0"], 3), "total_s": round(done - t0, 3),
+               "after_last_put_s": round(max(0.0, done - w["t_written"]), 3) if mode == "live" else None,
                "after_ready_s": round(done - t_ready, 3), "daemon_took_s": _daemon_took(h.daemon_log_text()),
                "cpu_s": round(cpu, 3), "cpu_after_ready_s": round(cpu + cpu0 - cpu_ready, 3),
                "rss_kb_before": rss0, "rss_kb_after": _rss_kb(pid),
@@ -307,7 +308,8 @@ def run_programming(backend: str, n: int, *, mode: str = "live", timeout: float 
             res["reconcile_cpu_s"] = _time_reconcile(tb, h, backend)
         say(f"programming {backend} ({mode}): {count}/{n} leases ({res['kernel_entries']} kernel entries) complete "
             f"{res['total_s']:.2f} s from the {'daemon start' if mode == 'restart' else 'first put'} "
-            f"({res['after_ready_s']:.2f} s after {'subnet.env' if mode == 'restart' else 'it'}; daemon's own "
+            f"({res['after_ready_s']:.2f} s after {'subnet.env' if mode == 'restart' else 'it'}"
+            + (f", {res['after_last_put_s']:.2f} s after the last" if mode == "live" else "") + "; daemon's own "
             f"batches {res['daemon_took_s']:.2f} s; puts took {res['write_s']:.2f} s); daemon CPU {cpu:.2f} s "
             f"({res['cpu_after_ready_s']:.2f} s after {'subnet.env' if mode == 'restart' else 'the first put'}); "
             f"RSS {rss0 / 1024:.1f} -> {res['rss_kb_after'] / 1024:.1f} MiB; fds {fds0} -> {res['fds_after']}"
