@@ -103,7 +103,7 @@ def trim_heap() -> bool:
     Why (issue 14, docs/soak.md): under lease churn the daemon's live Python objects stay flat, but its threads
     (watch reader, network, lease keeper, pyroute2's per-call event loops) allocate and free in several glibc
     arenas, and glibc keeps the freed pages, so RSS crept up 1.5-6 MiB/h in the soak with nothing leaked. One call
-    a minute costs well under a millisecond here and gives them back."""
+    a minute (15 us here with nothing to return) gives them back."""
     global _libc_trim
     if _libc_trim is None:
         import ctypes

@@ -15,6 +15,9 @@ itself. ``match_acks`` maps every ACK back to its request by sequence number; an
 overrun) becomes ``ENOBUFS`` for its request, never success. NETLINK_CAP_ACK keeps error ACKs small and
 NETLINK_EXT_ACK adds the kernel's own text ("Nexthop has invalid gateway"), which goes into the error message.
 
+What one op sends is its "expansion" (``plain``: one request; ``kernel/nexthop.py``: a per-peer IPv4 route as a
+nexthop object plus the route naming it), chosen once per ``Netlink``.
+
 Everything but the socket I/O is a pure function of bytes (tests/unit/test_nlbatch_messages.py); the kernel's side
 (an error in the middle of a batch) is tested in a namespace (tests/kernel/test_nlbatch.py).
 """
