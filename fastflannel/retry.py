@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, Iterable, Optional, Tuple
 
 
 class Backoff:
@@ -86,6 +86,34 @@ class FailureLog:
     @property
     def failing(self) -> bool:
         return self.error is not None
+
+
+class EntryFailures:
+    """Once-per-state logging for the entries of a periodic pass (a route the kernel refuses, retried every
+    reconcile): ``is_new(key, error)`` is True the first time ``key`` fails and whenever its error text changes,
+    False while it keeps failing the same way; ``ok(key)`` forgets it (it works again); ``retain(keys)`` forgets
+    every key not in ``keys`` (entries no longer tried), so the table never outgrows one pass."""
+
+    def __init__(self) -> None:
+        self._errors: Dict[Hashable, str] = {}
+
+    def is_new(self, key: Hashable, error: object) -> bool:
+        text = str(error)
+        if self._errors.get(key) == text:
+            return False
+        self._errors[key] = text
+        return True
+
+    def ok(self, key: Hashable) -> None:
+        self._errors.pop(key, None)
+
+    def retain(self, keys: Iterable[Hashable]) -> None:
+        keep = set(keys)
+        for k in [k for k in self._errors if k not in keep]:
+            del self._errors[k]
+
+    def __len__(self) -> int:
+        return len(self._errors)
 
 
 def run_periodic(stop: "threading.Event", period: float, step: Callable[[], Any], failure: FailureLog,

@@ -27,6 +27,7 @@ from fastflannel.backend.peerlog import log_peers_summary, peer_log_level
 from fastflannel.kernel import nlbatch
 from fastflannel.kernel.iface import ExternalInterface
 from fastflannel.lease import Event, EventType, Lease
+from fastflannel.retry import EntryFailures
 
 log = logging.getLogger("fastflannel.backend.route")
 
@@ -52,12 +53,14 @@ def sync_routes(
     network: Optional[IPv4Network],
     own_subnet: IPv4Network,
     remove_stale: bool,
+    failures: Optional[EntryFailures] = None,
 ) -> List[str]:
     """Make the main table hold exactly ``desired`` among gateway routes via ``oifs`` inside ``network``.
     The address family is ``own_subnet``'s (IPv6 for the IPv6 half of a dual-stack network).
 
     Returns a list of human-readable changes (for logs and tests). Errors on single routes are logged and
-    the pass continues."""
+    the pass continues; with ``failures`` (the caller's, kept across passes) a route that keeps failing the same
+    way is logged at ERROR once, then at DEBUG every pass, until it works or is no longer wanted."""
     oifs = set(oifs)
     current: Dict[IPv4Network, list] = {}
     if own_subnet.version == 6:  # the IPv6 half of a dual-stack network (lease.project): its own table dump
@@ -82,6 +85,8 @@ def sync_routes(
             for h in have:
                 if h.gateway is not None and h.oif in oifs:
                     fixes.append(("removed stale", h, nlbatch.route_del(h.dst, h.gateway, h.oif)))
+    if failures is not None:
+        failures.retain((kind, route.dst) for kind, route, _ in fixes)
     if not fixes:
         return changes
     try:
@@ -93,8 +98,12 @@ def sync_routes(
         recovered = kind == "recovered"
         if err is not None:
             event = "route_recover_failed" if recovered else "route_stale_remove_failed"
-            log.error("event=%s route=%s error=%s", event, route, err)
+            new = failures is None or failures.is_new((kind, route.dst), err)
+            log.log(logging.ERROR if new else logging.DEBUG, "event=%s route=%s error=%s%s", event, route, err,
+                    "" if new else " repeated=true")
             continue
+        if failures is not None:
+            failures.ok((kind, route.dst))
         changes.append(f"{kind} {route}")
         if log.isEnabledFor(level):
             if recovered:
@@ -123,6 +132,7 @@ class RouteNetwork:
         self.netlink = netlink
         self.network = network
         self._synced = False  # set by the first event batch; stale removal waits for it
+        self._failures = EntryFailures()  # routes the reconcile keeps failing on: logged once per state
 
     def route_for(self, lease: Lease, quiet: bool = False):
         """Return the route for ``lease``, or None (with a warning unless ``quiet``) if it is not ours to route."""
@@ -174,7 +184,8 @@ class RouteNetwork:
             r = self.route_for(lease, quiet=True)
             if r is not None:
                 desired[r.dst] = r
-        sync_routes(self.netlink, desired, [self.ext.index], self.network, self.lease.subnet, self._synced)
+        sync_routes(self.netlink, desired, [self.ext.index], self.network, self.lease.subnet, self._synced,
+                    self._failures)
 
     def close(self) -> None:
         """Nothing to release: routes stay in place for a seamless restart."""

@@ -56,7 +56,7 @@ from fastflannel.kernel import nlbatch, staged
 from fastflannel.kernel.iface import ExternalInterface
 from fastflannel.kernel.linkevents import LINK_EVENTS_OVERRUN, RTM_DELLINK
 from fastflannel.lease import Event, EventType, Lease, LeaseAttrs, LeaseParseError, project
-from fastflannel.retry import Backoff, FailureLog
+from fastflannel.retry import Backoff, EntryFailures, FailureLog
 
 log = logging.getLogger("fastflannel.backend.vxlan")
 
@@ -185,6 +185,9 @@ class VxlanNetwork:
         self.network = network
         self.direct_routing = direct_routing
         self._programmed: Dict[IPv4Network, Lease] = {}
+        # entries the reconcile keeps failing on (routes, repairs, stale deletes): logged once per failure state
+        self._route_failures, self._repair_failures, self._stale_failures = (EntryFailures(), EntryFailures(),
+                                                                              EntryFailures())
         self._synced = False
         self._lock = threading.RLock()  # the event thread and the link watcher both program the kernel
         self._watch_stop = threading.Event()
@@ -401,8 +404,9 @@ class VxlanNetwork:
         for mac, dst in want_fdb.items():
             if not any(f.dst == dst and f.flags & NTF_SELF and f.state & NUD_PERMANENT for f in have_fdb.get(mac, [])):
                 repairs.append(("fdb", nlbatch.fdb_replace(dev, mac, dst)))
-        self._repair_all(repairs)
-        sync_routes(nl, want_routes, [dev, self.ext.index], self.network, self.lease.subnet, self._synced)
+        self._repair_all(repairs, self._repair_failures)
+        sync_routes(nl, want_routes, [dev, self.ext.index], self.network, self.lease.subnet, self._synced,
+                    self._route_failures)
 
         if self._synced:  # stale per-peer entries: only ours (permanent, on our device)
             stale = []
@@ -413,7 +417,7 @@ class VxlanNetwork:
                 for f in entries:
                     if mac not in want_fdb and f.state & NUD_PERMANENT and f.flags & NTF_SELF and f.dst is not None:
                         stale.append(("stale fdb", nlbatch.fdb_del(dev, mac, f.dst)))
-            self._repair_all(stale)
+            self._repair_all(stale, self._stale_failures)
         self._programmed = programmed
 
     def _addrs(self, name: str):
@@ -426,8 +430,12 @@ class VxlanNetwork:
 
         return self.netlink.neighs(dev, family=AF_INET6) if self.family == 6 else self.netlink.neighs(dev)
 
-    def _repair_all(self, repairs: list) -> None:
-        """Run ``(what, op)`` repairs as one batch; one line per repair (DEBUG when there are many), errors always."""
+    def _repair_all(self, repairs: list, failures: Optional[EntryFailures] = None) -> None:
+        """Run ``(what, op)`` repairs as one batch; one line per repair (DEBUG when there are many); an error at
+        ERROR the first time (with ``failures``: kept across passes, so a repair failing the same way every pass
+        logs once, then at DEBUG)."""
+        if failures is not None:
+            failures.retain(op for _, op in repairs)
         if not repairs:
             return
         try:
@@ -437,8 +445,13 @@ class VxlanNetwork:
         level = peer_log_level(len(repairs))
         for (what, op), err in zip(repairs, results):
             if err is not None:
-                log.error("event=vxlan_repair_failed what=%s error=%s", what, err)
-            elif log.isEnabledFor(level):
+                new = failures is None or failures.is_new(op, err)
+                log.log(logging.ERROR if new else logging.DEBUG, "event=vxlan_repair_failed what=%s error=%s%s",
+                        what, err, "" if new else " repeated=true")
+                continue
+            if failures is not None:
+                failures.ok(op)
+            if log.isEnabledFor(level):
                 log.log(level, "event=vxlan_repaired what=%s args=%s", what, " ".join(str(a) for a in op.args[1:]))
         if level != logging.INFO:
             log.info("event=vxlan_repaired_many count=%d failed=%d", len(repairs),

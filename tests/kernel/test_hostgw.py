@@ -2,6 +2,7 @@
 """host-gw backend: NAT check, lease attrs, per-peer routes in a fresh namespace, reconcile, interop ping."""
 from __future__ import annotations
 
+import logging
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -91,6 +92,24 @@ def test_kernel_unreachable_gateway_is_logged_not_raised(rig, caplog):
         net.handle_events(added(far, PEER_B))
         assert "100.96.5.0/24 via 192.0.2.5 dev eth0: Network is unreachable" in caplog.text
         assert len(_flannel_routes(ns)) == 1
+
+        # the reconcile retries it every pass, but says so once per failure state, not once per pass
+        caplog.set_level(logging.DEBUG, logger="fastflannel")
+        caplog.clear()
+        leases = {far.subnet: far, PEER_B.subnet: PEER_B}
+        for _ in range(4):
+            net.reconcile(leases)
+        failed = [r for r in caplog.records if "route_recover_failed" in r.getMessage()]
+        assert len(failed) == 4 and [r.levelname for r in failed] == ["ERROR", "DEBUG", "DEBUG", "DEBUG"], failed
+        # reachable now (an on-link gateway): recovered; failing again later is a new failure state, logged again
+        ipn(ns, "route", "replace", "192.0.2.0/24", "dev", "eth0")
+        net.reconcile(leases)
+        assert "100.96.5.0/24" in " ".join(_flannel_routes(ns))
+        ipn(ns, "route", "del", "100.96.5.0/24")
+        ipn(ns, "route", "del", "192.0.2.0/24", "dev", "eth0")
+        caplog.clear()
+        net.reconcile(leases)
+        assert [r.levelname for r in caplog.records if "route_recover_failed" in r.getMessage()] == ["ERROR"]
 
 
 @netns_marks

@@ -3,6 +3,7 @@
 DirectRouting, and an interop ping against a peer configured with plain iproute2 the way flanneld does."""
 from __future__ import annotations
 
+import logging
 import re
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
@@ -105,6 +106,28 @@ def test_rollback_on_partial_failure(failing, undone, batches, caplog):
     assert set(nl.fdb_table) == {(dev, MAC_C)} and set(nl.route_table) == {IPv4Network("100.96.3.0/24")}
     assert "subnet=100.96.2.0/24" in caplog.text and "boom" in caplog.text
     assert nl.batches == batches  # pipelined: one batch per stage, not one request per entry
+
+
+def test_reconcile_logs_a_repair_that_keeps_failing_once(caplog):
+    """A neighbour the kernel refuses every pass: ERROR the first time, DEBUG after; logged again once it has
+    worked and fails anew."""
+    caplog.set_level(logging.DEBUG, logger="fastflannel")
+    nl, net = _fake_net()
+    net.handle_events(added(PEER_B))
+    leases = {PEER_B.subnet: PEER_B}
+
+    def passes(n: int) -> list:
+        caplog.clear()
+        for _ in range(n):
+            nl.neigh_table.clear()  # drift: the neighbour is gone before every pass
+            nl.fail["neigh_replace"] = BackendError("neigh: boom")
+            net.reconcile(leases)
+        return [r.levelname for r in caplog.records if "vxlan_repair_failed" in r.getMessage()]
+
+    assert passes(3) == ["ERROR", "DEBUG", "DEBUG"]
+    net.reconcile(leases)  # no failure injected: repaired
+    assert nl.neigh_table
+    assert passes(1) == ["ERROR"]
 
 
 def test_removal_tries_every_entry():

@@ -193,3 +193,16 @@ def test_nftables_resync_failure_logs_once_and_backs_off(caplog, monkeypatch):
     assert 2 <= len(calls) <= 12, calls
     assert lines(caplog, "event=nftables_resync_failed") == 1
     assert cpu < 0.5 * HOLD_S
+
+
+def test_entry_failures_once_per_state_and_bounded():
+    from fastflannel.retry import EntryFailures
+
+    f = EntryFailures()
+    assert f.is_new("a", "ENETUNREACH") and not f.is_new("a", "ENETUNREACH")
+    assert f.is_new("a", "EEXIST")  # failing differently is a new state
+    f.ok("a")
+    assert f.is_new("a", "EEXIST")  # and so is failing again after it worked
+    assert f.is_new("b", "x") and len(f) == 2
+    f.retain(["b"])  # "a" is no longer tried: forgotten, so the table never outgrows one pass
+    assert len(f) == 1 and f.is_new("a", "EEXIST") and not f.is_new("b", "x")
