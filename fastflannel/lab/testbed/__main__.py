@@ -24,7 +24,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if ns.cleanup:
         removed = cleanup_stale(include_unowned=ns.include_unowned, dry_run=ns.dry_run)
-        _logger.info("removed %d namespaces", len(removed))
+        _logger.info("%s %d namespaces", "would remove" if ns.dry_run else "removed", len(removed))
         return 0
     install_signal_handlers(sigterm=KeyboardInterrupt)
     try:
