@@ -241,6 +241,7 @@ class FastPath:
         self._peer_ids: Dict[int, int] = {}
         self._free_ids: List[int] = []
         self._next_id = 1
+        self._freed: List[int] = []  # peer ids freed by the update_routes call in progress (lock held)
         self._threads: List[threading.Thread] = []
         self._errors: List[BaseException] = []
         self._started = False
@@ -390,7 +391,11 @@ class FastPath:
                     self._apply(cmds[k:k + CTL_CHUNK])
             except BaseException:
                 self._routes, self._peer_refs, self._peer_ids, self._free_ids, self._next_id = saved
+                self._freed = []
                 raise
+            for pid in self._freed:  # only now: the loop has synced the deletes and no longer counts under them
+                heapq.heappush(self._free_ids, pid)
+            self._freed = []
         return out
 
     def _stage_set(self, subnet: IPv4Network, nh: IPv4Address, cmds: List[Tuple[int, ...]]) -> None:
@@ -437,7 +442,7 @@ class FastPath:
         else:
             del self._peer_refs[ip]
             cmds.append((CMD_PEER_DEL, 0, ip))
-            heapq.heappush(self._free_ids, self._peer_ids.pop(ip))
+            self._freed.append(self._peer_ids.pop(ip))  # reusable once update_routes has synced the delete
 
     def routes(self) -> Dict[IPv4Network, IPv4Address]:
         """Return a copy of the Python-side mirror of the route table."""

@@ -566,6 +566,19 @@ def test_batched_route_update_while_running(rig: Rig) -> None:
     assert rig.tun.recv(200)[20:22] == b"\x03\x00"  # net unreachable again
 
 
+def test_batch_reuses_a_freed_peer_id_only_after_its_delete_is_synced(impl: str) -> None:
+    """A peer id freed inside a batch is not handed to another peer in the same batch: the loop may still count
+    under the old id until the batch's delete is applied (the per-peer counters would mix)."""
+    with make(impl) as fp:
+        fp.update_routes([(REMOTE, PEER)])
+        old_id = fp._peer_ids[int(PEER)]
+        assert fp.update_routes([(REMOTE, None), (OTHER, STRANGER)]) == [None, None]
+        assert fp._peer_ids[int(STRANGER)] != old_id
+        fp.update_routes([(REMOTE, PEER2)])  # a later batch may reuse it
+        assert fp._peer_ids[int(PEER2)] == old_id
+        assert fp.routes() == {OTHER: STRANGER, REMOTE: PEER2}
+
+
 def test_no_icmp_about_icmp_in_loop(rig: Rig) -> None:
     rig.fp.start()
     rig.tun.send(ipv4_packet("10.244.1.5", "10.244.9.7", proto=1))
