@@ -25,7 +25,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from cluster import fastpath_stats, key_of, random_mac, stored, subnet_of, tables
+from cluster import fastpath_stats, free_subnets, key_of, random_mac, stored, subnet_of, tables
 from waiting import wait_for
 
 from fastflannel.lease import LeaseAttrs
@@ -48,11 +48,6 @@ def fake_lease(backend: str, public_ip: str) -> str:
     if backend == "vxlan":
         return LeaseAttrs(IPv4Address(public_ip), "vxlan", {"VNI": 1, "VtepMAC": random_mac()}).to_json()
     return LeaseAttrs(IPv4Address(public_ip), "" if backend == "udp" else backend).to_json()
-
-
-def free_subnet(tb, start: int = 150) -> IPv4Network:
-    used = set(stored(tb))
-    return next(s for s in (IPv4Network(f"100.96.{i}.0/24") for i in range(start, 255)) if s not in used)
 
 
 _SUMMARY = re.compile(r"(\d+) packets transmitted, (\d+) received")
@@ -133,7 +128,7 @@ def test_etcd_down_30s_forwarding_continues_leases_held(bed):
         assert lid == ids[h.name] and lease_ttl(tb, lid) > 0, (h.name, value, lid)
         assert "event=lease_lost" not in h.daemon_log_text(), h.name
     # reconnected: a lease written now reaches every daemon, and its removal too
-    extra = free_subnet(tb)
+    extra = free_subnets(tb, start=150)[0]
     tb.etcdctl("put", key_of(tb, extra), fake_lease(bed.backend, "10.168.0.99"))
     bed.wait_converged(timeout=30)
     tb.etcdctl("del", key_of(tb, extra))
@@ -194,7 +189,7 @@ def _cut(host, on: bool) -> None:
 @pytest.mark.parametrize("bed", ["vxlan"], indirect=True)
 def test_watch_compacted_while_cut_off_relists_and_converges(bed):
     tb, h1 = bed.tb, bed.hosts[0]
-    doomed = free_subnet(tb, 160)
+    doomed = free_subnets(tb, start=160)[0]
     tb.etcdctl("put", key_of(tb, doomed), fake_lease(bed.backend, "10.168.0.98"))
     bed.wait_converged()
     ping = Ping(bed.ctrs[0], bed.ctrs[1].ip, count=200, interval=0.2)
@@ -205,7 +200,7 @@ def test_watch_compacted_while_cut_off_relists_and_converges(bed):
         wait_for(lambda: h1.daemon_log_text().count("event=store_unavailable op=watch") > noticed, timeout=40,
                  what="h1 notices it is cut off")
         # meanwhile the cluster changes and its history is compacted away
-        new = [free_subnet(tb, 170), free_subnet(tb, 180)]
+        new = [free_subnets(tb, start=170)[0], free_subnets(tb, start=180)[0]]
         for i, s in enumerate(new):
             tb.etcdctl("put", key_of(tb, s), fake_lease(bed.backend, f"10.168.0.{90 + i}"))
         tb.etcdctl("del", key_of(tb, doomed))
@@ -360,7 +355,7 @@ def test_etcd_leader_killed_daemons_keep_working_and_renewing(make_cluster):
     new_leader = tb.etcd_leader(timeout=20)
     assert new_leader is not leader
     # a lease written after the kill still reaches every daemon
-    extra = free_subnet(tb)
+    extra = free_subnets(tb, start=150)[0]
     tb.etcdctl("put", key_of(tb, extra), fake_lease("host-gw", "10.168.0.99"))
     b.wait_converged(timeout=20)
     # renewing: leases of TTL 15 s survive well beyond a TTL after the election only if keep-alives succeed

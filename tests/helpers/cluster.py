@@ -59,13 +59,15 @@ def leases(tb) -> dict[IPv4Network, dict]:
     return {s: v for s, (v, _) in stored(tb).items()}
 
 
-def free_subnets(tb, count: int = 1, network: IPv4Network = NETWORK, prefixlen: int = 24) -> list[IPv4Network]:
-    """Return ``count`` subnets of ``network`` that no lease in etcd holds (daemons allocate at random, so a
-    hard-coded "unused" subnet collides with a real host's now and then: pick them from what is stored)."""
+def free_subnets(tb, count: int = 1, start: int = 128, network: IPv4Network = NETWORK,
+                 prefixlen: int = 24) -> list[IPv4Network]:
+    """Return the first ``count`` subnets of ``network``, from its ``start``-th on, that no lease in etcd holds
+    (daemons allocate at random, so a hard-coded "unused" subnet collides with a real host's now and then: pick them
+    from what is stored; distinct ``start`` values keep the picks of one test apart)."""
     held = set(stored(tb))
-    free = [s for s in network.subnets(new_prefix=prefixlen) if s not in held and s.network_address != network.network_address]
-    assert len(free) >= count, f"only {len(free)} free /{prefixlen} subnets left in {network}"
-    return [free[len(free) // 2 + i] for i in range(count)]
+    free = [s for i, s in enumerate(network.subnets(new_prefix=prefixlen)) if i >= max(start, 1) and s not in held]
+    assert len(free) >= count, f"only {len(free)} free /{prefixlen} subnets from #{start} on in {network}"
+    return free[:count]
 
 
 def raw_lease(tb, subnet: IPv4Network) -> str:
