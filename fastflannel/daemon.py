@@ -44,14 +44,21 @@ def lease_timing(opts: DaemonOptions) -> "tuple[int, float]":
     the TTL so a short TTL stays valid."""
     from fastflannel.subnet.manager import DEFAULT_TTL_S
 
-    raw = os.environ.get("FASTFLANNEL_SUBNET_TTL", "")
-    try:
-        ttl = int(raw) if raw else DEFAULT_TTL_S
-    except ValueError:
-        raise StartupError(f"FASTFLANNEL_SUBNET_TTL={raw!r}: not a number of seconds") from None
-    if ttl < 2:
-        raise StartupError(f"FASTFLANNEL_SUBNET_TTL={ttl}: must be at least 2 seconds")
+    ttl = _env_seconds("FASTFLANNEL_SUBNET_TTL", DEFAULT_TTL_S, int, 2, "must be at least 2 seconds")
     return ttl, min(opts.subnet_lease_renew_margin * 60.0, ttl / 2.0)
+
+
+def _env_seconds(name: str, default, kind, minimum, rule: str, hint: str = ""):
+    """The number of seconds in environment variable ``name`` (``default`` when unset or empty), parsed with ``kind``;
+    StartupError naming the variable if it is not a number or is below ``minimum`` (``rule`` says what is allowed)."""
+    raw = os.environ.get(name, "")
+    try:
+        value = kind(raw) if raw else default
+    except ValueError:
+        raise StartupError(f"{name}={raw!r}: not a number of seconds{hint}") from None
+    if value < minimum:
+        raise StartupError(f"{name}={value}: {rule}")
+    return value
 
 
 def make_traffic_manager(config: NetworkConfig, lease, opts: DaemonOptions, prev_network, prev_subnet):
@@ -87,14 +94,8 @@ _libc_trim: Optional[Callable[[int], int]] = None
 def heap_trim_period() -> float:
     """Seconds between ``trim_heap`` calls: ``HEAP_TRIM_S``, or ``FASTFLANNEL_HEAP_TRIM_S`` (0 = never; the soak's
     control runs use it to measure the difference side by side)."""
-    raw = os.environ.get("FASTFLANNEL_HEAP_TRIM_S", "")
-    try:
-        value = float(raw) if raw else HEAP_TRIM_S
-    except ValueError:
-        raise StartupError(f"FASTFLANNEL_HEAP_TRIM_S={raw!r}: not a number of seconds (0 turns trimming off)") from None
-    if value < 0:
-        raise StartupError(f"FASTFLANNEL_HEAP_TRIM_S={value}: must be 0 (off) or a positive number of seconds")
-    return value
+    return _env_seconds("FASTFLANNEL_HEAP_TRIM_S", HEAP_TRIM_S, float, 0,
+                        "must be 0 (off) or a positive number of seconds", hint=" (0 turns trimming off)")
 
 
 def trim_heap() -> bool:
