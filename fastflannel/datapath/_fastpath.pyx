@@ -152,6 +152,7 @@ cdef class Proxy:
                 or st.ptx == NULL or st.prx == NULL or self._alloc_chunk(0) < 0
                 or ff_io_alloc(&st.tx, batch, st.port_be) < 0 or ff_io_alloc(&st.rx, batch, st.port_be) < 0):
             raise MemoryError(f"cannot allocate the fast path's buffers (batch {batch}, {st.table_size} routes)")
+        ff_prefault(st)
         st.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if st.stop_fd < 0:
             raise fastpath_error(errno, "cannot create the fast path's stop eventfd")

@@ -689,3 +689,32 @@ def test_debug_build_counts_the_c_buffers() -> None:
     assert ext.debug_counters()["live"] > live  # the state, table, peer set, counter chunk, batch buffers
     fp.close()
     assert ext.debug_counters()["live"] == live
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# memory: the loops' packet buffers are resident from the start, so the daemon's RSS does not climb under load
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Rss:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no Rss line in /proc/self/smaps_rollup")
+
+
+@needs_cython
+@pytest.mark.parametrize("tun_offload", [False, True], ids=["per-packet", "offload"])
+def test_packet_buffers_are_resident_once_built(tun_offload: bool) -> None:
+    # both modes touch the batch's recvmmsg slots (64 KiB each: a GRO datagram or any garbage one fits) and as much
+    # again for the TUN side (per-packet read slots, or the pending coalesced writes): untouched, those pages would
+    # fault in one deeper burst at a time for hours (docs/soak.md)
+    batch = 32
+    floor = 2 * batch * 65536
+    before = _rss_bytes()
+    fp = make("cython", batch=batch, tun_offload=tun_offload)
+    try:
+        grown = _rss_bytes() - before
+        assert grown >= 0.9 * floor, f"{grown / 2**20:.1f} MiB resident after building, expected >= {floor / 2**20:.0f}"
+    finally:
+        fp.close()

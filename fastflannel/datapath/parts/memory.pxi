@@ -31,7 +31,7 @@ cdef int ff_io_alloc(ff_io *io, unsigned int batch, uint16_t port_be) noexcept n
 
 
 cdef int ff_offload_alloc(ff_io *io, unsigned int batch, uint16_t port_be) noexcept nogil:
-    """The offload-mode buffers (large ones are malloc'd lazily by the kernel: untouched pages cost nothing)."""
+    """The offload-mode buffers (allocated in every mode; ``ff_prefault`` touches only those the mode uses)."""
     cdef int i
     io.rbuf = <uint8_t *>ff_malloc(FF_RBUF)
     io.arena = <uint8_t *>ff_malloc(FF_ARENA)
@@ -58,6 +58,27 @@ cdef int ff_offload_alloc(ff_io *io, unsigned int batch, uint16_t port_be) noexc
         io.gmsgs[i].msg_hdr.msg_iov = &io.giov[i]
         io.gmsgs[i].msg_hdr.msg_iovlen = 1
     return 0
+
+
+cdef void ff_prefault(ff_state *st) noexcept nogil:
+    """Touch every page of the packet buffers this configuration's loops use, once, before any loop runs.
+
+    Untouched malloc'd pages cost nothing until the first packet lands in them, so without this the resident size
+    climbs for hours: each deeper burst (a longer recvmmsg batch, a bigger GRO datagram, one more pending TUN write)
+    faults in pages no earlier burst reached (the soak measured udp daemons at +1.3..+2.1 MiB/h after 30 minutes,
+    docs/soak.md). Paying the whole footprint at start makes the daemon's memory what it will be under any load
+    (about 9 MiB at batch 64), visible at once to the operator sizing a memory limit, and flat afterwards. The
+    buffers a mode never reads or writes (the per-packet slots in TUN offload mode's tx, the offload arenas in
+    per-packet mode) stay untouched.
+    """
+    cdef size_t slots = <size_t>st.batch * FF_SLOT
+    if st.vnet:
+        memset(st.tx.rbuf, 0, FF_RBUF)  # one TUN read of a super-packet
+        memset(st.tx.arena, 0, FF_ARENA)  # its segments
+        memset(st.rx.wslots, 0, <size_t>FF_WSLOTS * FF_WSLOT)  # pending (coalesced) TUN writes
+    else:
+        memset(st.tx.bufs, 0, slots)  # TUN reads, one packet per slot
+    memset(st.rx.bufs, 0, slots)  # recvmmsg slots (GRO datagrams up to 64 KiB, or garbage ones of any size)
 
 
 cdef void ff_io_free(ff_io *io) noexcept nogil:
