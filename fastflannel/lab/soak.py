@@ -11,7 +11,8 @@ container per host runs, for ``--minutes`` (default 10):
 - lease churn: every 5 s (``--churn-s``) a simulated remote lease is written or deleted (peers added and removed on
   every host);
 - an etcd restart every ``--etcd-restart-min`` minutes (SIGTERM, down ``--etcd-down-s`` seconds, started again
-  with its data) and a daemon restart (SIGTERM + start, hosts in turn h3, h2, h1) every ``--daemon-restart-min``.
+  with its data) and a daemon restart (SIGTERM + start, hosts in turn h3, h2, h1) every ``--daemon-restart-min``,
+  the last one early enough that the restarted daemon lives through the whole slope window after its warm-up.
 Every ``--interval`` seconds it samples each daemon's VmRSS, open fds, threads, CPU seconds and log lines.
 
 Verdict "flat" per backend when:
@@ -96,6 +97,18 @@ def floor_delta(values: Sequence[float]) -> int:
         return 0
     q = max(1, len(values) // 4)
     return int(min(values[-q:]) - min(values[:q]))
+
+
+def slope_window_s(minutes: float, slope_window_min: float) -> float:
+    """Seconds at the end of the run over which a daemon's RSS slope is judged (at most half the run)."""
+    return min(slope_window_min * 60, minutes * 30)
+
+
+def last_restart_s(minutes: float, slope_window_min: float, warmup_min: float) -> float:
+    """The latest run time a daemon restart may happen at: the restarted daemon still lives through the whole slope
+    window after its warm-up, so every daemon is judged over the same last N minutes (a daemon restarted 17 minutes
+    before the end would be judged on its first, warming-up minutes instead)."""
+    return minutes * 60 - slope_window_s(minutes, slope_window_min) - warmup_min * 60
 
 
 def _lease(backend: str, i: int) -> str:
@@ -204,7 +217,7 @@ class SoakCluster:
             self.etcd_down_until = now + a.etcd_down_s
             self.next_etcd = now + a.etcd_restart_min * 60
             self._event(t, "etcd_stopped")
-        if now >= self.next_daemon:
+        if now >= self.next_daemon and t <= last_restart_s(a.minutes, a.slope_window_min, a.warmup_min):
             h = self.tb.hosts[2 - self.restarts % 3]
             rc = h.stop_daemon(signal.SIGTERM)
             h.start_daemon()
@@ -284,7 +297,7 @@ class SoakCluster:
             for y in self.containers:
                 if x is not y and not _wait_ping(x, y.ip, 30):
                     unreachable.append(f"{x.name}->{y.ip}")
-        window = min(a.slope_window_min * 60, a.minutes * 30)
+        window = slope_window_s(a.minutes, a.slope_window_min)
         verdicts = {}
         for h in tb.hosts:
             name = h.name
@@ -370,7 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--churn-s", type=float, default=CHURN_S, help="seconds between lease churn writes")
     p.add_argument("--etcd-restart-min", type=float, default=15.0, help="minutes between etcd restarts (0: none)")
     p.add_argument("--etcd-down-s", type=float, default=10.0)
-    p.add_argument("--daemon-restart-min", type=float, default=20.0, help="minutes between daemon restarts (0: none)")
+    p.add_argument("--daemon-restart-min", type=float, default=12.0,
+                   help="minutes between daemon restarts (0: none); none later than the slope window plus the warm-up "
+                   "before the end (60 min: at 12 and 24)")
     p.add_argument("--slope-window-min", type=float, default=30.0)
     p.add_argument("--warmup-min", type=float, default=3.0, help="skipped after each daemon start for the slope")
     p.add_argument("--max-slope-mib-h", type=float, default=1.0)

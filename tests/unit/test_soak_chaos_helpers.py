@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from fastflannel.lab.chaos import FAULTS, PING_INTERVAL_S, PingStream, fault_plan
-from fastflannel.lab.soak import floor_delta, slope_per_hour
+from fastflannel.lab.soak import build_parser, floor_delta, last_restart_s, slope_per_hour
 
 
 def test_slope_per_hour_is_least_squares():
@@ -33,3 +33,12 @@ def test_ping_stream_charges_losses_to_windows():
     lost, sent, longest = p.lost_between(100.0, 102.0)
     assert (lost, sent) == (2, 10)
     assert p.lost_between(100.0, 100.35) == (0, 3, 0.0)
+
+
+def test_daemon_restarts_leave_every_daemon_the_whole_slope_window():
+    a = build_parser().parse_args(["--minutes", "60"])
+    cutoff = last_restart_s(a.minutes, a.slope_window_min, a.warmup_min)
+    assert cutoff == 27 * 60  # 60 - 30 (window) - 3 (warm-up)
+    restarts = [k * a.daemon_restart_min * 60 for k in range(1, 10) if k * a.daemon_restart_min * 60 <= cutoff]
+    assert restarts == [12 * 60, 24 * 60], "the default 60-minute soak restarts two daemons"
+    assert last_restart_s(10, 30, 3) == 120  # a 10-minute soak judges its last 5 minutes: restarts only before 2 min
