@@ -79,7 +79,8 @@ cdef struct ff_item:
 
 # One direction's batch: packet slots, their lengths and the mmsghdr/iovec/sockaddr arrays, set up once.
 cdef struct ff_io:
-    uint8_t *bufs  # batch * FF_SLOT
+    uint8_t *bufs  # batch * FF_SLOT (ff_pages, like rbuf, arena and wslots)
+    size_t bufs_size
     uint32_t *lens
     uint32_t *srcs  # rx: outer source address per datagram (host order)
     uint32_t *pids  # tx: peer id per message in msgs; rx: peer id of the source per slot

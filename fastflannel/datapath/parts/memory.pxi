@@ -4,7 +4,8 @@
 
 cdef int ff_io_alloc(ff_io *io, unsigned int batch, uint16_t port_be) noexcept nogil:
     cdef unsigned int i
-    io.bufs = <uint8_t *>ff_malloc(<size_t>batch * FF_SLOT)
+    io.bufs_size = <size_t>batch * FF_SLOT
+    io.bufs = ff_pages(io.bufs_size)
     io.lens = <uint32_t *>ff_calloc(batch if batch > FF_SEGS_MAX else FF_SEGS_MAX, sizeof(uint32_t))
     io.srcs = <uint32_t *>ff_calloc(batch, sizeof(uint32_t))
     io.pids = <uint32_t *>ff_calloc(batch, sizeof(uint32_t))
@@ -33,8 +34,8 @@ cdef int ff_io_alloc(ff_io *io, unsigned int batch, uint16_t port_be) noexcept n
 cdef int ff_offload_alloc(ff_io *io, unsigned int batch, uint16_t port_be) noexcept nogil:
     """The offload-mode buffers (allocated in every mode; ``ff_prefault`` touches only those the mode uses)."""
     cdef int i
-    io.rbuf = <uint8_t *>ff_malloc(FF_RBUF)
-    io.arena = <uint8_t *>ff_malloc(FF_ARENA)
+    io.rbuf = ff_pages(FF_RBUF)
+    io.arena = ff_pages(FF_ARENA)
     io.gmsgs = <mmsghdr *>ff_calloc(FF_TXMSG_MAX, sizeof(mmsghdr))
     io.giov = <iovec *>ff_calloc(FF_TXMSG_MAX, sizeof(iovec))
     io.gaddrs = <sockaddr_in *>ff_calloc(FF_TXMSG_MAX, sizeof(sockaddr_in))
@@ -43,7 +44,7 @@ cdef int ff_offload_alloc(ff_io *io, unsigned int batch, uint16_t port_be) noexc
     io.gseglen = <uint32_t *>ff_calloc(FF_TXMSG_MAX, sizeof(uint32_t))
     io.gpids = <uint32_t *>ff_calloc(FF_TXMSG_MAX, sizeof(uint32_t))
     io.rcmsg = <uint8_t *>ff_calloc(batch, FF_CMSG)
-    io.wslots = <uint8_t *>ff_malloc(<size_t>FF_WSLOTS * FF_WSLOT)
+    io.wslots = ff_pages(<size_t>FF_WSLOTS * FF_WSLOT)
     io.items = <ff_item *>ff_calloc(FF_WSLOTS, sizeof(ff_item))
     if (io.rbuf == NULL or io.arena == NULL or io.gmsgs == NULL or io.giov == NULL or io.gaddrs == NULL
             or io.gcmsg == NULL or io.gsegs == NULL or io.gseglen == NULL or io.gpids == NULL or io.rcmsg == NULL
@@ -71,19 +72,18 @@ cdef void ff_prefault(ff_state *st) noexcept nogil:
     buffers a mode never reads or writes (the per-packet slots in TUN offload mode's tx, the offload arenas in
     per-packet mode) stay untouched.
     """
-    cdef size_t slots = <size_t>st.batch * FF_SLOT
     if st.vnet:
         memset(st.tx.rbuf, 0, FF_RBUF)  # one TUN read of a super-packet
         memset(st.tx.arena, 0, FF_ARENA)  # its segments
         memset(st.rx.wslots, 0, <size_t>FF_WSLOTS * FF_WSLOT)  # pending (coalesced) TUN writes
     else:
-        memset(st.tx.bufs, 0, slots)  # TUN reads, one packet per slot
-    memset(st.rx.bufs, 0, slots)  # recvmmsg slots (GRO datagrams up to 64 KiB, or garbage ones of any size)
+        memset(st.tx.bufs, 0, st.tx.bufs_size)  # TUN reads, one packet per slot
+    memset(st.rx.bufs, 0, st.rx.bufs_size)  # recvmmsg slots (GRO datagrams up to 64 KiB, or garbage ones of any size)
 
 
 cdef void ff_io_free(ff_io *io) noexcept nogil:
-    ff_free(io.rbuf)
-    ff_free(io.arena)
+    ff_pages_free(io.rbuf, FF_RBUF)
+    ff_pages_free(io.arena, FF_ARENA)
     ff_free(io.gmsgs)
     ff_free(io.giov)
     ff_free(io.gaddrs)
@@ -92,9 +92,9 @@ cdef void ff_io_free(ff_io *io) noexcept nogil:
     ff_free(io.gseglen)
     ff_free(io.gpids)
     ff_free(io.rcmsg)
-    ff_free(io.wslots)
+    ff_pages_free(io.wslots, <size_t>FF_WSLOTS * FF_WSLOT)
     ff_free(io.items)
-    ff_free(io.bufs)
+    ff_pages_free(io.bufs, io.bufs_size)
     ff_free(io.lens)
     ff_free(io.srcs)
     ff_free(io.pids)
