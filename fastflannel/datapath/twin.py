@@ -121,6 +121,21 @@ def busy_window_next(window: int, max_ns: int, event: int, slept_ns: int = 0) ->
     return window
 
 
+def _realtime_policy() -> Optional[Tuple[int, int]]:
+    """The calling thread's (SCHED_FIFO/SCHED_RR policy, priority), or None if it is an ordinary thread."""
+    policy = os.sched_getscheduler(0)
+    if policy not in (os.SCHED_FIFO, os.SCHED_RR):
+        return None
+    return policy, os.sched_getparam(0).sched_priority
+
+
+def _set_policy(policy: int, priority: int) -> None:
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(priority))
+    except OSError:  # refused: the thread stays as it is (as ff_spin)
+        pass
+
+
 def _mask(plen: int) -> int:
     return (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF if plen else 0
 
@@ -442,15 +457,22 @@ class Proxy:
             return events, window
         if window > 0:
             t0 = time.monotonic_ns()
-            while True:
-                os.sched_yield()
-                events = poller.poll(0)
-                c[_BUSY_POLLS] += 1
-                if events:
-                    c[_BUSY_HITS] += 1
-                    return events, busy_window_next(window, self._busy_ns, BUSY_HIT)
-                if time.monotonic_ns() - t0 >= window:
-                    break
+            rt = _realtime_policy()
+            if rt is not None:  # spin as an ordinary thread (ff_spin says why), real-time again before sleeping
+                _set_policy(os.SCHED_OTHER, 0)
+            try:
+                while True:
+                    os.sched_yield()
+                    events = poller.poll(0)
+                    c[_BUSY_POLLS] += 1
+                    if events or time.monotonic_ns() - t0 >= window:
+                        break
+            finally:
+                if rt is not None:
+                    _set_policy(*rt)
+            if events:
+                c[_BUSY_HITS] += 1
+                return events, busy_window_next(window, self._busy_ns, BUSY_HIT)
             c[_BUSY_MISSES] += 1
             window = busy_window_next(window, self._busy_ns, BUSY_MISS)
         c[_POLLS] += 1  # counted before: a reader sees a sleeping loop as asleep

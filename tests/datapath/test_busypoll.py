@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import os
+import threading
 import time
 from typing import List, Tuple
 
@@ -199,6 +201,34 @@ def test_refused_priority_is_logged_and_the_loop_runs(monkeypatch: pytest.Monkey
             rig.tun.send(ipv4_packet("10.244.1.5", "10.244.2.7", payload=b"still"))
             assert rig.peer.recvfrom(2048)[0][20:] == b"still"
         assert any("loop_priority_refused" in r.getMessage() and "fifo:1" in r.getMessage() for r in caplog.records)
+        rig.fp.check()
+    finally:
+        rig.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SCHED_FIFO needs CAP_SYS_NICE (root)")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_realtime_loop_spins_as_an_ordinary_thread_and_sleeps_realtime(impl: str) -> None:
+    # a FIFO thread's sched_yield() yields to no ordinary task: spinning at FIFO would starve the application whose
+    # answer the window waits for. With a packet every millisecond the 10 ms window keeps hitting, so the loop spends
+    # most of its time in it; once the traffic stops it must sleep at FIFO again (its wake-up preempts at once).
+    rig = Rig(impl, threads=1, loop_priority="fifo:1", busy_poll_us=10_000)
+    try:
+        rig.fp.set_route(REMOTE, PEER)
+        rig.fp.start()
+        (loop,) = [t for t in threading.enumerate() if t.name.startswith("fastpath-")]
+        seen = set()
+        deadline = time.monotonic() + 10
+        while os.SCHED_OTHER not in seen and time.monotonic() < deadline:
+            rig.tun.send(ipv4_packet("10.244.1.5", "10.244.2.7", payload=b"spin"))
+            assert rig.peer.recvfrom(2048)[0][20:] == b"spin"
+            time.sleep(0.001)
+            seen.add(os.sched_getscheduler(loop.native_id))
+        assert os.SCHED_OTHER in seen, f"the loop never spun as an ordinary thread (policies seen: {seen})"
+        slept = rig.fp.stats()["polls_slept"]
+        rig.wait_for(lambda: rig.fp.stats()["polls_slept"] > slept, "the window ran out and the loop slept")
+        rig.wait_for(lambda: os.sched_getscheduler(loop.native_id) == os.SCHED_FIFO, "asleep at SCHED_FIFO again")
+        assert os.sched_getparam(loop.native_id).sched_priority == 1
         rig.fp.check()
     finally:
         rig.close()

@@ -91,3 +91,12 @@ cdef extern from "<sys/eventfd.h>" nogil:
 
 cdef extern from "<sched.h>" nogil:
     int sched_yield()
+    struct sched_param:
+        int sched_priority
+    enum:
+        SCHED_OTHER
+        SCHED_FIFO
+        SCHED_RR
+    int sched_getscheduler(int pid)
+    int sched_getparam(int pid, sched_param *param)
+    int sched_setscheduler(int pid, int policy, const sched_param *param)

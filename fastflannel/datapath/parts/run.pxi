@@ -56,9 +56,51 @@ cdef int64_t ff_busy_next(int64_t window, int64_t max_ns, int event, int64_t sle
     return window
 
 
-cdef int ff_wait(ff_state *st, pollfd *fds, int nfds, int64_t *window) noexcept nogil:
+cdef struct ff_sched:
+    int rt_policy  # SCHED_FIFO/SCHED_RR the loop thread runs at, or -1 (an ordinary thread)
+    sched_param rt_param
+
+
+cdef void ff_sched_init(ff_sched *s) noexcept nogil:
+    """Remember the loop thread's real-time policy (set before the loop started: FastPathOptions.loop_priority)."""
+    s.rt_policy = sched_getscheduler(0)
+    if (s.rt_policy != SCHED_FIFO and s.rt_policy != SCHED_RR) or sched_getparam(0, &s.rt_param) != 0:
+        s.rt_policy = -1
+
+
+cdef int ff_spin(ff_state *st, pollfd *fds, int nfds, int64_t *window, const ff_sched *s) noexcept nogil:
+    """Busy-poll up to ``window`` ns, yielding the CPU between looks; poll()'s result (0: the window ran out).
+
+    A real-time loop spins as an ordinary thread: a SCHED_FIFO thread's sched_yield() yields to no ordinary task, so
+    its spin would keep the very application whose answer it waits for off the CPU (both loops of a 2-core machine
+    spinning at once leave no CPU at all). It is real-time again before it returns, so the wake-up from the sleep
+    that follows still preempts ordinary tasks at once. A refused switch leaves the thread as it is."""
+    cdef sched_param other
+    cdef int r
+    cdef int64_t t0 = ff_now_ns()
+    if s.rt_policy >= 0:
+        other.sched_priority = 0
+        sched_setscheduler(0, SCHED_OTHER, &other)
+    while True:
+        sched_yield()
+        r = poll(fds, nfds, 0)
+        ff_add_shared(&st.c[C_BUSY_POLLS], 1)
+        if r != 0 or ff_now_ns() - t0 >= window[0]:
+            break
+    if s.rt_policy >= 0:
+        sched_setscheduler(0, s.rt_policy, &s.rt_param)
+    if r > 0:
+        ff_add_shared(&st.c[C_BUSY_HITS], 1)
+        window[0] = ff_busy_next(window[0], st.busy_ns, BUSY_HIT, 0)
+    elif r == 0:
+        ff_add_shared(&st.c[C_BUSY_MISSES], 1)
+        window[0] = ff_busy_next(window[0], st.busy_ns, BUSY_MISS, 0)
+    return r
+
+
+cdef int ff_wait(ff_state *st, pollfd *fds, int nfds, int64_t *window, const ff_sched *s) noexcept nogil:
     """poll() the loop's fds: a look without waiting first; if nothing is ready, busy-poll up to ``window`` ns
-    (yielding the CPU between looks), then sleep. Returns poll()'s result; counts polls, sleeps, window hits/misses.
+    (ff_spin), then sleep. Returns poll()'s result; counts polls, sleeps, window hits/misses.
 
     An idle loop costs one window per wake-up, then sleeps: the window starts only when a burst just ended."""
     cdef int i, r
@@ -70,20 +112,9 @@ cdef int ff_wait(ff_state *st, pollfd *fds, int nfds, int64_t *window) noexcept 
     if r != 0:
         return r
     if window[0] > 0:
-        t0 = ff_now_ns()
-        while True:
-            sched_yield()
-            r = poll(fds, nfds, 0)
-            ff_add_shared(&st.c[C_BUSY_POLLS], 1)
-            if r != 0:
-                if r > 0:
-                    ff_add_shared(&st.c[C_BUSY_HITS], 1)
-                    window[0] = ff_busy_next(window[0], st.busy_ns, BUSY_HIT, 0)
-                return r
-            if ff_now_ns() - t0 >= window[0]:
-                break
-        ff_add_shared(&st.c[C_BUSY_MISSES], 1)
-        window[0] = ff_busy_next(window[0], st.busy_ns, BUSY_MISS, 0)
+        r = ff_spin(st, fds, nfds, window, s)
+        if r != 0:
+            return r
     ff_add_shared(&st.c[C_POLLS], 1)  # counted before: a reader sees a sleeping loop as asleep
     ff_add_shared(&st.c[C_POLLS_SLEPT], 1)
     t0 = ff_now_ns() if st.busy_ns > 0 else 0
@@ -108,6 +139,8 @@ cdef int ff_run(ff_state *st, int role, int ctl_fd, int *stage, int *bad_fd) noe
     cdef bint tun_ready, udp_ready
     cdef unsigned int got_tx = 0, got_rx = 0
     cdef int64_t window = st.busy_ns  # this loop's own window: no sharing between loop threads
+    cdef ff_sched sched
+    ff_sched_init(&sched)
     fds[0].fd = st.stop_fd
     fds[0].events = POLLIN
     fds[1].fd = ctl_fd
@@ -124,7 +157,7 @@ cdef int ff_run(ff_state *st, int role, int ctl_fd, int *stage, int *bad_fd) noe
         nfds += 1
     while True:
         if spin == 0:
-            r = ff_wait(st, fds, nfds, &window)
+            r = ff_wait(st, fds, nfds, &window, &sched)
             if r < 0:
                 if errno == EINTR:
                     continue
