@@ -48,6 +48,14 @@ def lease_timing(opts: DaemonOptions) -> "tuple[int, float]":
     return ttl, min(opts.subnet_lease_renew_margin * 60.0, ttl / 2.0)
 
 
+def lease_resync_period() -> float:
+    """Seconds between the lease watcher's full re-lists (then jittered and longer in large clusters:
+    ``manager.resync_delay``; the own-key check follows it): ``DEFAULT_RESYNC_S``, or ``FASTFLANNEL_LEASE_RESYNC_S``."""
+    from fastflannel.subnet.manager import DEFAULT_RESYNC_S
+
+    return _env_seconds("FASTFLANNEL_LEASE_RESYNC_S", DEFAULT_RESYNC_S, float, 1, "must be at least 1 second")
+
+
 def _env_seconds(name: str, default, kind, minimum, rule: str, hint: str = ""):
     """The number of seconds in environment variable ``name`` (``default`` when unset or empty), parsed with ``kind``;
     StartupError naming the variable if it is not a number or is below ``minimum`` (``rule`` says what is allowed)."""
@@ -251,6 +259,7 @@ class Daemon:
             previous_subnet6=prev_subnet6,
             ttl=ttl,
             renew_margin_s=margin,
+            resync_s=lease_resync_period(),
         )
         if opts.healthz_port:
             from fastflannel.service.metrics import Metrics
