@@ -27,7 +27,9 @@ from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_
 from posix.uio cimport iovec, writev
 from posix.unistd cimport close, read, write
 
-from fastflannel.datapath.includes.fastpath cimport FASTFLANNEL_DEBUG, ff_add, ff_add_shared, ff_fold, ff_load, ff_sum_native
+from fastflannel.datapath.includes.fastpath cimport (
+    FASTFLANNEL_DEBUG, ff_add, ff_add_shared, ff_fold, ff_load, ff_set_errno, ff_sum_native,
+)
 from fastflannel.datapath.includes.system cimport (
     AF_INET,
     CMSG_DATA,

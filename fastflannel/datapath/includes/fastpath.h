@@ -6,6 +6,7 @@
 
 #include <stdint.h>
 #include <string.h>
+#include <errno.h>
 
 /* One's-complement sum of p[0:n] in native byte order (RFC 1071 s.2: byte-order independent; fold, then the
  * stored 16-bit value is right on either endianness). 64-bit loads split into their 32-bit halves, four independent
@@ -29,6 +30,11 @@ static inline uint64_t ff_sum_native(const uint8_t *p, size_t n, uint64_t s) {
     if (n >= 2) { memcpy(&h, p, 2); s += h; p += 2; n -= 2; }
     if (n) { uint8_t last[2] = {p[0], 0}; memcpy(&h, last, 2); s += h; }
     return s;
+}
+
+/* errno is a macro (a thread-local lvalue) that Cython cannot assign: the loop restores a saved one with this. */
+static inline void ff_set_errno(int e) {
+    errno = e;
 }
 
 static inline uint16_t ff_fold(uint64_t s) {

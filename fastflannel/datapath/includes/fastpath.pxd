@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Declare includes/fastpath.h (relaxed-atomic counter helpers) for _fastpath.pyx."""
+"""Declare includes/fastpath.h (relaxed-atomic counter helpers, checksum, errno) for _fastpath.pyx."""
 from libc.stdint cimport uint8_t, uint16_t, uint64_t
 
 
@@ -10,3 +10,4 @@ cdef extern from "fastpath.h" nogil:
     uint64_t ff_load(uint64_t *p)
     uint64_t ff_sum_native(const uint8_t *p, size_t n, uint64_t s)
     uint16_t ff_fold(uint64_t s)
+    void ff_set_errno(int e)

@@ -2,8 +2,9 @@
 """The debug build (``make debug``: FASTFLANNEL_DEBUG=1): allocation counters and checked invariants.
 
 Every C buffer of the extension is allocated with ff_malloc/ff_calloc and released with ff_free (the large packet
-buffers: ff_pages/ff_pages_free, whole pages from mmap). In the debug build they count allocations and releases (atomically: the rx loop grows the peer set), and ff_check() counts violated
-invariants instead of aborting (the loop never exits the process). ``debug_counters()`` reads them;
+buffers: ff_pages/ff_pages_free, whole pages from mmap). In the debug build they count allocations and releases
+(atomically: the rx loop grows the peer set), and ff_check() counts violated invariants instead of aborting (the
+loop never exits the process). ``debug_counters()`` reads them;
 tests/datapath/conftest.py checks, around every test, that nothing leaked and no check failed. In the release build
 FASTFLANNEL_DEBUG is the constant 0: the compiler removes all of it.
 """

@@ -76,7 +76,7 @@ cdef int ff_spin(ff_state *st, pollfd *fds, int nfds, int64_t *window, const ff_
     spinning at once leave no CPU at all). It is real-time again before it returns, so the wake-up from the sleep
     that follows still preempts ordinary tasks at once. A refused switch leaves the thread as it is."""
     cdef sched_param other
-    cdef int r
+    cdef int r, e
     cdef int64_t t0 = ff_now_ns()
     if s.rt_policy >= 0:
         other.sched_priority = 0
@@ -88,7 +88,9 @@ cdef int ff_spin(ff_state *st, pollfd *fds, int nfds, int64_t *window, const ff_
         if r != 0 or ff_now_ns() - t0 >= window[0]:
             break
     if s.rt_policy >= 0:
+        e = errno  # a failed poll()'s errno is what ff_run reports
         sched_setscheduler(0, s.rt_policy, &s.rt_param)
+        ff_set_errno(e)
     if r > 0:
         ff_add_shared(&st.c[C_BUSY_HITS], 1)
         window[0] = ff_busy_next(window[0], st.busy_ns, BUSY_HIT, 0)
