@@ -64,11 +64,11 @@ cdef int ff_offload_alloc(ff_io *io, unsigned int batch, uint16_t port_be) noexc
 cdef void ff_prefault(ff_state *st) noexcept nogil:
     """Touch every page of the packet buffers this configuration's loops use, once, before any loop runs.
 
-    Untouched pages cost nothing until the first packet lands in them, so without this the resident size
-    climbs for hours: each deeper burst (a longer recvmmsg batch, a bigger GRO datagram, one more pending TUN write)
-    faults in pages no earlier burst reached (the soak measured udp daemons at +1.3..+2.1 MiB/h after 30 minutes,
-    docs/soak.md). Paying the whole footprint at start makes the daemon's memory what it will be under any load
-    (about 9 MiB at batch 64), visible at once to the operator sizing a memory limit, and flat afterwards. The
+    Untouched pages cost nothing until the first packet lands in them, so without this the resident size grows
+    with the heaviest burst seen so far: each deeper one (a longer recvmmsg batch, a bigger GRO datagram, one more
+    pending TUN write) faults in pages no earlier burst reached (2 hosts, four rounds of iperf3: 46 -> 54 MiB).
+    Paying the whole footprint at start makes the daemon's memory what it will be under any load (about 9 MiB at
+    batch 64), visible at once to the operator sizing a memory limit, and flat afterwards. The
     buffers a mode never reads or writes (the per-packet slots in TUN offload mode's tx, the offload arenas in
     per-packet mode) stay untouched.
     """
