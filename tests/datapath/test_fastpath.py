@@ -692,7 +692,7 @@ def test_debug_build_counts_the_c_buffers() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# memory: the loops' packet buffers are resident from the start, so the daemon's RSS does not climb under load
+# memory: the loops' packet buffers are resident from the start, so the footprint does not grow with the bursts
 
 
 def _rss_bytes() -> int:
@@ -708,8 +708,8 @@ def _rss_bytes() -> int:
 def test_packet_buffers_are_resident_once_built(tun_offload: bool) -> None:
     # both modes touch the batch's recvmmsg slots (64 KiB each: a GRO datagram or any garbage one fits) and as much
     # again for the TUN side (per-packet read slots, or the pending coalesced writes): untouched, those pages would
-    # fault in one deeper burst at a time for hours (docs/soak.md). They are fresh mmap'd pages, so nothing an earlier
-    # test left resident can stand in for the prefault.
+    # fault in one deeper burst at a time (docs/fastpath.md "Memory layout"). They are fresh mmap'd pages, so nothing
+    # an earlier test left resident can stand in for the prefault.
     batch = 32
     floor = 2 * batch * 65536
     before = _rss_bytes()
