@@ -24,6 +24,7 @@ from packets import ipv4_packet
 from fastflannel.datapath import fastpath
 from fastflannel.datapath.contract import batch_bucket
 from fastflannel.datapath.fastpath import COUNTER_NAMES, PEER_COUNTER_NAMES, FastPath, FastPathError, FastPathOptions
+from fastflannel.lab.soak import proc_sample
 
 BUCKETS = ("le_1", "le_4", "le_16", "le_64", "gt_64")
 
@@ -696,11 +697,7 @@ def test_debug_build_counts_the_c_buffers() -> None:
 
 
 def _rss_bytes() -> int:
-    with open("/proc/self/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Rss:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no Rss line in /proc/self/smaps_rollup")
+    return int(proc_sample(os.getpid())["rss_kb"]) * 1024  # the soak's /proc reader
 
 
 @needs_cython

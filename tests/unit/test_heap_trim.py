@@ -3,14 +3,16 @@
 back to the kernel, which glibc alone keeps when a live allocation sits above them."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from fastflannel.daemon import HEAP_TRIM_S, StartupError, heap_trim_period, trim_heap
+from fastflannel.lab.soak import proc_sample
 
 
 def _rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return int(proc_sample(os.getpid())["rss_kb"])  # the soak's /proc reader
 
 
 def test_period_switch(monkeypatch):
