@@ -98,6 +98,19 @@ def test_lease_events_steer_running_loop_and_icmp_unreachable(make_cluster):
     gone.wait_subnet_env(timeout=60)
     wait_ping(a, c.ip, timeout=30)
 
+    # the Network's route into flannel0, deleted behind the daemon's back, is put back by reconcile (every 10 s;
+    # one raw netlink request since the soak's RSS slope, docs/soak.md)
+    h = tb.hosts[0]
+
+    def network_route():
+        return h.run(["ip", "-4", "route", "show", str(NETWORK), "dev", "flannel0"], check=False).stdout.strip()
+
+    assert network_route(), h.run(["ip", "route"]).stdout
+    h.run(["ip", "route", "del", str(NETWORK), "dev", "flannel0"])
+    assert not network_route()
+    wait_for(network_route, timeout=25, what="the Network route into flannel0 re-created by reconcile")
+    wait_ping(a, c.ip, timeout=10)
+
 
 # A minimal flannel-compatible peer written independently of fastflannel: a TUN, a UDP socket on 8285,
 # one raw IPv4 packet per datagram, TTL decremented with a full header checksum recomputation.
