@@ -27,7 +27,7 @@ from pyroute2 import config as _pyroute2_config
 from pyroute2.netlink.exceptions import NetlinkError
 
 from fastflannel.errors import KernelError
-from fastflannel.kernel import linkevents, nexthop, nlbatch
+from fastflannel.kernel import linkevents, nexthop, nlbatch, nlread
 
 log = logging.getLogger("fastflannel.kernel.netlink")
 
@@ -212,13 +212,17 @@ class Netlink:
     # -- links -------------------------------------------------------------------------------------
     def link_index(self, name: str) -> Optional[int]:
         """Return the ifindex of ``name``, or None if there is no such link."""
-        found = self._call(f"link {name}", lambda i: i.link_lookup(ifname=name))
-        return found[0] if found else None
+        info = self.link_info(name)
+        return info.index if info is not None else None
 
     def link_info(self, name: str) -> Optional[LinkInfo]:
-        """Return the attributes of link ``name``, or None if it does not exist."""
-        msgs = self._call(f"link {name}", lambda i: i.get_links(ifname=name), ignore=(errno.ENODEV,))
-        return _link_info(msgs[0]) if msgs else None
+        """Return the attributes of link ``name``, or None if it does not exist.
+
+        One raw request on the batch socket, decoded by ``kernel/nlread.py`` (as ``addr_list``): reconcile asks
+        every 10 s, and pyroute2's requests were the soak's slow RSS rise (docs/soak.md)."""
+        with self._lock:
+            payload = self._fast.get(f"link {name}", nlread.link_get_request(name), missing=(errno.ENODEV,))
+        return nlread.link_info(nlread.parse_link(payload), LinkInfo, VxlanAttrs) if payload else None
 
     def link_by_index(self, index: int) -> Optional[LinkInfo]:
         msgs = self._call(f"link #{index}", lambda i: i.get_links(index), ignore=(errno.ENODEV,))
@@ -333,24 +337,13 @@ class Netlink:
 
     def addr_list(self, ifname: Optional[str] = None, family: int = AF_INET) -> List[AddrInfo]:
         """Return the addresses of ``family`` (AF_INET or AF_INET6) of ``ifname`` (or of every link)."""
-        kw: dict = {"family": family}
+        idx = None
         if ifname is not None:
             idx = self.link_index(ifname)
             if idx is None:
                 return []
-            kw["index"] = idx
-        out = []
-        for m in self._call(f"addr show {ifname or ''}".strip(), lambda i: i.get_addr(**kw)):
-            flags = m.get_attr("IFA_FLAGS")
-            out.append(
-                AddrInfo(
-                    index=m["index"],
-                    address=ip_interface(f"{m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}"),
-                    scope=m["scope"],
-                    flags=flags if flags is not None else m["flags"],
-                )
-            )
-        return out
+        return self._dump(f"addr show {ifname or ''}".strip(),
+                          lambda s, q: nlread.dump_addrs(s, q, AddrInfo, family, idx))
 
     def addr_del(self, ifname: str, cidr: "Union[str, IPv4Interface, IPv6Interface]") -> None:
         ifa = ip_interface(cidr)

@@ -454,6 +454,19 @@ class Channel:
             code = e.errno or 0
             raise KernelError(what, os.strerror(code) if code else str(e), code) from e
 
+    def get(self, what: str, request: Tuple[int, int, bytes], missing: Sequence[int] = ()) -> Optional[bytes]:
+        """One get request (``nlread.link_get_request``): the answer's payload, None if the kernel answered an
+        errno of ``missing``; any other failure is a ``KernelError`` naming ``what``."""
+        try:
+            ((err, payload),) = transact(self.socket(), [request], self.seqs, match=match_replies)
+        except OSError as e:
+            err, payload = e.errno or _errno.EIO, None
+        if not err:
+            return payload
+        if err in missing:
+            return None
+        raise KernelError(what, os.strerror(err), err)
+
     def route_get_many(self, ips: Sequence[Any], make: Callable[..., Any]) -> list:
         """``route get`` for every address, pipelined: the route (``make(...)``, as ``dump_routes``) or None when
         the kernel has none (unreachable)."""

@@ -116,3 +116,48 @@ def test_no_messages_pile_up_on_the_command_socket(rig):
         nl.addr_list("eth0")
         assert queued() == 0
         net.close()
+
+
+@netns_marks
+def test_raw_link_and_addr_reads_match_pyroute2_and_iproute2(rig):
+    """link_info/link_index/addr_list decode the kernel's answers themselves (nlbatch, off pyroute2 since the soak's
+    RSS slope): every field equals what pyroute2's decoder (``links()``) and ``ip -j`` read from the same links."""
+    import json
+
+    from fastflannel.kernel.netlink import AF_INET6
+
+    ns = rig.host("h", "10.168.0.2/24")
+    ipn(ns, "-6", "addr", "add", "fd00:1::2/64", "dev", "eth0", "nodad")
+    ipn(ns, "link", "add", "flannel.1", "type", "vxlan", "id", "7", "dev", "eth0", "local", "10.168.0.2",
+        "dstport", "4789", "nolearning", "l2miss", "gbp")
+    ipn(ns, "link", "add", "flannel-v6.1", "type", "vxlan", "id", "1", "dev", "eth0", "local", "fd00:1::2",
+        "dstport", "0", "learning")
+    ipn(ns, "link", "add", "vx-group", "type", "vxlan", "id", "9", "group", "239.1.1.1", "dev", "eth0")
+    ipn(ns, "link", "add", "cbr0", "type", "bridge")
+    ipn(ns, "link", "set", "flannel.1", "mtu", "1400", "address", "0a:58:00:00:00:07", "up")
+    ipn(ns, "addr", "add", "100.96.7.0/32", "dev", "flannel.1")
+    ipn(ns, "addr", "add", "100.96.7.1/24", "dev", "cbr0")
+    ipn(ns, "-6", "addr", "add", "fd00:7::/128", "dev", "flannel.1", "nodad")
+    with Netlink(netns=ns) as nl:
+        reference = nl.links()  # pyroute2's decoder
+        assert {x.kind for x in reference} >= {"vxlan", "veth", "bridge"}
+        for want in reference:
+            assert nl.link_info(want.name) == want
+            assert nl.link_index(want.name) == want.index
+        vx = nl.link_info("flannel.1").vxlan
+        assert (vx.vni, vx.port, vx.learning, vx.l2miss, vx.gbp, str(vx.local)) == (7, 4789, False, True, True,
+                                                                                  "10.168.0.2")
+        assert str(nl.link_info("flannel-v6.1").vxlan.local) == "fd00:1::2" and nl.link_info("vx-group").vxlan.group
+        ip_j = {x["ifname"]: x for x in json.loads(ipn(ns, "-j", "link", "show"))}
+        for name, x in ip_j.items():
+            info = nl.link_info(name)
+            assert (info.index, info.mtu, info.mac, info.up) == (
+                x["ifindex"], x["mtu"], x.get("address", ""), "UP" in x["flags"]), name
+        for family, flag in ((None, "-4"), (AF_INET6, "-6")):
+            for name in ip_j:
+                got = nl.addr_list(name) if family is None else nl.addr_list(name, family=family)
+                want = [f"{a['local']}/{a['prefixlen']}" for x in json.loads(ipn(ns, "-j", flag, "addr", "show", "dev",
+                                                                                 name))
+                        for a in x.get("addr_info", [])]
+                assert sorted(str(a.address) for a in got) == sorted(want), (name, flag)
+        assert nl.addr_list("nope") == [] and nl.link_info("nope") is None and nl.link_index("nope") is None
