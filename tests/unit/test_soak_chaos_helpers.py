@@ -42,3 +42,22 @@ def test_daemon_restarts_leave_every_daemon_the_whole_slope_window():
     restarts = [k * a.daemon_restart_min * 60 for k in range(1, 10) if k * a.daemon_restart_min * 60 <= cutoff]
     assert restarts == [12 * 60, 24 * 60], "the default 60-minute soak restarts two daemons"
     assert last_restart_s(10, 30, 3) == 120  # a 10-minute soak judges its last 5 minutes: restarts only before 2 min
+
+
+def test_rssprobe_variants_and_summary():
+    import pytest
+
+    from fastflannel.lab.rssprobe import parse_variant, summarize
+
+    assert parse_variant("now=") == ("now", {})
+    assert parse_variant("before=PYTHONPATH=/tmp/b,FASTFLANNEL_HEAP_TRIM_S=0") == (
+        "before", {"PYTHONPATH": "/tmp/b", "FASTFLANNEL_HEAP_TRIM_S": "0"})
+    for bad in ("now", "=X=1", "old=PYTHONPATH"):
+        with pytest.raises(ValueError, match="--variant"):
+            parse_variant(bad)
+    # 1 MiB more every hour on "b", flat "a"; the warm-up sample (t=0) and a dead daemon's -1 are left out
+    samples = [{"t": 0.0, "a": 99_000, "b": 1}] + [{"t": t, "a": 50_000, "b": 50_000 + t / 3600 * 1024}
+                                                   for t in (600.0, 1800.0, 3600.0)] + [{"t": 3700.0, "a": -1, "b": -1}]
+    rows = summarize(samples, ["a", "b"], warmup_s=300)
+    assert [(r["daemon"], r["slope_mib_h"]) for r in rows] == [("a", 0.0), ("b", 1.0)]
+    assert rows[1]["rss_first_mib"] == round((50_000 + 600 / 3600 * 1024) / 1024, 2)
