@@ -3,8 +3,9 @@
 
 Why not pyroute2 (docs/soak.md): every backend's reconcile reads its device and addresses every 10 s, and each
 pyroute2 request builds and drops a few hundred Python objects (its request filters, an asyncio round), a few of
-which outlive the call in CPython's caches. Those pin pymalloc pools, and the daemons' RSS rose by up to several
-MiB per hour with nothing leaked; the same reads decoded here with ``struct`` leave nothing behind. pyroute2's own
+which outlive the call in CPython's caches. Those pin pymalloc pools: with nothing leaked, a udp daemon's RSS rose
+1.9-2.1 MiB/h with its route check through pyroute2 and 0.3-0.5 without (side by side); decoded here with
+``struct`` the reads leave nothing behind. pyroute2's own
 decoder stays the reference the kernel test compares every field with (tests/kernel/test_netlink.py).
 
 Pure functions of bytes, apart from ``dump_addrs`` (one dump on the batch socket, ``nlbatch.dump``).
