@@ -92,6 +92,11 @@ def _restore_product_log_level() -> Iterator[None]:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
+    # A runner that starts the suite in the background of a non-interactive shell hands SIGINT down *ignored*, and
+    # an ignored signal stays ignored across exec: the Ctrl-C tests (demo, testbed) would then see their SIGINT
+    # vanish. Restore Python's handler, so the suite and the children it starts get Ctrl-C as a terminal gives it.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         from fastflannel.lab.testbed import install_signal_handlers
 
