@@ -29,7 +29,6 @@ from fastflannel.config import NetworkConfig
 from fastflannel.errors import BackendError, FatalBackendError
 from fastflannel.datapath.contract import UDP_ENCAP_OVERHEAD
 from fastflannel.kernel.drops import link_drops, socket_drops
-from fastflannel.kernel import nlbatch
 from fastflannel.kernel.iface import ExternalInterface
 from fastflannel.lease import Event, EventType, Lease, LeaseAttrs
 
@@ -163,15 +162,10 @@ class UdpNetwork:
         self._ensure_network_route()
 
     def _ensure_network_route(self) -> None:
-        """``ip route replace <Network> dev flannel0``, as one raw netlink request (``kernel/nlbatch``).
-
-        Not through pyroute2: reconcile runs this every 10 s, and each pyroute2 request builds and drops a few
-        hundred Python objects (its request filters, an asyncio round), a few of which outlive the call in
-        CPython's caches and pin pymalloc pools. Side by side, daemons with the pyroute2 check grew +1.9-2.1 MiB/h,
-        with this one +0.3-0.5 (docs/soak.md, "What udp's slope was")."""
-        err = self.netlink.batch([nlbatch.route_replace(self.config.network, oif=self.tun_index)])[0]
-        if err is not None:
-            raise err
+        """``ip route replace <Network> dev flannel0`` (scope universe, as flanneld): every reconcile pass, so
+        ``Netlink`` sends it raw and the TUN's index is not looked up again (docs/soak.md, "What udp's slope was":
+        through pyroute2 this check grew a daemon +1.9-2.1 MiB/h, raw +0.3-0.5)."""
+        self.netlink.route_replace(self.config.network, oif=self.tun_index)
 
     def handle_events(self, events: List[Event]) -> None:
         """Program the batch's routes into the fast path with one loop round trip per chunk of commands (not per

@@ -44,7 +44,6 @@ from fastflannel.backend.route_network import ROUTE_CHECK_INTERVAL_S
 from fastflannel.backend.wgkey import WgKeyError, key_file_path, load_or_create_private_key, parse_key, public_key
 from fastflannel.config import NetworkConfig
 from fastflannel.errors import BackendError
-from fastflannel.kernel import nlbatch
 from fastflannel.kernel.iface import ExternalInterface
 from fastflannel.kernel.wireguard import WgDevice, WgPeer, open_device
 from fastflannel.lease import Event, EventType, Lease, LeaseAttrs, LeaseParseError, project
@@ -59,6 +58,7 @@ DEFAULT_PORT_V6 = 51821
 # 20 (IPv4; Flannel reserves 40 for IPv6 too) + 8 UDP + 4 type + 4 receiver index + 8 counter + 16 Poly1305 tag
 WIREGUARD_OVERHEAD = 80
 MODES = ("separate", "auto", "ipv4", "ipv6")
+RT_SCOPE_LINK = 253
 
 
 @dataclass(frozen=True)
@@ -285,13 +285,9 @@ class WireguardNetwork:
         return self.netlink.addr_list(self.dev)
 
     def _ensure_route(self) -> None:
-        """``ip route replace <Network> dev flannel-wg`` (scope link: no gateway) per family, as raw requests on the
-        batch socket: reconcile runs this every 10 s, and pyroute2's requests were the soak's RSS slope
-        (docs/soak.md, "What udp's slope was")."""
         index = self.netlink.link_index(self.dev)
-        for err in self.netlink.batch([nlbatch.route_replace(network, oif=index) for _, network in self._targets()]):
-            if err is not None:
-                raise err
+        for _, network in self._targets():
+            self.netlink.route_replace(network, oif=index, scope=RT_SCOPE_LINK)
 
     # -- events ------------------------------------------------------------------------------------
     def handle_events(self, events: List[Event]) -> None:

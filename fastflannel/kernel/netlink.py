@@ -364,8 +364,18 @@ class Netlink:
         table: int = RT_TABLE_MAIN,
         scope: Optional[int] = None,
     ) -> None:
-        """``ip route replace dst [via gateway] [dev oif] [onlink] [scope N]`` in ``table``."""
+        """``ip route replace dst [via gateway] [dev oif] [onlink] [scope N]`` in ``table``.
+
+        A device route (no gateway; scope universe unless given, as pyroute2 and ``ip route`` make it) is one raw
+        request on the batch socket: udp and wireguard re-assert theirs in every reconcile pass, and pyroute2's
+        requests were the soak's RSS slope (docs/soak.md, "What udp's slope was")."""
         net = ip_network(dst)
+        if gateway is None:
+            err = self.batch([nlbatch.route_replace(net, None, oif, onlink, table,
+                                                    nlbatch.RT_SCOPE_UNIVERSE if scope is None else scope)])[0]
+            if err is not None:
+                raise err
+            return
         spec: dict = {"dst": str(net), "table": table, "proto": RTPROT_BOOT, "family": family_of(net.version)}
         if scope is not None:
             spec["scope"] = scope

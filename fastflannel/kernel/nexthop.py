@@ -91,7 +91,7 @@ def expand(op: "nlbatch.Op") -> List[Tuple[Request, Sequence[int]]]:
     """The requests that carry out ``op`` with nexthop objects, each with the errnos that are not errors. An IPv4
     gateway route replace becomes the object then the route naming it; its delete becomes the object's delete then
     the plain route's; every other op is its plain request (``nlbatch.plain``)."""
-    if op.verb == "route_replace":
+    if op.verb == "route_replace" and len(op.args) == 5:  # one with its own scope stays a plain route
         dst, gateway, oif, onlink, table = op.args
         net = nlbatch._net(dst)
         nh_id = nexthop_id(net)

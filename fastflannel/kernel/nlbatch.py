@@ -96,8 +96,9 @@ class Op:
 
 
 def route_replace(dst, gateway=None, oif: Optional[int] = None, onlink: bool = False,
-                  table: int = RT_TABLE_MAIN) -> Op:
-    return Op("route_replace", (dst, gateway, oif, onlink, table))
+                  table: int = RT_TABLE_MAIN, scope: Optional[int] = None) -> Op:
+    """``scope`` None: link for a device route, universe via a gateway (what ``ip route`` picks)."""
+    return Op("route_replace", (dst, gateway, oif, onlink, table) + ((scope,) if scope is not None else ()))
 
 
 def route_del(dst, gateway=None, oif: Optional[int] = None, table: int = RT_TABLE_MAIN) -> Op:
@@ -166,14 +167,17 @@ def encode(op: Op) -> Tuple[int, int, bytes]:
     """Return ``(message type, flags, body)`` for ``op``: what ``iproute2``/pyroute2 would send for that verb."""
     a = op.args
     if op.verb in ("route_replace", "route_del"):
+        scope = None
         if op.verb == "route_replace":
-            dst, gateway, oif, onlink, table = a
+            dst, gateway, oif, onlink, table = a[:5]
+            scope = a[5] if len(a) > 5 else None
         else:
             (dst, gateway, oif, table), onlink = a, False
         net = _net(dst)
         new = op.verb == "route_replace"
         gw = _ip(gateway) if gateway is not None else None
-        scope = (RT_SCOPE_UNIVERSE if gw is not None else RT_SCOPE_LINK) if new else RT_SCOPE_NOWHERE
+        if scope is None:
+            scope = (RT_SCOPE_UNIVERSE if gw is not None else RT_SCOPE_LINK) if new else RT_SCOPE_NOWHERE
         body = _RTMSG.pack(_family(net), net.prefixlen, 0, 0, table if table < 256 else 0,
                            RTPROT_BOOT if new else 0, scope, RTN_UNICAST if new else 0,
                            RTNH_F_ONLINK if onlink else 0)

@@ -20,7 +20,7 @@ import json
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from fastflannel.lab.soak import _lease, proc_sample, slope_per_hour
+from fastflannel.lab.soak import churn_step, proc_sample, slope_per_hour
 from fastflannel.lab.testbed import Testbed
 
 NETWORK = "100.96.0.0/16"
@@ -68,13 +68,7 @@ def run(args: argparse.Namespace, say: Callable[[str], Any] = print) -> List[Dic
         next_sample = next_churn = t0
         while (now := time.monotonic()) - t0 < args.minutes * 60:
             if now >= next_churn:
-                if live:
-                    tb.etcdctl("del", live.pop())
-                else:
-                    key = f"{tb.prefix_key}/subnets/100.96.{200 + n % 50}.0-24"
-                    tb.etcdctl("put", key, _lease(args.backend, n))
-                    live.append(key)
-                    n += 1
+                n = churn_step(tb, args.backend, live, n)
                 next_churn = now + args.churn_s
             if now >= next_sample:
                 s: Dict[str, Any] = {"t": round(now - t0, 1)}

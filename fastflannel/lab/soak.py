@@ -120,6 +120,19 @@ def _lease(backend: str, i: int) -> str:
     return LeaseAttrs(ip, "" if backend == "udp" else backend).to_json()
 
 
+def churn_step(tb: Any, backend: str, live: List[str], n: int) -> int:
+    """One lease churn write on ``tb``: delete the simulated lease in ``live`` if there is one, else put simulated
+    lease number ``n`` (one of 50 subnets) and remember its key. Returns the next lease number."""
+    if live:
+        tb.etcdctl("del", live[-1])
+        live.pop()
+        return n
+    key = f"{tb.prefix_key}/subnets/100.96.{200 + n % 50}.0-24"
+    tb.etcdctl("put", key, _lease(backend, n))
+    live.append(key)
+    return n + 1
+
+
 def _kill(p: Optional[subprocess.Popen], sig: int = signal.SIGTERM) -> None:
     if p is None or p.poll() is not None:
         return
@@ -235,16 +248,8 @@ class SoakCluster:
         self.say(f"{self.backend} t={t:7.1f}s {what} " + " ".join(f"{k}={v}" for k, v in kw.items()))
 
     def _churn(self) -> None:
-        tb = self.tb
         try:
-            if self.live:
-                tb.etcdctl("del", self.live[-1])
-                self.live.pop()
-            else:
-                key = f"{tb.prefix_key}/subnets/100.96.{200 + self.churn % 50}.0-24"
-                tb.etcdctl("put", key, _lease(self.backend, self.churn))
-                self.live.append(key)
-                self.churn += 1
+            self.churn = churn_step(self.tb, self.backend, self.live, self.churn)
         except Exception:  # noqa: BLE001 - etcd just restarted: try again at the next churn
             self.churn_errors += 1
 

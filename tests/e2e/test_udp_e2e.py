@@ -105,10 +105,11 @@ def test_lease_events_steer_running_loop_and_icmp_unreachable(make_cluster):
     def network_route():
         return h.run(["ip", "-4", "route", "show", str(NETWORK), "dev", "flannel0"], check=False).stdout.strip()
 
-    assert network_route(), h.run(["ip", "route"]).stdout
+    assert network_route() and "scope" not in network_route(), h.run(["ip", "route"]).stdout  # universe, as flanneld
     h.run(["ip", "route", "del", str(NETWORK), "dev", "flannel0"])
     assert not network_route()
     wait_for(network_route, timeout=25, what="the Network route into flannel0 re-created by reconcile")
+    assert "scope" not in network_route(), network_route()
     wait_ping(a, c.ip, timeout=10)
 
 

@@ -47,6 +47,7 @@ def test_delete_removes_object_and_plain_route_and_other_ops_stay_plain():
     assert ign2 == B.IGNORED_ERRNOS["route_del"]
     for op in (B.route_replace("100.96.0.0/16", None, 3), B.route_replace("fc00:0:0:2::/64", "fd00::3", 2),
                B.route_replace("100.96.7.0/24", "10.168.0.7", None),
+               B.route_replace("100.96.7.0/24", "10.168.0.7", 2, scope=B.RT_SCOPE_UNIVERSE),  # its own scope
                B.neigh_replace(3, "100.96.7.0", "0a:58:00:00:00:01"),
                B.fdb_del(3, "0a:58:00:00:00:01")):
         assert N.expand(op) == B.plain(op), op

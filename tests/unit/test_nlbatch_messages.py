@@ -35,6 +35,11 @@ def test_route_replace_encoding_decodes_with_pyroute2():
     _, _, body = B.encode(B.route_replace("fd00:1::/64", "fe80::1", 3, False, table=1000))
     m = _decode(rtmsg, B.frame(B.RTM_NEWROUTE, 0, 1, body))
     assert (m["family"], m["dst_len"], m["table"], m.get_attr("RTA_TABLE")) == (10, 64, 0, 1000)
+    # a device route: scope link unless the caller names one (flanneld's udp route into flannel0 is universe)
+    for scope, want in ((None, B.RT_SCOPE_LINK), (B.RT_SCOPE_UNIVERSE, 0)):
+        _, _, body = B.encode(B.route_replace("100.96.0.0/16", None, 5, scope=scope))
+        m = _decode(rtmsg, B.frame(B.RTM_NEWROUTE, 0, 1, body))
+        assert (m["scope"], m.get_attr("RTA_GATEWAY"), m.get_attr("RTA_OIF")) == (want, None, 5)
     mtype, flags, body = B.encode(B.route_del("100.96.2.0/24"))
     m = _decode(rtmsg, B.frame(mtype, flags, 1, body))
     assert mtype == B.RTM_DELROUTE and flags == B.NLM_F_REQUEST | B.NLM_F_ACK and m["scope"] == 255

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from fastflannel.lab.chaos import FAULTS, PING_INTERVAL_S, PingStream, fault_plan
 from fastflannel.lab.soak import build_parser, floor_delta, last_restart_s, slope_per_hour
 
@@ -45,8 +47,6 @@ def test_daemon_restarts_leave_every_daemon_the_whole_slope_window():
 
 
 def test_rssprobe_variants_and_summary():
-    import pytest
-
     from fastflannel.lab.rssprobe import parse_variant, summarize
 
     assert parse_variant("now=") == ("now", {})
@@ -61,3 +61,27 @@ def test_rssprobe_variants_and_summary():
     rows = summarize(samples, ["a", "b"], warmup_s=300)
     assert [(r["daemon"], r["slope_mib_h"]) for r in rows] == [("a", 0.0), ("b", 1.0)]
     assert rows[1]["rss_first_mib"] == round((50_000 + 600 / 3600 * 1024) / 1024, 2)
+
+
+def test_churn_step_alternates_put_and_delete_and_keeps_a_failed_delete():
+    from fastflannel.lab.soak import churn_step
+
+    class Tb:
+        prefix_key, calls, fail = "/coreos.com/network", [], False
+
+        def etcdctl(self, *args):
+            if self.fail:
+                raise RuntimeError("etcd down")
+            self.calls.append(args[:2])
+
+    tb, live = Tb(), []
+    n = churn_step(tb, "udp", live, 0)
+    assert n == 1 and live == ["/coreos.com/network/subnets/100.96.200.0-24"]
+    tb.fail = True
+    with pytest.raises(RuntimeError):
+        churn_step(tb, "udp", live, n)
+    assert live == ["/coreos.com/network/subnets/100.96.200.0-24"]  # retried at the next step
+    tb.fail = False
+    assert churn_step(tb, "udp", live, n) == 1 and live == []
+    key = "/coreos.com/network/subnets/100.96.200.0-24"
+    assert tb.calls == [("put", key), ("del", key)]

@@ -162,13 +162,8 @@ class FakeNl:
     def set_link_up(self, name):
         self.links[name] = "up"
 
-    def route_replace(self, dst, gateway=None, oif=None, onlink=False, table=254):
-        self.routes[ip_network(dst)] = (oif, gateway)
-
-    def batch(self, ops):  # as Netlink.batch: the same verbs one by one
-        from fastflannel.kernel.nlbatch import apply_serially
-
-        return apply_serially(self, ops, (BackendError,))
+    def route_replace(self, dst, gateway=None, oif=None, onlink=False, table=254, scope=None):
+        self.routes[ip_network(dst)] = (oif, scope)
 
 
 class Manager:
@@ -200,7 +195,7 @@ def test_register_lease_address_route_mtu(rig):
                                    '"BackendData":{"PublicKey":"%s","Port":51820}}' % public_key(key))
     assert devs[0].config == (key, 51820) and devs[0].mtu == 1420 and net.mtu == 1420
     assert nl.addrs["flannel-wg"] == {IPv4Interface("100.96.1.0/32")}
-    assert nl.routes == {IPv4Network("100.96.0.0/16"): (7, None)}  # a link route: no gateway
+    assert nl.routes == {IPv4Network("100.96.0.0/16"): (7, 253)}
 
 
 def test_peers_follow_events_key_change_and_removal(rig):
@@ -434,7 +429,7 @@ def test_dual_stack_separate_mode_second_device_v6_lease_and_peers(tmp_path):
         '"BackendData":{"PublicKey":"%s","Port":51820},"BackendV6Data":{"PublicKey":"%s","Port":51999}}' % (pub, pub))
     assert devs["flannel-wg"].config[1] == 51820 and devs["flannel-wg-v6"].config[1] == 51999
     assert nl.addrs["flannel-wg-v6"] == {IPv6Interface("fd00:100:0:1::/128")} and net.mtu == 1420
-    assert nl.routes[IPv6Network("fd00:100::/48")] == (7, None)
+    assert nl.routes[IPv6Network("fd00:100::/48")] == (7, 253)
     k2 = public_key(generate_private_key())
     dual = Lease(IPv4Network("100.96.2.0/24"),
                  LeaseAttrs(IPv4Address("10.168.0.3"), "wireguard", {"PublicKey": k2, "Port": 51820},
