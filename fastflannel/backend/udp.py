@@ -45,7 +45,8 @@ def fastpath_options(opts: UdpOptions, threads: int):
     return FastPathOptions(check_peer_source=opts.check_peer_source, check_inner_dest=opts.check_inner_dest,
                            spin=opts.bench_spin, busy_poll_us=opts.bench_busy_poll_us,
                            loop_priority=opts.bench_loop_priority, threads=threads, tun_offload=opts.tun_offload,
-                           udp_gso=opts.udp_gso, udp_gro=opts.udp_gro)
+                           udp_gso=opts.udp_gso, udp_gro=opts.udp_gro,
+                           tun_uso=opts.tun_uso and opts.tun_offload)
 
 
 class UdpBackend:
@@ -76,7 +77,7 @@ class UdpNetwork:
     def __init__(self, config: NetworkConfig, lease: Lease, ext: ExternalInterface, netlink,
                  options: UdpOptions = UdpOptions()):
         from fastflannel.datapath.fastpath import GRO_RCVBUF_BYTES, FastPath, implementation_module, tune_socket
-        from fastflannel.kernel.tun import TunError, open_tun, open_tun_offload
+        from fastflannel.kernel.tun import TunError, open_tun, open_tun_offload, uso_supported
 
         self.config = config
         self.lease = lease
@@ -98,6 +99,10 @@ class UdpNetwork:
                 except TunError as e:
                     log.warning("event=tun_offload_refused error=%s: per-packet TUN", e)
                     opts = replace(opts, tun_offload=False)
+            if opts.tun_offload and opts.tun_uso and not uso_supported(self.tun_fd):
+                log.warning("event=tun_uso_unsupported dev=%s: the kernel takes no UDP GSO writes (Linux < 6.2); "
+                            "UDP datagrams are written one per write", self.tun_name)
+                opts = replace(opts, tun_uso=False)
             if not opts.tun_offload:
                 self.tun_fd, self.tun_name = open_tun(TUN_NAME)
             fp_opts = fastpath_options(opts, opts.threads())  # after the TUN probe, before the GRO one (FastPath)
@@ -130,9 +135,9 @@ class UdpNetwork:
             raise
         o = self.fastpath.options
         log.info("event=device_ready dev=%s type=tun addr=%s/32 mtu=%d udp=%s:%d fastpath=%s tun_offload=%s udp_gso=%s "
-                 "udp_gro=%s threads=%d busy_poll_us=%d loop_priority=%s", self.tun_name, lease.subnet.network_address,
+                 "udp_gro=%s tun_uso=%s threads=%d busy_poll_us=%d loop_priority=%s", self.tun_name, lease.subnet.network_address,
                  self.mtu, ext.iface_addr, port, self.fastpath.implementation, o.tun_offload, o.udp_gso and o.tun_offload,
-                 o.udp_gro, o.threads, o.busy_poll_us, o.loop_priority or "inherit")
+                 o.udp_gro, o.tun_uso, o.threads, o.busy_poll_us, o.loop_priority or "inherit")
 
     def _configure_tun(self) -> None:
         from fastflannel.kernel.sysctl import write_sysctl

@@ -43,6 +43,7 @@ ENV = {
     "tun_offload": "FASTFLANNEL_UDP_TUN_OFFLOAD",
     "udp_gso": "FASTFLANNEL_UDP_GSO",
     "udp_gro": "FASTFLANNEL_UDP_GRO",
+    "tun_uso": "FASTFLANNEL_UDP_TUN_USO",
     "bench_threads": "FASTFLANNEL_UDP_THREADS",
     "bench_spin": "FASTFLANNEL_UDP_SPIN",
     "bench_busy_poll_us": "FASTFLANNEL_UDP_BUSY_POLL_US",
@@ -72,6 +73,7 @@ class UdpOptions:
     tun_offload: bool = True  # TUN with IFF_VNET_HDR + TSO: split super-packets, write coalesced GSO packets
     udp_gso: bool = True  # send split segments with UDP_SEGMENT (off: one sendto per segment; kernel bug 1.5)
     udp_gro: bool = True  # UDP_GRO on the socket: one receive carries up to 64 datagrams
+    tun_uso: bool = True  # with tun_offload: write runs of one UDP flow's datagrams as one UDP GSO packet (6.2+)
     # measurement knobs: benchmarks and tests only; None/0 = the measured default
     bench_threads: Optional[int] = None  # loop threads; None: 1 with both offloads, else 2
     bench_spin: int = 8  # bursts read without poll() while a fd keeps returning data (0: poll every burst)

@@ -61,7 +61,8 @@ cdef struct ff_command:
 # before any command names one of their ids, and freed only by close().
 
 
-# One pending TUN write in offload mode: a single packet or a coalesced TCP flow run (fastpath.md 1.4, append only).
+# One pending TUN write in offload mode: a single packet or a coalesced TCP or UDP flow run (fastpath.md 1.4,
+# append only).
 cdef struct ff_item:
     uint32_t src
     uint32_t dst
@@ -74,6 +75,7 @@ cdef struct ff_item:
     uint16_t hlen  # IP + TCP header bytes
     uint16_t count  # packets merged
     uint8_t open  # 1: more segments may be appended
+    uint8_t proto  # IPPROTO_TCP or IPPROTO_UDP for a run that may grow, 0 for a single packet written as is
     uint32_t pid  # peer id of the outer source (packets of different peers are never merged)
 
 
@@ -106,6 +108,7 @@ cdef struct ff_io:
     uint8_t *wslots  # FF_WSLOTS * FF_WSLOT
     ff_item *items
     unsigned int nout
+    bint uso  # coalesce UDP datagrams of one flow into VIRTIO_GSO_UDP_L4 writes (probed: Linux >= 6.2)
 
 
 

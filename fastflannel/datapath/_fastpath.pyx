@@ -117,7 +117,7 @@ cdef class Proxy:
     def __cinit__(self, int tun_fd, int udp_fd, uint32_t net, int net_plen, int subnet_len, uint32_t own_net,
                   int own_plen, uint32_t tun_ip, int mtu, int port, bint check_peer_source,
                   bint check_inner_dest, unsigned int batch, *, unsigned int spin=8, bint tun_offload=False,
-                  bint udp_gso=True, bint udp_gro=False, unsigned int busy_poll_us=0):
+                  bint udp_gso=True, bint udp_gro=False, unsigned int busy_poll_us=0, bint tun_uso=False):
         cdef ff_state *st
         self._ctl = [None, None, None]
         self._ctl_fd[0] = self._ctl_fd[1] = self._ctl_fd[2] = -1
@@ -149,6 +149,7 @@ cdef class Proxy:
         st.vnet = tun_offload
         st.gso = udp_gso and tun_offload  # segments to send in runs exist only in offload mode
         st.gro = udp_gro
+        st.rx.uso = tun_uso and tun_offload  # UDP runs are written with a virtio header: offload mode only
         st.table = <uint32_t *>ff_calloc(st.table_size, sizeof(uint32_t))
         st.table_pid = <uint32_t *>ff_calloc(st.table_size, sizeof(uint32_t))
         st.peers.cap = FF_PEERS_MIN

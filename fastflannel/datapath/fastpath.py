@@ -138,10 +138,12 @@ class FastPathOptions:
     loop_priority: str = ""
     # Offloads (docs/fastpath.md "Offloads"; Cython only). tun_offload: tun_fd was opened with IFF_VNET_HDR and
     # TSO (tun.open_tun_offload): split super-packets on read, write coalesced GSO packets. udp_gso: send the
-    # segments of a run with UDP_SEGMENT (only in offload mode). udp_gro: enable UDP_GRO on udp_fd.
+    # segments of a run with UDP_SEGMENT (only in offload mode). udp_gro: enable UDP_GRO on udp_fd. tun_uso: also
+    # coalesce UDP datagrams of one flow into UDP GSO writes (only in offload mode; tun.uso_supported probes it).
     tun_offload: bool = False
     udp_gso: bool = True
     udp_gro: bool = False
+    tun_uso: bool = False
     implementation: Optional[str] = None  # "cython"/"python"; None: IMPLEMENTATION (env/extension decide)
 
 
@@ -228,8 +230,8 @@ class FastPath:
         self.udp_fd = udp_fd
         impl = implementation_module(options.implementation)
         self.implementation: str = impl.IMPLEMENTATION
-        if impl.IMPLEMENTATION != "cython" and (options.tun_offload or options.udp_gro):
-            raise ValueError("offloads (tun_offload, udp_gro) need the Cython fast path")
+        if impl.IMPLEMENTATION != "cython" and (options.tun_offload or options.udp_gro or options.tun_uso):
+            raise ValueError("offloads (tun_offload, udp_gro, tun_uso) need the Cython fast path")
         if options.udp_gro and not _enable_udp_gro(udp_fd):
             options = replace(options, udp_gro=False)
             self.options = options
@@ -251,7 +253,8 @@ class FastPath:
             int(own_subnet.network_address), own_subnet.prefixlen, int(self.tun_ip), mtu, port,
             bool(options.check_peer_source), bool(options.check_inner_dest), options.batch, spin=options.spin,
             busy_poll_us=options.busy_poll_us,
-            tun_offload=bool(options.tun_offload), udp_gso=bool(options.udp_gso), udp_gro=bool(options.udp_gro))
+            tun_offload=bool(options.tun_offload), udp_gso=bool(options.udp_gso), udp_gro=bool(options.udp_gro),
+            **({"tun_uso": True} if options.tun_uso else {}))
 
     # --- lifecycle ---
 

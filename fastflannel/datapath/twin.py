@@ -150,8 +150,8 @@ class Proxy:
     def __init__(self, tun_fd: int, udp_fd: int, net: int, net_plen: int, subnet_len: int, own_net: int,
                  own_plen: int, tun_ip: int, mtu: int, port: int, check_peer_source: bool,
                  check_inner_dest: bool, batch: int, *, spin: int = 8, tun_offload: bool = False,
-                 udp_gso: bool = True, udp_gro: bool = False, busy_poll_us: int = 0) -> None:
-        if tun_offload or udp_gro:  # the offload loop exists in the extension only; the split and coalescing
+                 udp_gso: bool = True, udp_gro: bool = False, busy_poll_us: int = 0, tun_uso: bool = False) -> None:
+        if tun_offload or udp_gro or tun_uso:  # the offload loop exists in the extension only; the split and coalescing
             raise ValueError("the pure-Python fast path has no offload mode (tun_offload/udp_gro)")  # reference is above
         self._tun_fd = tun_fd
         self._udp_fd = udp_fd

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The slow reference of the offloads: the TSO split and the TCP coalescing (fastpath research notes 1.3, 1.4).
+"""The slow reference of the offloads: the TSO split and the TCP and UDP coalescing (fastpath research notes 1.3,
+1.4).
 
 The Cython loop's ff_gso_split / ff_gro_add / ff_gro_finish (parts/offload.pxi) do the same; tests/datapath/
 test_offload.py compares the two. The pure-Python loop has no offload mode; this is only the reference.
@@ -11,15 +12,18 @@ from typing import List, Sequence
 
 from fastflannel.datapath.contract import (
     IPPROTO_TCP,
+    IPPROTO_UDP,
     IPV4_HDR_MIN,
     IPV4_MAX,
     SEGS_MAX,
     TCP_ACK,
     TCP_FIN,
     TCP_PSH,
+    USO_SEGS,
     VIRTIO_F_NEEDS_CSUM,
     VIRTIO_GSO_NONE,
     VIRTIO_GSO_TCPV4,
+    VIRTIO_GSO_UDP_L4,
     VNET_HDR_LEN,
     WSLOTS,
 )
@@ -103,14 +107,29 @@ def gro_candidate(p: bytes) -> bool:
     return (p[33] & ~TCP_PSH) == TCP_ACK
 
 
-def gro_coalesce(packets: Sequence[bytes]) -> List[bytes]:
+def uso_candidate(p: bytes) -> bool:
+    """IHL 5, UDP, not a fragment, the UDP length field covering the rest exactly, payload > 0, and a checksum
+    that is absent (0) or verifies."""
+    if len(p) < 29 or p[0] != 0x45 or p[9] != IPPROTO_UDP or (p[6] & 0x3F) or p[7]:
+        return False
+    if int.from_bytes(p[24:26], "big") != len(p) - 20:
+        return False
+    if p[26:28] == b"\0\0":
+        return True
+    pseudo = bytes(p[12:20]) + bytes([0, IPPROTO_UDP]) + (len(p) - 20).to_bytes(2, "big")
+    return ip_checksum(pseudo + bytes(p[20:])) == 0
+
+
+def gro_coalesce(packets: Sequence[bytes], uso: bool = True) -> List[bytes]:
     """Coalesce IPv4 packets for the TUN (the rx loop's ff_gro_add/ff_gro_finish); return the writes.
 
-    Append only: a packet joins the newest pending item of its flow (addresses, ports, ACK number) if that item is
-    open, has the same header length, TCP options, TOS, TTL and IP flags, the packet continues its sequence, is no
-    larger than the first segment and the result fits 65535 bytes; a shorter or PSH segment closes the item.
-    Checksums are verified first (an invalid packet is written as is). Items of more than one packet get a
-    NEEDS_CSUM/TCPV4 header and the folded pseudo-header sum in the checksum field; the rest a zero header.
+    Append only: a packet joins the newest pending item of its flow (protocol, addresses, ports, and for TCP the
+    ACK number) if that item is open and the packet has the item's TOS, TTL and IP flags and the result fits 65535
+    bytes. TCP: the same header length and options, the packet continues the sequence and is no larger than the
+    first segment; a shorter or PSH segment closes the item. UDP (``uso``): a payload no larger than the first
+    datagram's, at most USO_SEGS datagrams; a shorter one closes the item. Checksums are verified first (an
+    invalid packet is written as is). Items of more than one packet get a NEEDS_CSUM/TCPV4 or NEEDS_CSUM/UDP_L4
+    header and the folded pseudo-header sum in the checksum field; the rest a zero header.
     """
     items: List[dict] = []
     out: List[bytes] = []
@@ -122,23 +141,34 @@ def gro_coalesce(packets: Sequence[bytes]) -> List[bytes]:
                 ip[2:4] = len(ip).to_bytes(2, "big")
                 ip[10:12] = b"\0\0"
                 ip[10:12] = ip_checksum(bytes(ip[:20])).to_bytes(2, "big")
-                pseudo = bytes(ip[12:20]) + bytes([0, IPPROTO_TCP]) + (len(ip) - 20).to_bytes(2, "big")
-                ip[36:38] = _fold_sum(pseudo).to_bytes(2, "big")
-                hdr = _VNET.pack(VIRTIO_F_NEEDS_CSUM, VIRTIO_GSO_TCPV4, it["hlen"], it["gso"], 20, 16)
+                proto = it["key"][0]
+                pseudo = bytes(ip[12:20]) + bytes([0, proto]) + (len(ip) - 20).to_bytes(2, "big")
+                if proto == IPPROTO_UDP:
+                    ip[24:26] = (len(ip) - 20).to_bytes(2, "big")
+                    ip[26:28] = _fold_sum(pseudo).to_bytes(2, "big")
+                    hdr = _VNET.pack(VIRTIO_F_NEEDS_CSUM, VIRTIO_GSO_UDP_L4, 28, it["gso"], 20, 6)
+                else:
+                    ip[36:38] = _fold_sum(pseudo).to_bytes(2, "big")
+                    hdr = _VNET.pack(VIRTIO_F_NEEDS_CSUM, VIRTIO_GSO_TCPV4, it["hlen"], it["gso"], 20, 16)
             else:
                 hdr = bytes(VNET_HDR_LEN)
             out.append(hdr + bytes(ip))
         items.clear()
 
+    def start(p: bytes, key, hlen: int, pay: int, nxt: int, is_open: bool) -> None:
+        if len(items) == WSLOTS:
+            flush()
+        items.append({"key": key, "hlen": hlen, "gso": pay, "next": nxt, "open": is_open, "count": 1,
+                      "buf": bytearray(p)})
+
     for p in packets:
         p = bytes(p)
         if len(p) > IPV4_MAX:
             raise ValueError("packet longer than 65535 bytes")
-        cand = gro_candidate(p) and tcp_checksum(p) == int.from_bytes(p[36:38], "big")
-        if cand:
+        if gro_candidate(p) and tcp_checksum(p) == int.from_bytes(p[36:38], "big"):
             hlen = 20 + (p[32] >> 4) * 4
             pay = len(p) - hlen
-            key = (p[12:20], p[20:24], p[28:32])
+            key = (IPPROTO_TCP, p[12:20], p[20:24], p[28:32])
             seq = int.from_bytes(p[24:28], "big")
             merged = False
             for it in reversed(items):
@@ -157,19 +187,35 @@ def gro_coalesce(packets: Sequence[bytes]) -> List[bytes]:
                             it["open"] = False
                         merged = True
                     break
-            if merged:
-                continue
-            if len(items) == WSLOTS:
-                flush()
-            items.append({"key": key, "hlen": hlen, "gso": pay, "next": (seq + pay) & 0xFFFFFFFF,
-                          "open": not (p[33] & TCP_PSH), "count": 1, "buf": bytearray(p)})
+            if not merged:
+                start(p, key, hlen, pay, (seq + pay) & 0xFFFFFFFF, not (p[33] & TCP_PSH))
+        elif uso and uso_candidate(p):
+            pay = len(p) - 28
+            key = (IPPROTO_UDP, p[12:20], p[20:24], b"\0\0\0\0")
+            merged = False
+            for it in reversed(items):
+                if it["open"] and it["key"] == key:
+                    h = it["buf"]
+                    if (pay <= it["gso"] and it["count"] < USO_SEGS and len(h) + pay <= IPV4_MAX
+                            and h[1] == p[1] and h[8] == p[8] and h[6] == p[6]):
+                        h += p[28:]
+                        it["count"] += 1
+                        if pay < it["gso"] or it["count"] == USO_SEGS:
+                            it["open"] = False
+                        merged = True
+                    else:
+                        it["open"] = False  # one open run per UDP flow: an older one never takes a later datagram
+                    break
+            if not merged:
+                start(p, key, 28, pay, 0, True)
         else:
-            if len(items) == WSLOTS:
-                flush()
-            items.append({"key": None, "hlen": 0, "gso": 0, "next": 0, "open": False, "count": 1,
-                          "buf": bytearray(p)})
+            if uso and p[9] == IPPROTO_UDP and len(p) >= 24:  # a datagram of an open run's flow that cannot join
+                for it in items:  # it closes the run, or the next one would overtake it
+                    if it["key"] == (IPPROTO_UDP, p[12:20], p[20:24], b"\0\0\0\0"):
+                        it["open"] = False
+            start(p, None, 0, 0, 0, False)
     flush()
     return out
 
 
-__all__ = ["tcp_checksum", "gso_split", "gro_candidate", "gro_coalesce", "VNET_HDR_LEN"]
+__all__ = ["tcp_checksum", "gso_split", "gro_candidate", "uso_candidate", "gro_coalesce", "VNET_HDR_LEN"]

@@ -24,7 +24,8 @@ TUN_F_TSO6 = 0x04
 TUN_F_USO4 = 0x20
 TUN_F_USO6 = 0x40
 # What the offload fast path handles: TCP super-packets (TSO6 too: IPv6 is then dropped unsplit, as before).
-# No USO: the loop splits TCP only; UDP-in-pod traffic stays per packet (the kernel segments it for us).
+# No USO on reads: the loop splits TCP only; UDP-in-pod traffic is read per packet (the kernel segments it for us).
+# Writes of UDP runs (VIRTIO_NET_HDR_GSO_UDP_L4) need no device flag, only a kernel that has USO: uso_supported.
 TUN_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
 IFNAMSIZ = 16  # including the trailing NUL
 _IFREQ = "16sH22x"  # struct ifreq: ifr_name[IFNAMSIZ], ifr_flags, padding to 40 bytes
@@ -88,3 +89,23 @@ def open_tun_offload(name: str = "flannel0", offloads: int = TUN_OFFLOADS) -> Tu
         os.close(fd)
         raise TunError(e.errno, f"TUNSETOFFLOAD {offloads:#x} on {ifname} refused: {e.strerror}") from e
     return fd, ifname
+
+
+def uso_supported(fd: int, offloads: int = TUN_OFFLOADS) -> bool:
+    """Probe whether the kernel under offload TUN ``fd`` takes UDP GSO (USO) super-packets on write.
+
+    Linux 6.2 taught tun USO: TUNSETOFFLOAD accepts TUN_F_USO4/6 from that release on, the same one whose write
+    path turns a VIRTIO_NET_HDR_GSO_UDP_L4 header into a UDP GSO skb (older kernels refuse the write with EINVAL).
+    The probe sets the USO flags and at once puts ``offloads`` back, so reads never bring UDP super-packets
+    (the loop does not split those). wireguard-go probes the same way. False on any refusal.
+    """
+    try:
+        fcntl.ioctl(fd, TUNSETOFFLOAD, offloads | TUN_F_USO4 | TUN_F_USO6)
+    except OSError:
+        return False
+    try:
+        fcntl.ioctl(fd, TUNSETOFFLOAD, offloads)
+    except OSError as e:  # pragma: no cover - the kernel took these flags a moment ago in open_tun_offload
+        raise TunError(e.errno, f"TUNSETOFFLOAD {offloads:#x} (after the USO probe) refused: {e.strerror}") from e
+    return True
+

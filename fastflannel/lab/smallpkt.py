@@ -10,8 +10,9 @@ Used by ``fastflannel bench``. Every command runs inside a testbed namespace (``
   vCPUs, below what the data path takes. :data:`FLOOD_CODE` sends 64-byte datagrams with ``sendmmsg(2)`` (through
   ctypes: no C to build), ``batch`` per call, for ``seconds``, optionally paced to ``pps``; the receiver is a
   socket that is bound and never read (:data:`SINK_CODE`): nothing answers, nothing spends CPU on it. What was
-  *delivered* is counted where the data path ends, the receiving container's ``eth0`` rx_packets, so the sink's
-  own overflow (``Udp: RcvbufErrors`` in the container) is not counted as the data path's loss.
+  *delivered* is counted where the data path ends, at the receiving container's UDP layer (``Udp: InDatagrams``
+  plus the sink's own overflow ``Udp: RcvbufErrors``, which is not the data path's loss). Not ``eth0``
+  rx_packets: a coalesced UDP write (udp backend, USO) crosses the veth as one GSO packet and is counted once.
 - **Loss by place**: :func:`netns_counters` reads ``/proc/net/snmp`` and ``ip -s link`` of a namespace;
   :func:`loss_by_place` turns the deltas over a flood into datagrams lost at each place (see its docstring).
 - **CPU**: :func:`machine_cpu` reads the busy time of the whole machine from ``/proc/stat``.
@@ -257,11 +258,13 @@ def loss_by_place(sent: int, delta: Dict[str, Dict[str, int]], fastpath_drops: i
       traffic on the machine lands here too);
     - ``unaccounted``: the rest (sent - delivered - the above; may be negative if a place counted other packets).
 
-    Delivered = the receiving container's eth0 rx_packets. The receiving application's own drops (its socket
-    overflowing) are ``app_rcvbuf`` and not loss of the data path.
+    Delivered = the datagrams that reached the receiving container's UDP layer: ``Udp: InDatagrams`` +
+    ``Udp: RcvbufErrors`` there, each counted once the kernel has cut GSO packets into datagrams (a veth counts a
+    GSO packet once). The receiving application's own drops (its socket overflowing) are ``app_rcvbuf`` and not
+    loss of the data path.
     """
     src, dst, h1, h2 = (delta.get(k, {}) for k in ("src", "dst", "h1", "h2"))
-    delivered = int(dst.get("eth0.rx_packets", 0))
+    delivered = int(dst.get("udp.InDatagrams", 0)) + int(dst.get("udp.RcvbufErrors", 0))
     places = {
         "sender_veth": int(src.get("eth0.tx_dropped", 0)),
         "tun_queue": int(h1.get(f"{tun}.tx_dropped", 0)) if tun else 0,

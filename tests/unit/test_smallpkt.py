@@ -60,7 +60,9 @@ def test_parse_netns_counters_reads_udp_mib_not_udplite_and_every_link() -> None
 
 
 def test_loss_by_place_accounts_every_datagram() -> None:
-    delta = {"src": {"eth0.tx_dropped": 10}, "dst": {"eth0.rx_packets": 700, "udp.RcvbufErrors": 650},
+    # delivered is counted at the container's UDP layer, not eth0 (a coalesced UDP write crosses a veth once)
+    delta = {"src": {"eth0.tx_dropped": 10},
+             "dst": {"eth0.rx_packets": 9, "udp.InDatagrams": 50, "udp.RcvbufErrors": 650},
              "h1": {"flannel0.tx_dropped": 200, "udp.SndbufErrors": 5},
              "h2": {"udp.RcvbufErrors": 50, "flannel0.rx_dropped": 3}}
     lb = loss_by_place(1000, delta, fastpath_drops=2, backlog=4, tun="flannel0")

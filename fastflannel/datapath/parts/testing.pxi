@@ -32,14 +32,15 @@ def gso_split(bytes buf not None):
         ff_free(out)
 
 
-def gro_coalesce(packets):
-    """Coalesce IPv4 packets as the rx loop does before its TUN writes; return the writes (virtio_net_hdr +
-    packet each), in order. Packets longer than 65535 bytes raise ValueError."""
+def gro_coalesce(packets, bint uso=True):
+    """Coalesce IPv4 packets as the rx loop does before its TUN writes (UDP runs too unless ``uso`` is false);
+    return the writes (virtio_net_hdr + packet each), in order. Packets longer than 65535 bytes raise ValueError."""
     cdef ff_io io
     cdef bytes b
     cdef unsigned int k
     cdef size_t n
     memset(&io, 0, sizeof(io))
+    io.uso = uso
     io.wslots = <uint8_t *>ff_malloc(<size_t>FF_WSLOTS * FF_WSLOT)
     io.items = <ff_item *>ff_calloc(FF_WSLOTS, sizeof(ff_item))
     res = []
