@@ -135,9 +135,10 @@ class UdpNetwork:
             raise
         o = self.fastpath.options
         log.info("event=device_ready dev=%s type=tun addr=%s/32 mtu=%d udp=%s:%d fastpath=%s tun_offload=%s udp_gso=%s "
-                 "udp_gro=%s tun_uso=%s threads=%d busy_poll_us=%d loop_priority=%s", self.tun_name, lease.subnet.network_address,
-                 self.mtu, ext.iface_addr, port, self.fastpath.implementation, o.tun_offload, o.udp_gso and o.tun_offload,
-                 o.udp_gro, o.tun_uso, o.threads, o.busy_poll_us, o.loop_priority or "inherit")
+                 "udp_gro=%s tun_uso=%s threads=%d busy_poll_us=%d loop_priority=%s", self.tun_name,
+                 lease.subnet.network_address, self.mtu, ext.iface_addr, port, self.fastpath.implementation,
+                 o.tun_offload, o.udp_gso and o.tun_offload, o.udp_gro, o.tun_uso, o.threads, o.busy_poll_us,
+                 o.loop_priority or "inherit")
 
     def _configure_tun(self) -> None:
         from fastflannel.kernel.sysctl import write_sysctl

@@ -194,7 +194,7 @@ UDP_SEGMENT = 103
 UDP_GRO = 104
 SEGS_MAX = 256  # segments one TSO super-packet may split into (gso_size >= 256 for 64 KB)
 WSLOTS = 64  # rx offload mode: pending TUN writes (single or coalesced packets) per flush
-USO_SEGS = 64  # datagrams per coalesced UDP write (the kernel's UDP_MAX_SEGMENTS: 64 before 6.9, 128 after)
+USO_SEGS = 64  # datagrams per coalesced UDP write (UDP_MAX_SEGMENTS of older kernels; newer ones allow 128)
 # busy-poll window (run loop): events fed to the window policy (twin.busy_window_next, C ff_busy_next)
 BUSY_HIT = 1  # data came within the window
 BUSY_MISS = 2  # the window ran out: the loop sleeps
@@ -204,12 +204,14 @@ BUSY_FLOOR_SHIFT = 3  # misses halve the window down to max >> 3, never to 0 whi
 # The C names of the constants above (enums in the generated contract.pxd).
 C_CONSTANTS: Dict[str, int] = {
     "IPV4_HDR_MIN": IPV4_HDR_MIN, "IPV4_HDR_ICMP_LIMIT": IPV4_HDR_ICMP_LIMIT, "IPV4_MAX": IPV4_MAX,
-    "IPPROTO_ICMP": IPPROTO_ICMP, "IPPROTO_TCP": IPPROTO_TCP, "IPPROTO_UDP": IPPROTO_UDP, "ICMP_DEST_UNREACH": ICMP_DEST_UNREACH,
+    "IPPROTO_ICMP": IPPROTO_ICMP, "IPPROTO_TCP": IPPROTO_TCP, "IPPROTO_UDP": IPPROTO_UDP,
+    "ICMP_DEST_UNREACH": ICMP_DEST_UNREACH,
     "ICMP_NET_UNREACH": ICMP_NET_UNREACH, "ICMP_TTL": ICMP_TTL, "FRAG_OFFSET_MASK": FRAG_OFFSET_MASK,
     "ICMP_ECHO_REQUEST": ICMP_ECHO_REQUEST, "ICMP_ECHO_UNREACH_GAP_NS": ICMP_ECHO_UNREACH_GAP_NS,
     "TCP_FIN": TCP_FIN, "TCP_PSH": TCP_PSH, "TCP_ACK": TCP_ACK,
     "FF_VNET": VNET_HDR_LEN, "VIRTIO_F_NEEDS_CSUM": VIRTIO_F_NEEDS_CSUM, "VIRTIO_GSO_NONE": VIRTIO_GSO_NONE,
-    "VIRTIO_GSO_TCPV4": VIRTIO_GSO_TCPV4, "VIRTIO_GSO_UDP_L4": VIRTIO_GSO_UDP_L4, "FF_SOL_UDP": SOL_UDP, "FF_UDP_SEGMENT": UDP_SEGMENT,
+    "VIRTIO_GSO_TCPV4": VIRTIO_GSO_TCPV4, "VIRTIO_GSO_UDP_L4": VIRTIO_GSO_UDP_L4, "FF_SOL_UDP": SOL_UDP,
+    "FF_UDP_SEGMENT": UDP_SEGMENT,
     "FF_UDP_GRO": UDP_GRO, "FF_SEGS_MAX": SEGS_MAX, "FF_WSLOTS": WSLOTS, "FF_USO_SEGS": USO_SEGS,
     "BUSY_HIT": BUSY_HIT, "BUSY_MISS": BUSY_MISS, "BUSY_WOKE": BUSY_WOKE, "BUSY_FLOOR_SHIFT": BUSY_FLOOR_SHIFT,
     "FF_PEER_SHIFT": PEER_CHUNK_SHIFT, "FF_PEER_CHUNK": 1 << PEER_CHUNK_SHIFT,

@@ -2,9 +2,10 @@
 """udp backend with offloads (TUN TSO + UDP GSO, UDP GRO + coalescing) against per-packet peers, end to end.
 
 3 hosts, real etcd: h1 runs with FASTFLANNEL_UDP_TUN_OFFLOAD=1 FASTFLANNEL_UDP_GRO=1, h2 with the defaults (offloads
-on since they became the default), h3 with both off (the per-packet path). TCP transfers with matching sha256 in both directions between mixed peers and between
-two offload peers; the counters show TSO reads of >= 20 segments during bulk TCP. UDP: numbered datagrams
-arrive intact and in order when the receiver coalesces them into UDP GSO writes (USO), from either kind of peer.
+on since they became the default), h3 with both off (the per-packet path). TCP transfers with matching sha256 in
+both directions between mixed peers and between two offload peers; the counters show TSO reads of >= 20
+segments during bulk TCP. UDP: numbered datagrams arrive intact and in order when the receiver coalesces them
+into UDP GSO writes (USO), from either kind of peer.
 """
 from __future__ import annotations
 
