@@ -254,7 +254,7 @@ class FastPath:
             bool(options.check_peer_source), bool(options.check_inner_dest), options.batch, spin=options.spin,
             busy_poll_us=options.busy_poll_us,
             tun_offload=bool(options.tun_offload), udp_gso=bool(options.udp_gso), udp_gro=bool(options.udp_gro),
-            **({"tun_uso": True} if options.tun_uso else {}))
+            tun_uso=bool(options.tun_uso))
 
     # --- lifecycle ---
 

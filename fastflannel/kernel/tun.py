@@ -108,4 +108,3 @@ def uso_supported(fd: int, offloads: int = TUN_OFFLOADS) -> bool:
     except OSError as e:  # pragma: no cover - the kernel took these flags a moment ago in open_tun_offload
         raise TunError(e.errno, f"TUNSETOFFLOAD {offloads:#x} (after the USO probe) refused: {e.strerror}") from e
     return True
-
