@@ -130,6 +130,14 @@ def test_fuzz_well_formed_ip_with_random_transport_bytes(raw) -> None:
     assert [p for p in delivered if not udp(p)] == [p for p in pkts if not udp(p)]  # the rest as it came
 
 
+@pytest.mark.parametrize("spec", [[(0, 1, 64, "ok"), (0, 36, 64, "ok"), (0, 1, 64, "ok"), (0, 1, 64, "ok")],
+                                  [(0, 1, 64, "ok"), (0, 1, 64, "bad"), (0, 1, 64, "ok")]],
+                         ids=["older-run-must-not-take-a-later-datagram", "a-datagram-that-cannot-join-closes-the-run"])
+def test_udp_run_order_regressions(spec) -> None:
+    """The two reorderings the property test found while the UDP runs were written, kept as fixed cases."""
+    test_udp_runs_match_reference_and_give_back_every_datagram.hypothesis.inner_test(spec=spec, uso=True)
+
+
 def test_a_run_stops_at_the_segment_limit_a_short_datagram_and_a_header_change() -> None:
     same = [udp_packet(SRC, DST, 4000, 53, bytes(36), ident=i) for i in range(USO_SEGS + 3)]
     writes = cy.gro_coalesce(same)
