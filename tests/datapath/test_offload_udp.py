@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from netns_enter import in_netns, ip
-from packets import checksum, ipv4_packet, udp_packet
+from packets import checksum, ipv4_packet, udp_datagram, udp_packet
 from vnet import VNET, tcp_packet
 
 from fastflannel.datapath import twin as ref
@@ -158,7 +158,8 @@ def test_fragments_and_options_are_written_as_they_came() -> None:
     frag[6] = 0x20  # more fragments
     frag[10:12] = b"\0\0"
     frag[10:12] = checksum(bytes(frag[:20])).to_bytes(2, "big")
-    pkts = [bytes(frag), bytes(frag)]
+    opts = ipv4_packet(SRC, DST, options=b"\x01\x01\x01\x01", payload=udp_datagram(SRC, DST, 4000, 53, bytes(36)))
+    pkts = [bytes(frag), bytes(frag), opts, opts]  # a fragment, and IHL 6: never merged
     writes = cy.gro_coalesce(pkts)
     assert writes == ref.gro_coalesce(pkts) == [bytes(10) + p for p in pkts]
 
