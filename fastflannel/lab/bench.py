@@ -75,6 +75,17 @@ IDLE_S = 3.0
 SETTLE_S = 0.5  # after a UDP flood: let queues drain before the next test
 
 
+def parse_env(text: str, items: str) -> Dict[str, str]:
+    """``ENV=VALUE,ENV=VALUE`` (may be empty) of ``--variant text`` -> dict; ValueError naming the bad item."""
+    env: Dict[str, str] = {}
+    for kv in filter(None, items.split(",")):
+        k, eq, v = kv.partition("=")
+        if not eq or not k:
+            raise ValueError(f"--variant {text!r}: {kv!r} is not ENV=VALUE")
+        env[k] = v
+    return env
+
+
 def parse_variant(text: str) -> tuple:
     """Parse ``NAME=MODE[:ENV=V,ENV=V]`` into (name, spec): MODE's spec with the extra environment.
 
@@ -88,12 +99,7 @@ def parse_variant(text: str) -> tuple:
         raise ValueError(f"--variant {text!r}: unknown mode {mode!r} (known: {', '.join(MODE_SPECS)})")
     if name in MODE_SPECS:
         raise ValueError(f"--variant {text!r}: {name!r} is already a mode; pick another name")
-    env = dict(MODE_SPECS[mode]["env"])
-    for kv in filter(None, envs.split(",")):
-        k, eq, v = kv.partition("=")
-        if not eq or not k:
-            raise ValueError(f"--variant {text!r}: {kv!r} is not ENV=VALUE")
-        env[k] = v
+    env = {**MODE_SPECS[mode]["env"], **parse_env(text, envs)}
     return name, {**MODE_SPECS[mode], "env": env, "base_mode": mode}
 
 

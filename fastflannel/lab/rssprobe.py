@@ -20,6 +20,7 @@ import json
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from fastflannel.lab.bench import parse_env
 from fastflannel.lab.soak import churn_step, proc_sample, slope_per_hour
 from fastflannel.lab.testbed import Testbed
 
@@ -31,13 +32,7 @@ def parse_variant(text: str) -> Tuple[str, Dict[str, str]]:
     name, sep, rest = text.partition("=")
     if not sep or not name:
         raise ValueError(f"--variant {text!r}: expected NAME=[ENV=VALUE,...], e.g. before=PYTHONPATH=/tmp/ff-before")
-    env: Dict[str, str] = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--variant {text!r}: {item!r} is not ENV=VALUE")
-        env[key] = value
-    return name, env
+    return name, parse_env(text, rest)
 
 
 def summarize(samples: Sequence[Dict[str, Any]], names: Sequence[str], warmup_s: float) -> List[Dict[str, Any]]:
