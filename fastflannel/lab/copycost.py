@@ -9,7 +9,11 @@ machine. From ``perf report`` (flat, by command and symbol) it derives core-seco
 - ``copies_daemon``: the kernel's user-memory copies (``_copy_from_iter``, ``_copy_to_iter`` and kin) in the
   fastflanneld processes: the TUN read, the UDP send, the UDP receive, the TUN write of the udp backend;
 - ``copies_app``: the same in iperf3 (its send and receive, which every backend pays);
-- ``user_copies_daemon``: libc memcpy/memmove in the daemons (the split and the coalescing).
+- ``user_copies_daemon``: libc memcpy/memmove in the daemons (the split and the coalescing);
+- ``user_daemon``: every user-space sample of the daemons (our loop, libc, Python): what a forwarder whose own code
+  were free would save. ``busy - user_daemon`` is therefore a floor for any user-space TUN + UDP forwarder that
+  makes the same system calls: the kernel's work on its behalf (copies, the extra stack passes, syscalls, wake-ups)
+  stays. ``--streams 4`` measures four streams.
 
 The udp backend's CPU target (<= 1.3x VXLAN's core-s per Gbit) leaves 0.3x VXLAN's ``busy`` for everything the udp
 backend adds; ``copies_daemon`` alone is measured against that budget (docs/benchmarks.md, "Copy cost").
@@ -52,12 +56,14 @@ def parse_perf_report(text: str) -> List[tuple]:
 
 def shares(rows: Sequence[tuple]) -> Dict[str, float]:
     """Fractions of all samples: busy, copies_daemon, copies_app (iperf3), user_copies_daemon."""
-    out = {"busy": 0.0, "copies_daemon": 0.0, "copies_app": 0.0, "user_copies_daemon": 0.0}
+    out = {"busy": 0.0, "copies_daemon": 0.0, "copies_app": 0.0, "user_copies_daemon": 0.0, "user_daemon": 0.0}
     for pct, comm, space, sym in rows:
         f = pct / 100.0
         if comm in IDLE_COMMS:
             continue
         out["busy"] += f
+        if space == "." and comm in DAEMON_COMMS:
+            out["user_daemon"] += f
         if space == "k" and sym in KERNEL_COPY_SYMBOLS:
             if comm in DAEMON_COMMS:
                 out["copies_daemon"] += f
@@ -74,9 +80,23 @@ def per_gbit(fractions: Dict[str, float], cpus: int, seconds: float, gbps: float
     return {k: v * cpus * seconds / gbit if gbit else float("nan") for k, v in fractions.items()}
 
 
-def _measure(mc, seconds: float, data: str) -> Dict[str, float]:
+def ceiling_gbps(floor_per_gbit: float, cpus: int) -> float:
+    """The rate at which ``floor_per_gbit`` core-s/Gbit would use all ``cpus``: an upper bound if CPU is the limit."""
+    return cpus / floor_per_gbit if floor_per_gbit > 0 else float("inf")
+
+
+def top_daemon_kernel(rows: Sequence[tuple], n: int) -> List[tuple]:
+    """The ``n`` kernel symbols with the most samples in the daemons: ``(percent of all samples, symbol)``."""
+    acc: Dict[str, float] = {}
+    for pct, comm, space, sym in rows:
+        if space == "k" and comm in DAEMON_COMMS:
+            acc[sym] = acc.get(sym, 0.0) + pct
+    return sorted(((p, s) for s, p in acc.items()), reverse=True)[:n]
+
+
+def _measure(mc, seconds: float, data: str, streams: int = 1, top: int = 0) -> Dict[str, float]:
     res: Dict[str, object] = {}
-    t = threading.Thread(target=lambda: res.update(r=mc._iperf(seconds=seconds + 3, streams=1)))
+    t = threading.Thread(target=lambda: res.update(r=mc._iperf(seconds=seconds + 3, streams=streams)))
     t.start()
     time.sleep(1.5)
     subprocess.run(["perf", "record", "-a", "-o", data, "--", "sleep", f"{seconds:g}"],
@@ -85,8 +105,13 @@ def _measure(mc, seconds: float, data: str) -> Dict[str, float]:
     rep = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort", "comm,sym", "-g", "none", "-q",
                           "--percent-limit", "0"], capture_output=True, text=True, check=True).stdout
     r = res["r"]
-    out = per_gbit(shares(parse_perf_report(rep)), os.cpu_count() or 1, seconds, r.gbps)
+    rows = parse_perf_report(rep)
+    for pct, sym in top_daemon_kernel(rows, top):
+        print(f"    {pct:6.2f}%  {sym}")
+    fr = shares(rows)
+    out = per_gbit(fr, os.cpu_count() or 1, seconds, r.gbps)
     out["gbps"] = r.gbps
+    out["util"] = fr["busy"]  # fraction of all CPUs busy while it ran
     return out
 
 
@@ -97,6 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="vxlan,udp")
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--streams", type=int, default=1, help="parallel iperf3 streams")
+    ap.add_argument("--top", type=int, default=0, help="print the daemons' N busiest kernel symbols per round")
     ap.add_argument("--out", default="", help="write the rounds as JSON here")
     ns = ap.parse_args(argv)
     if shutil.which("perf") is None or os.geteuid() != 0:
@@ -111,11 +138,12 @@ def main(argv=None) -> int:
             clusters[m].up(stack)
         for rep in range(ns.reps):
             for m in modes[rep % len(modes):] + modes[:rep % len(modes)]:
-                f = _measure(clusters[m], ns.seconds, os.path.join(tmp, f"{m}.data"))
+                f = _measure(clusters[m], ns.seconds, os.path.join(tmp, f"{m}.data"), ns.streams, ns.top)
                 rounds[m].append(f)
                 print(f"rep {rep + 1} {m}: " + ", ".join(f"{k} {v:.4g}" for k, v in f.items()), flush=True)
-    keys = ("gbps", "busy", "copies_daemon", "copies_app", "user_copies_daemon")
-    print("\nmedians, core-s per Gbit (gbps: Gb/s)\n" + "mode".ljust(10) + "".join(k.rjust(20) for k in keys))
+    keys = ("gbps", "util", "busy", "copies_daemon", "copies_app", "user_copies_daemon", "user_daemon")
+    print("\nmedians, core-s per Gbit (gbps: Gb/s; util: fraction of all CPUs busy)\n" + "mode".ljust(10)
+          + "".join(k.rjust(20) for k in keys))
     med = {m: {k: statistics.median(r[k] for r in rounds[m]) for k in keys} for m in modes}
     for m in modes:
         print(m.ljust(10) + "".join(f"{med[m][k]:20.4f}" for k in keys))
@@ -126,6 +154,12 @@ def main(argv=None) -> int:
                 print(f"{m}: the daemons' kernel copies {med[m]['copies_daemon']:.4f} core-s/Gbit = "
                       f"{med[m]['copies_daemon'] / budget:.2f}x the 1.3x budget ({budget:.4f}); busy "
                       f"{med[m]['busy'] / med['vxlan']['busy']:.2f}x VXLAN's")
+                floor = med[m]["busy"] - med[m]["user_daemon"]
+                cpus = os.cpu_count() or 1
+                print(f"{m}: without any user-space work in the daemons {floor:.4f} core-s/Gbit = "
+                      f"{floor / med['vxlan']['busy']:.2f}x VXLAN's; at that cost all {cpus} CPUs carry "
+                      f"{ceiling_gbps(floor, cpus):.2f} Gb/s = {ceiling_gbps(floor, cpus) / med['vxlan']['gbps']:.2f}x "
+                      f"VXLAN's measured {med['vxlan']['gbps']:.2f} Gb/s")
     if ns.out:
         with open(ns.out, "w") as fh:
             json.dump({"rounds": rounds, "medians": med}, fh, indent=1)
