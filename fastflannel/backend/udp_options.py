@@ -31,7 +31,9 @@ PLAIN_THREADS = 2
 # Measured side by side on 2 shared vCPUs (docs/fastpath.md "Wake-ups", docs/benchmarks.md): request/response
 # 0.48x -> 0.71x VXLAN, ping p99 7.4x -> 2.4x VXLAN's, TCP 1 stream 0.49x -> 0.57x, 4 streams 0.37x -> 0.65x; idle
 # unchanged; CPU per Gbit up (smaller batches). Refused without CAP_SYS_NICE (or an RT budget in the cgroup):
-# logged once per loop thread, the loop runs at the daemon's priority.
+# logged once per loop thread, the loop runs at the daemon's priority. Re-measured 2026-12-02 quiet and loaded
+# (docs/benchmarks.md): kept for the loaded case (ping p99 0.45 vs 4.3 ms); on a quiet host `inherit` batches
+# small-packet floods better (a FIFO loop preempts the sender per packet).
 LOOP_PRIORITY = "fifo:1"
 # The busy-poll window before the loop sleeps (FASTFLANNEL_UDP_BUSY_POLL_US): off, measured slower on shared CPUs.
 BUSY_POLL_US = 0
