@@ -44,7 +44,8 @@ def fastpath_options(opts: UdpOptions, threads: int):
 
     return FastPathOptions(check_peer_source=opts.check_peer_source, check_inner_dest=opts.check_inner_dest,
                            spin=opts.bench_spin, busy_poll_us=opts.bench_busy_poll_us,
-                           loop_priority=opts.bench_loop_priority, threads=threads, tun_offload=opts.tun_offload,
+                           loop_priority=opts.bench_loop_priority, demote_after=opts.bench_demote_after,
+                           threads=threads, tun_offload=opts.tun_offload,
                            udp_gso=opts.udp_gso, udp_gro=opts.udp_gro,
                            tun_uso=opts.tun_uso and opts.tun_offload)
 
@@ -135,10 +136,11 @@ class UdpNetwork:
             raise
         o = self.fastpath.options
         log.info("event=device_ready dev=%s type=tun addr=%s/32 mtu=%d udp=%s:%d fastpath=%s tun_offload=%s udp_gso=%s "
-                 "udp_gro=%s tun_uso=%s threads=%d busy_poll_us=%d loop_priority=%s", self.tun_name,
+                 "udp_gro=%s tun_uso=%s threads=%d busy_poll_us=%d loop_priority=%s demote_after=%d",
+                 self.tun_name,
                  lease.subnet.network_address, self.mtu, ext.iface_addr, port, self.fastpath.implementation,
                  o.tun_offload, o.udp_gso and o.tun_offload, o.udp_gro, o.tun_uso, o.threads, o.busy_poll_us,
-                 o.loop_priority or "inherit")
+                 o.loop_priority or "inherit", o.demote_after)
 
     def _configure_tun(self) -> None:
         from fastflannel.kernel.sysctl import write_sysctl

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Mapping, Optional
 
-from fastflannel.datapath.contract import MAX_BUSY_POLL_US
+from fastflannel.datapath.contract import MAX_BUSY_POLL_US, MAX_DEMOTE_AFTER
 from fastflannel.errors import BackendError
 
 DEFAULT_PORT = 8285
@@ -35,6 +35,11 @@ PLAIN_THREADS = 2
 # (docs/benchmarks.md): kept for the loaded case (ping p99 0.45 vs 4.3 ms); on a quiet host `inherit` batches
 # small-packet floods better (a FIFO loop preempts the sender per packet).
 LOOP_PRIORITY = "fifo:1"
+# A real-time loop runs as an ordinary thread after this many one-packet wake-ups in a row from one source, each
+# < 100 us after the last, until it idles 2 ms (FASTFLANNEL_UDP_DEMOTE_AFTER; 0: never). A FIFO loop woken on a
+# small-packet sender's CPU preempts it at every packet, one packet per wake-up; request/response alternates
+# sources and keeps FIFO. docs/fastpath.md "Wake-ups" has the measurement.
+DEMOTE_AFTER = 32
 # The busy-poll window before the loop sleeps (FASTFLANNEL_UDP_BUSY_POLL_US): off, measured slower on shared CPUs.
 BUSY_POLL_US = 0
 
@@ -50,6 +55,7 @@ ENV = {
     "bench_spin": "FASTFLANNEL_UDP_SPIN",
     "bench_busy_poll_us": "FASTFLANNEL_UDP_BUSY_POLL_US",
     "bench_loop_priority": "FASTFLANNEL_UDP_LOOP_PRIORITY",
+    "bench_demote_after": "FASTFLANNEL_UDP_DEMOTE_AFTER",
     "bench_txqueuelen": "FASTFLANNEL_UDP_TXQUEUELEN",
     "bench_rcvbuf": "FASTFLANNEL_UDP_RCVBUF",
     "bench_gso_max_size": "FASTFLANNEL_UDP_GSO_MAX_SIZE",
@@ -58,7 +64,7 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 _RANGES = {  # integer knobs: (min, max)
     "bench_threads": (1, 2), "bench_spin": (0, 1024), "bench_busy_poll_us": (0, MAX_BUSY_POLL_US),
-    "bench_txqueuelen": (1, 1 << 20),
+    "bench_txqueuelen": (1, 1 << 20), "bench_demote_after": (0, MAX_DEMOTE_AFTER),
     "bench_rcvbuf": (4096, 1 << 30), "bench_gso_max_size": (1, 65536),
 }
 
@@ -82,6 +88,7 @@ class UdpOptions:
     bench_busy_poll_us: int = BUSY_POLL_US  # busy-poll window before sleeping, us (0: off; docs/fastpath.md "Wake-ups")
     # the loop threads' scheduling: 'inherit', 'nice:N' or 'fifo:N' (an operator may turn it off: configuration.md)
     bench_loop_priority: str = LOOP_PRIORITY
+    bench_demote_after: int = DEMOTE_AFTER  # thin wake-ups before a real-time loop runs as an ordinary one (0: never)
     bench_txqueuelen: int = TUN_TXQUEUELEN  # flannel0's txqueuelen
     bench_rcvbuf: Optional[int] = None  # SO_RCVBUF bytes; None: 32 MiB with GRO, else 4 MiB (fastpath.py)
     bench_gso_max_size: int = 0  # TUN gso_max_size; 0: the kernel's (62000 measured harmful)
@@ -137,4 +144,5 @@ def _parse(name: str, var: str, raw: str):
     raise BackendError(f"{var}={raw!r}: not a switch (use 1/0, true/false, yes/no or on/off)")
 
 
-__all__ = ["UdpOptions", "ENV", "DEFAULT_PORT", "TUN_TXQUEUELEN", "OFFLOAD_THREADS", "LOOP_PRIORITY", "BUSY_POLL_US"]
+__all__ = ["UdpOptions", "ENV", "DEFAULT_PORT", "TUN_TXQUEUELEN", "OFFLOAD_THREADS", "LOOP_PRIORITY", "DEMOTE_AFTER",
+           "BUSY_POLL_US"]

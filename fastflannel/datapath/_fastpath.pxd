@@ -139,6 +139,7 @@ cdef struct ff_state:
     unsigned int batch
     unsigned int spin  # bursts read without poll() while a fd keeps returning data (0: poll every burst)
     int64_t busy_ns  # busy-poll window bound after a burst, ns (0: off; each loop adapts its own window below it)
+    unsigned int demote_after  # thin wake-ups in a row before a real-time loop drops to SCHED_OTHER (0: never)
     int vnet  # TUN fd has IFF_VNET_HDR (+ TSO offloads): every read/write starts with a virtio_net_hdr
     int gso  # send split segments with UDP_SEGMENT (cleared on EIO)
     int gro  # the UDP socket has UDP_GRO: receives carry a segment size cmsg

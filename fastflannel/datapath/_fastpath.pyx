@@ -117,7 +117,8 @@ cdef class Proxy:
     def __cinit__(self, int tun_fd, int udp_fd, uint32_t net, int net_plen, int subnet_len, uint32_t own_net,
                   int own_plen, uint32_t tun_ip, int mtu, int port, bint check_peer_source,
                   bint check_inner_dest, unsigned int batch, *, unsigned int spin=8, bint tun_offload=False,
-                  bint udp_gso=True, bint udp_gro=False, unsigned int busy_poll_us=0, bint tun_uso=False):
+                  bint udp_gso=True, bint udp_gro=False, unsigned int busy_poll_us=0, bint tun_uso=False,
+                  unsigned int demote_after=0):
         cdef ff_state *st
         self._ctl = [None, None, None]
         self._ctl_fd[0] = self._ctl_fd[1] = self._ctl_fd[2] = -1
@@ -146,6 +147,7 @@ cdef class Proxy:
         st.batch = batch
         st.spin = spin
         st.busy_ns = <int64_t>busy_poll_us * 1000
+        st.demote_after = demote_after
         st.vnet = tun_offload
         st.gso = udp_gso and tun_offload  # segments to send in runs exist only in offload mode
         st.gro = udp_gro

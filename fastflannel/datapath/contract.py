@@ -76,6 +76,9 @@ COUNTER_NAMES: Tuple[str, ...] = (
     "busy_polls",  # zero-timeout polls made inside busy-poll windows
     "busy_hits",  # windows that found data before they ran out (a wake-up saved)
     "busy_misses",  # windows that ran out (then the loop slept)
+    # adaptive priority of a real-time loop (docs/fastpath.md "Wake-ups"; FastPathOptions.demote_after)
+    "prio_demotions",  # a real-time loop dropped to SCHED_OTHER after demote_after one-packet wake-ups in a row
+    "prio_restores",  # ... and became real-time again after PRIO_IDLE_MS without a packet
 )
 COUNTER_INDEX: Dict[str, int] = {name: i for i, name in enumerate(COUNTER_NAMES)}
 
@@ -200,6 +203,14 @@ BUSY_HIT = 1  # data came within the window
 BUSY_MISS = 2  # the window ran out: the loop sleeps
 BUSY_WOKE = 3  # a sleep ended (after slept_ns)
 BUSY_FLOOR_SHIFT = 3  # misses halve the window down to max >> 3, never to 0 while busy-polling is on
+# adaptive priority (run loop; twin.thin_next, C ff_thin_next): a "thin" wake-up moved exactly one packet, from one
+# source, less than THIN_GAP_NS after the previous wake-up of the same loop
+THIN_NONE = 0  # the wake-up moved no packet, or more than one, or some of each direction
+THIN_TUN = 1  # exactly one packet read from the TUN
+THIN_UDP = 2  # exactly one datagram received
+THIN_GAP_NS = 100_000  # one-way single packets at >= 10 kpps: a stream, not request/response
+PRIO_IDLE_MS = 2  # a demoted loop that sees nothing for this long is real-time again
+MAX_DEMOTE_AFTER = 1 << 20
 
 # The C names of the constants above (enums in the generated contract.pxd).
 C_CONSTANTS: Dict[str, int] = {
@@ -214,6 +225,8 @@ C_CONSTANTS: Dict[str, int] = {
     "FF_UDP_SEGMENT": UDP_SEGMENT,
     "FF_UDP_GRO": UDP_GRO, "FF_SEGS_MAX": SEGS_MAX, "FF_WSLOTS": WSLOTS, "FF_USO_SEGS": USO_SEGS,
     "BUSY_HIT": BUSY_HIT, "BUSY_MISS": BUSY_MISS, "BUSY_WOKE": BUSY_WOKE, "BUSY_FLOOR_SHIFT": BUSY_FLOOR_SHIFT,
+    "THIN_NONE": THIN_NONE, "THIN_TUN": THIN_TUN, "THIN_UDP": THIN_UDP, "THIN_GAP_NS": THIN_GAP_NS,
+    "PRIO_IDLE_MS": PRIO_IDLE_MS, "FF_MAX_DEMOTE_AFTER": MAX_DEMOTE_AFTER,
     "FF_PEER_SHIFT": PEER_CHUNK_SHIFT, "FF_PEER_CHUNK": 1 << PEER_CHUNK_SHIFT,
     **COMMANDS,
     "ROLE_BOTH": ROLE_BOTH, "ROLE_TX": ROLE_TX, "ROLE_RX": ROLE_RX,

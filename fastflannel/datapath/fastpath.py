@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from fastflannel.datapath import twin as _fastpath_py
 from fastflannel.datapath.contract import (
     MAX_BUSY_POLL_US,
+    MAX_DEMOTE_AFTER,
     SOL_UDP,
     UDP_ENCAP_OVERHEAD,
     UDP_GRO,
@@ -136,6 +137,10 @@ class FastPathOptions:
     # scheduling of the loop threads (docs/fastpath.md "Wake-ups"): '' inherits the daemon's, 'nice:N' sets the
     # threads' nice value, 'fifo:N' SCHED_FIFO priority N (a woken loop preempts ordinary tasks at once).
     loop_priority: str = ""
+    # adaptive priority of a real-time loop (fifo:N): after this many one-packet wake-ups in a row from one source,
+    # each < 100 us after the last (a one-way small-packet stream, which a FIFO loop would serve one preemption of
+    # its producer per packet), the loop runs as an ordinary thread until it has been idle for 2 ms. 0: never.
+    demote_after: int = 0
     # Offloads (docs/fastpath.md "Offloads"; Cython only). tun_offload: tun_fd was opened with IFF_VNET_HDR and
     # TSO (tun.open_tun_offload): split super-packets on read, write coalesced GSO packets. udp_gso: send the
     # segments of a run with UDP_SEGMENT (only in offload mode). udp_gro: enable UDP_GRO on udp_fd. tun_uso: also
@@ -214,6 +219,8 @@ class FastPath:
         self._priority = parse_loop_priority(options.loop_priority)
         if not 0 <= options.busy_poll_us <= MAX_BUSY_POLL_US:
             raise ValueError(f"busy_poll_us {options.busy_poll_us} out of range 0..{MAX_BUSY_POLL_US}")
+        if not 0 <= options.demote_after <= MAX_DEMOTE_AFTER:
+            raise ValueError(f"demote_after {options.demote_after} out of range 0..{MAX_DEMOTE_AFTER}")
         if options.threads not in (1, 2):
             raise ValueError(f"threads must be 1 or 2, not {options.threads}")
         for name, fd in (("tun_fd", tun_fd), ("udp_fd", udp_fd)):
@@ -252,7 +259,7 @@ class FastPath:
             tun_fd, udp_fd, int(network.network_address), network.prefixlen, subnet_len,
             int(own_subnet.network_address), own_subnet.prefixlen, int(self.tun_ip), mtu, port,
             bool(options.check_peer_source), bool(options.check_inner_dest), options.batch, spin=options.spin,
-            busy_poll_us=options.busy_poll_us,
+            busy_poll_us=options.busy_poll_us, demote_after=options.demote_after,
             tun_offload=bool(options.tun_offload), udp_gso=bool(options.udp_gso), udp_gro=bool(options.udp_gro),
             tun_uso=bool(options.tun_uso))
 

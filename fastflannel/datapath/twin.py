@@ -40,14 +40,20 @@ from fastflannel.datapath.contract import (  # noqa: F401  (re-exported: the twi
     ICMP,
     ICMP_ECHO_UNREACH_GAP_NS,
     IPV4_MAX,
+    MAX_DEMOTE_AFTER,
     PEER_CHUNK_SHIFT,
     PEER_COUNTER_NAMES,
     PEER_INDEX,
+    PRIO_IDLE_MS,
     ROLE_BOTH,
     ROLE_NAMES,
     ROLE_RX,
     ROLE_TX,
     SEND,
+    THIN_GAP_NS,
+    THIN_NONE,
+    THIN_TUN,
+    THIN_UDP,
     WRITE,
     FastPathError,
     batch_bucket,
@@ -68,6 +74,8 @@ _CTL_COMMANDS = COUNTER_INDEX["ctl_commands"]
 _POLLS = COUNTER_INDEX["polls"]
 _POLLS_SLEPT = COUNTER_INDEX["polls_slept"]
 _BUSY_POLLS = COUNTER_INDEX["busy_polls"]
+_PRIO_DEMOTIONS = COUNTER_INDEX["prio_demotions"]
+_PRIO_RESTORES = COUNTER_INDEX["prio_restores"]
 _BUSY_HITS = COUNTER_INDEX["busy_hits"]
 _BUSY_MISSES = COUNTER_INDEX["busy_misses"]
 _RX_BATCHES = COUNTER_INDEX["rx_batches"]
@@ -121,6 +129,32 @@ def busy_window_next(window: int, max_ns: int, event: int, slept_ns: int = 0) ->
     return window
 
 
+def thin_next(thin: int, src: int, last_src: int, gap_ns: int) -> int:
+    """Return the thin wake-ups in a row after one that moved ``src``; the C loop's ff_thin_next is the same policy.
+
+    A thin wake-up moved exactly one packet from one source (THIN_TUN, THIN_UDP): it extends the row when the
+    previous one came from the same source less than THIN_GAP_NS before, else starts a row of 1; THIN_NONE (nothing,
+    a burst, or both directions) ends the row. The row is capped at MAX_DEMOTE_AFTER."""
+    if src == THIN_NONE:
+        return 0
+    if src == last_src and gap_ns < THIN_GAP_NS:
+        return thin + 1 if thin < MAX_DEMOTE_AFTER else thin
+    return 1
+
+
+class _LoopSched:
+    """One loop's scheduling state (the C ff_sched): its real-time policy and the thin wake-up row."""
+
+    def __init__(self) -> None:
+        self.rt = _realtime_policy()
+        self.demoted = False
+        self.thin = 0
+        self.last_src = THIN_NONE
+        self.last_wake = 0
+        self.gap = 0
+        self.tx0 = self.rx0 = 0
+
+
 def _realtime_policy() -> Optional[Tuple[int, int]]:
     """The calling thread's (SCHED_FIFO/SCHED_RR policy, priority), or None if it is an ordinary thread."""
     policy = os.sched_getscheduler(0)
@@ -150,7 +184,8 @@ class Proxy:
     def __init__(self, tun_fd: int, udp_fd: int, net: int, net_plen: int, subnet_len: int, own_net: int,
                  own_plen: int, tun_ip: int, mtu: int, port: int, check_peer_source: bool,
                  check_inner_dest: bool, batch: int, *, spin: int = 8, tun_offload: bool = False,
-                 udp_gso: bool = True, udp_gro: bool = False, busy_poll_us: int = 0, tun_uso: bool = False) -> None:
+                 udp_gso: bool = True, udp_gro: bool = False, busy_poll_us: int = 0, tun_uso: bool = False,
+                 demote_after: int = 0) -> None:
         if tun_offload or udp_gro or tun_uso:  # the offload loop exists in the extension only; the split and coalescing
             raise ValueError("the pure-Python fast path has no offload mode (tun_offload/udp_gro)")  # reference is above
         self._tun_fd = tun_fd
@@ -168,6 +203,7 @@ class Proxy:
         self._check_dest = check_inner_dest
         self._batch = batch
         self._busy_ns = busy_poll_us * 1000
+        self._demote_after = demote_after
         self._table = array("I", bytes(4 << (subnet_len - net_plen)))
         self._route_pid = array("I", bytes(4 << (subnet_len - net_plen)))  # peer id per table slot
         self._peers: Dict[int, int] = {}  # accepted peer address -> peer id
@@ -428,9 +464,10 @@ class Proxy:
         if role != ROLE_TX:
             poller.register(self._udp_fd, select.POLLIN)
         window = self._busy_ns
+        sched = _LoopSched()
         while True:
             try:
-                events, window = self._wait(poller, window)
+                events, window = self._wait(poller, window, sched)
             except InterruptedError:  # pragma: no cover - PEP 475 retries for us
                 continue
             for fd, ev in events:
@@ -447,17 +484,19 @@ class Proxy:
                 if fd == self._udp_fd and role != ROLE_TX:
                     self._rx_burst()
 
-    def _wait(self, poller: "select.poll", window: int) -> Tuple[list, int]:
+    def _wait(self, poller: "select.poll", window: int, sched: _LoopSched) -> Tuple[list, int]:
         """Mirror of the C ff_wait: look without waiting; if nothing is ready busy-poll up to ``window`` ns
-        (yielding between looks), then sleep. Return the events and the next window; count as the C loop does."""
+        (yielding between looks), then sleep. Return the events and the next window; count as the C loop does.
+        A real-time loop with demote_after set adapts its priority as ff_thin_account/ff_thin_woke do."""
         c = self._c
+        adapt = sched.rt is not None and self._demote_after > 0
         events = poller.poll(0)
         c[_POLLS] += 1
         if events:
             return events, window
         if window > 0:
             t0 = time.monotonic_ns()
-            rt = _realtime_policy()
+            rt = None if sched.demoted else sched.rt
             if rt is not None:  # spin as an ordinary thread (ff_spin says why), real-time again before sleeping
                 _set_policy(os.SCHED_OTHER, 0)
             try:
@@ -478,10 +517,46 @@ class Proxy:
         c[_POLLS] += 1  # counted before: a reader sees a sleeping loop as asleep
         c[_POLLS_SLEPT] += 1
         t0 = time.monotonic_ns()
-        events = poller.poll()
+        if adapt:
+            self._thin_account(sched)
+        if adapt and sched.demoted:
+            events = poller.poll(PRIO_IDLE_MS)
+            if not events:  # idle: real-time again before the long sleep
+                try:
+                    os.sched_setscheduler(0, sched.rt[0], os.sched_param(sched.rt[1]))  # type: ignore[index]
+                except OSError:
+                    pass
+                else:
+                    sched.demoted = False
+                    sched.thin = 0
+                    c[_PRIO_RESTORES] += 1
+                c[_POLLS] += 1
+                c[_POLLS_SLEPT] += 1
+                events = poller.poll()
+        else:
+            events = poller.poll()
+        if adapt:
+            now = time.monotonic_ns()
+            sched.gap, sched.last_wake = now - sched.last_wake, now
+            sched.tx0, sched.rx0 = c[_TX_PACKETS], c[_RX_PACKETS]
         if self._busy_ns > 0:
             window = busy_window_next(window, self._busy_ns, BUSY_WOKE, time.monotonic_ns() - t0)
         return events, window
+
+    def _thin_account(self, sched: _LoopSched) -> None:
+        """Before sleeping: classify what moved since the wake-up; demote after demote_after thin ones in a row."""
+        dtx = self._c[_TX_PACKETS] - sched.tx0
+        drx = self._c[_RX_PACKETS] - sched.rx0
+        src = THIN_TUN if (dtx, drx) == (1, 0) else THIN_UDP if (dtx, drx) == (0, 1) else THIN_NONE
+        sched.thin = thin_next(sched.thin, src, sched.last_src, sched.gap)
+        sched.last_src = src
+        if not sched.demoted and sched.thin >= self._demote_after:
+            try:
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            except OSError:
+                return
+            sched.demoted = True
+            self._c[_PRIO_DEMOTIONS] += 1
 
     def _wait_writable(self, fd: int) -> bool:
         p = select.poll()

@@ -161,9 +161,12 @@ def test_daemon_defaults_and_environment() -> None:
     o = fastpath_options(udp_options.UdpOptions.load(environ={}), threads=1)
     assert o.busy_poll_us == udp_options.BUSY_POLL_US == 0  # measured: spinning loses on shared CPUs
     assert o.loop_priority == udp_options.LOOP_PRIORITY == "fifo:1"  # measured: the wake-up lever that pays
+    assert o.demote_after == udp_options.DEMOTE_AFTER > 0  # measured: floods batch, request/response keeps FIFO
     o = fastpath_options(udp_options.UdpOptions.load(environ={"FASTFLANNEL_UDP_BUSY_POLL_US": "50",
-                                                              "FASTFLANNEL_UDP_LOOP_PRIORITY": "inherit"}), 1)
+                                                              "FASTFLANNEL_UDP_LOOP_PRIORITY": "inherit",
+                                                              "FASTFLANNEL_UDP_DEMOTE_AFTER": "0"}), 1)
     assert o.busy_poll_us == 50 and fastpath.parse_loop_priority(o.loop_priority) == ("", 0)
+    assert o.demote_after == 0
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -56,16 +56,69 @@ cdef int64_t ff_busy_next(int64_t window, int64_t max_ns, int event, int64_t sle
     return window
 
 
+cdef unsigned int ff_thin_next(unsigned int thin, int src, int last_src, int64_t gap_ns) noexcept nogil:
+    """Thin wake-ups in a row after one that moved ``src`` (twin.thin_next is the same policy, tested against it).
+
+    A thin wake-up moved exactly one packet from one source (THIN_TUN, THIN_UDP). It extends the row when the
+    previous one came from the same source less than THIN_GAP_NS before; otherwise it starts a row of 1, and a
+    wake-up that moved nothing, a burst, or both directions ends the row (0). Request/response alternates sources
+    (a request read from the TUN, its answer received from the socket), so only one-way single packets at >= 10
+    kpps build a row: a small-packet stream that a real-time loop would serve one preemption per packet."""
+    if src == THIN_NONE:
+        return 0
+    if src == last_src and gap_ns < THIN_GAP_NS:
+        return thin + 1 if thin < <unsigned int>FF_MAX_DEMOTE_AFTER else thin
+    return 1
+
+
 cdef struct ff_sched:
     int rt_policy  # SCHED_FIFO/SCHED_RR the loop thread runs at, or -1 (an ordinary thread)
     sched_param rt_param
+    bint demoted  # dropped to SCHED_OTHER after st.demote_after thin wake-ups; real-time again when idle
+    unsigned int thin  # thin wake-ups in a row (ff_thin_next)
+    int last_src  # THIN_* of the last wake-up
+    int64_t last_wake_ns
+    int64_t gap_ns  # between the last two wake-ups
+    uint64_t tx0, rx0  # tx_packets, rx_packets when the loop last woke
 
 
 cdef void ff_sched_init(ff_sched *s) noexcept nogil:
     """Remember the loop thread's real-time policy (set before the loop started: FastPathOptions.loop_priority)."""
+    memset(s, 0, sizeof(ff_sched))
     s.rt_policy = sched_getscheduler(0)
     if (s.rt_policy != SCHED_FIFO and s.rt_policy != SCHED_RR) or sched_getparam(0, &s.rt_param) != 0:
         s.rt_policy = -1
+
+
+cdef void ff_thin_account(ff_state *st, ff_sched *s) noexcept nogil:
+    """Before a real-time loop sleeps: classify what it moved since it woke, and demote it to SCHED_OTHER after
+    st.demote_after thin wake-ups in a row (a FIFO loop woken on its producer's CPU preempts it at every packet,
+    so a small-packet stream is served one packet per wake-up; as an ordinary thread the producer fills the queue
+    and the loop reads bursts). A refused switch leaves the thread as it is and counts nothing."""
+    cdef sched_param other
+    cdef uint64_t dtx = ff_load(&st.c[C_TX_PACKETS]) - s.tx0
+    cdef uint64_t drx = ff_load(&st.c[C_RX_PACKETS]) - s.rx0
+    cdef int src = THIN_NONE
+    if dtx == 1 and drx == 0:
+        src = THIN_TUN
+    elif drx == 1 and dtx == 0:
+        src = THIN_UDP
+    s.thin = ff_thin_next(s.thin, src, s.last_src, s.gap_ns)
+    s.last_src = src
+    if not s.demoted and s.thin >= st.demote_after:
+        other.sched_priority = 0
+        if sched_setscheduler(0, SCHED_OTHER, &other) == 0:
+            s.demoted = True
+            ff_add_shared(&st.c[C_PRIO_DEMOTIONS], 1)
+
+
+cdef void ff_thin_woke(ff_state *st, ff_sched *s) noexcept nogil:
+    """After a sleep: note the wake-up's time and the packet counters it starts from."""
+    cdef int64_t now = ff_now_ns()
+    s.gap_ns = now - s.last_wake_ns
+    s.last_wake_ns = now
+    s.tx0 = ff_load(&st.c[C_TX_PACKETS])
+    s.rx0 = ff_load(&st.c[C_RX_PACKETS])
 
 
 cdef int ff_spin(ff_state *st, pollfd *fds, int nfds, int64_t *window, const ff_sched *s) noexcept nogil:
@@ -78,7 +131,7 @@ cdef int ff_spin(ff_state *st, pollfd *fds, int nfds, int64_t *window, const ff_
     cdef sched_param other
     cdef int r, e
     cdef int64_t t0 = ff_now_ns()
-    if s.rt_policy >= 0:
+    if s.rt_policy >= 0 and not s.demoted:
         other.sched_priority = 0
         sched_setscheduler(0, SCHED_OTHER, &other)
     while True:
@@ -87,7 +140,7 @@ cdef int ff_spin(ff_state *st, pollfd *fds, int nfds, int64_t *window, const ff_
         ff_add_shared(&st.c[C_BUSY_POLLS], 1)
         if r != 0 or ff_now_ns() - t0 >= window[0]:
             break
-    if s.rt_policy >= 0:
+    if s.rt_policy >= 0 and not s.demoted:
         e = errno  # a failed poll()'s errno is what ff_run reports
         sched_setscheduler(0, s.rt_policy, &s.rt_param)
         ff_set_errno(e)
@@ -100,13 +153,16 @@ cdef int ff_spin(ff_state *st, pollfd *fds, int nfds, int64_t *window, const ff_
     return r
 
 
-cdef int ff_wait(ff_state *st, pollfd *fds, int nfds, int64_t *window, const ff_sched *s) noexcept nogil:
+cdef int ff_wait(ff_state *st, pollfd *fds, int nfds, int64_t *window, ff_sched *s) noexcept nogil:
     """poll() the loop's fds: a look without waiting first; if nothing is ready, busy-poll up to ``window`` ns
     (ff_spin), then sleep. Returns poll()'s result; counts polls, sleeps, window hits/misses.
 
-    An idle loop costs one window per wake-up, then sleeps: the window starts only when a burst just ended."""
-    cdef int i, r
+    An idle loop costs one window per wake-up, then sleeps: the window starts only when a burst just ended.
+    A real-time loop with st.demote_after set classifies each wake-up before it sleeps (ff_thin_account); a
+    demoted one sleeps at most PRIO_IDLE_MS first, and if nothing came is real-time again before it sleeps on."""
+    cdef int i, r, e
     cdef int64_t t0, t1
+    cdef bint adapt = s.rt_policy >= 0 and st.demote_after > 0
     for i in range(nfds):
         fds[i].revents = 0
     r = poll(fds, nfds, 0)
@@ -120,7 +176,24 @@ cdef int ff_wait(ff_state *st, pollfd *fds, int nfds, int64_t *window, const ff_
     ff_add_shared(&st.c[C_POLLS], 1)  # counted before: a reader sees a sleeping loop as asleep
     ff_add_shared(&st.c[C_POLLS_SLEPT], 1)
     t0 = ff_now_ns() if st.busy_ns > 0 else 0
-    r = poll(fds, nfds, -1)
+    if adapt:
+        ff_thin_account(st, s)
+    if adapt and s.demoted:
+        r = poll(fds, nfds, PRIO_IDLE_MS)
+        if r == 0:  # idle: real-time again, so the next wake-up preempts ordinary tasks at once
+            if sched_setscheduler(0, s.rt_policy, &s.rt_param) == 0:
+                s.demoted = False
+                s.thin = 0
+                ff_add_shared(&st.c[C_PRIO_RESTORES], 1)
+            ff_add_shared(&st.c[C_POLLS], 1)
+            ff_add_shared(&st.c[C_POLLS_SLEPT], 1)
+            r = poll(fds, nfds, -1)
+    else:
+        r = poll(fds, nfds, -1)
+    if adapt:
+        e = errno
+        ff_thin_woke(st, s)
+        ff_set_errno(e)
     if st.busy_ns > 0:
         t1 = ff_now_ns()
         window[0] = ff_busy_next(window[0], st.busy_ns, BUSY_WOKE, t1 - t0)

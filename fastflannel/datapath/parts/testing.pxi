@@ -68,3 +68,8 @@ def gro_coalesce(packets, bint uso=True):
 def busy_window_next(long long window, long long max_ns, int event, long long slept_ns=0):
     """The loop's busy-poll window policy (ff_busy_next) for tests: twin.busy_window_next must agree."""
     return ff_busy_next(window, max_ns, event, slept_ns)
+
+
+def thin_next(unsigned int thin, int src, int last_src, long long gap_ns):
+    """The loop's thin wake-up count (ff_thin_next) for tests: twin.thin_next must agree."""
+    return ff_thin_next(thin, src, last_src, gap_ns)
