@@ -33,7 +33,7 @@ PLAIN_THREADS = 2
 # unchanged; CPU per Gbit up (smaller batches). Refused without CAP_SYS_NICE (or an RT budget in the cgroup):
 # logged once per loop thread, the loop runs at the daemon's priority. Re-measured 2026-12-02 quiet and loaded
 # (docs/benchmarks.md): kept for the loaded case (ping p99 0.45 vs 4.3 ms); on a quiet host `inherit` batches
-# small-packet floods better (a FIFO loop preempts the sender per packet).
+# small-packet floods better (a FIFO loop preempts the sender per packet): DEMOTE_AFTER below takes that case back.
 LOOP_PRIORITY = "fifo:1"
 # A real-time loop runs as an ordinary thread after this many one-packet wake-ups in a row from one source, each
 # < 100 us after the last, until it idles 2 ms (FASTFLANNEL_UDP_DEMOTE_AFTER; 0: never). A FIFO loop woken on a
