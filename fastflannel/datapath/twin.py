@@ -21,10 +21,6 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from fastflannel.datapath.contract import (  # noqa: F401  (re-exported: the twin's module is the oracle's namespace)
     BATCH_BUCKETS,
-    BUSY_FLOOR_SHIFT,
-    BUSY_HIT,
-    BUSY_MISS,
-    BUSY_WOKE,
     CMD_DEL_ROUTE,
     CMD_PEER_ADD,
     CMD_PEER_DEL,
@@ -40,26 +36,21 @@ from fastflannel.datapath.contract import (  # noqa: F401  (re-exported: the twi
     ICMP,
     ICMP_ECHO_UNREACH_GAP_NS,
     IPV4_MAX,
-    MAX_DEMOTE_AFTER,
     PEER_CHUNK_SHIFT,
     PEER_COUNTER_NAMES,
     PEER_INDEX,
-    PRIO_IDLE_MS,
     ROLE_BOTH,
     ROLE_NAMES,
     ROLE_RX,
     ROLE_TX,
     SEND,
-    THIN_GAP_NS,
-    THIN_NONE,
-    THIN_TUN,
-    THIN_UDP,
     WRITE,
     FastPathError,
     batch_bucket,
     fastpath_error,
 )
 from fastflannel.datapath.twin_offload import gro_coalesce, gso_split, tcp_checksum  # noqa: F401
+from fastflannel.datapath.twin_wait import LoopSched, busy_window_next, thin_next, wait  # noqa: F401
 from fastflannel.datapath.twin_rules import (  # noqa: F401
     icmp_allowed,
     icmp_echo_request,
@@ -71,13 +62,6 @@ from fastflannel.datapath.twin_rules import (  # noqa: F401
 
 # counter slots the loop below writes (names from the contract: a typo is a KeyError at import)
 _CTL_COMMANDS = COUNTER_INDEX["ctl_commands"]
-_POLLS = COUNTER_INDEX["polls"]
-_POLLS_SLEPT = COUNTER_INDEX["polls_slept"]
-_BUSY_POLLS = COUNTER_INDEX["busy_polls"]
-_PRIO_DEMOTIONS = COUNTER_INDEX["prio_demotions"]
-_PRIO_RESTORES = COUNTER_INDEX["prio_restores"]
-_BUSY_HITS = COUNTER_INDEX["busy_hits"]
-_BUSY_MISSES = COUNTER_INDEX["busy_misses"]
 _RX_BATCHES = COUNTER_INDEX["rx_batches"]
 _RX_BATCH_PACKETS = COUNTER_INDEX["rx_batch_packets"]
 _RX_BYTES = COUNTER_INDEX["rx_bytes"]
@@ -111,63 +95,6 @@ _P_RX_PACKETS = PEER_INDEX["rx_packets"]
 _P_TX_BYTES = PEER_INDEX["tx_bytes"]
 _P_TX_DROP_SEND = PEER_INDEX["tx_drop_send"]
 _P_TX_PACKETS = PEER_INDEX["tx_packets"]
-
-
-def busy_window_next(window: int, max_ns: int, event: int, slept_ns: int = 0) -> int:
-    """Return the busy-poll window (ns) after ``event``; the C loop's ff_busy_next is the same policy.
-
-    BUSY_HIT (data came within the window) keeps it; BUSY_MISS (it ran out, the loop sleeps) halves it, down to
-    ``max_ns >> BUSY_FLOOR_SHIFT``; BUSY_WOKE (a sleep of ``slept_ns`` ended) restores ``max_ns`` if the full
-    window would have caught that wake-up. ``max_ns`` 0: busy-polling is off, the window is 0.
-    """
-    if max_ns <= 0:
-        return 0
-    if event == BUSY_MISS:
-        return max(window >> 1, max_ns >> BUSY_FLOOR_SHIFT)
-    if event == BUSY_WOKE and slept_ns < max_ns:
-        return max_ns
-    return window
-
-
-def thin_next(thin: int, src: int, last_src: int, gap_ns: int) -> int:
-    """Return the thin wake-ups in a row after one that moved ``src``; the C loop's ff_thin_next is the same policy.
-
-    A thin wake-up moved exactly one packet from one source (THIN_TUN, THIN_UDP): it extends the row when the
-    previous one came from the same source less than THIN_GAP_NS before, else starts a row of 1; THIN_NONE (nothing,
-    a burst, or both directions) ends the row. The row is capped at MAX_DEMOTE_AFTER."""
-    if src == THIN_NONE:
-        return 0
-    if src == last_src and gap_ns < THIN_GAP_NS:
-        return thin + 1 if thin < MAX_DEMOTE_AFTER else thin
-    return 1
-
-
-class _LoopSched:
-    """One loop's scheduling state (the C ff_sched): its real-time policy and the thin wake-up row."""
-
-    def __init__(self) -> None:
-        self.rt = _realtime_policy()
-        self.demoted = False
-        self.thin = 0
-        self.last_src = THIN_NONE
-        self.last_wake = 0
-        self.gap = 0
-        self.tx0 = self.rx0 = 0
-
-
-def _realtime_policy() -> Optional[Tuple[int, int]]:
-    """The calling thread's (SCHED_FIFO/SCHED_RR policy, priority), or None if it is an ordinary thread."""
-    policy = os.sched_getscheduler(0)
-    if policy not in (os.SCHED_FIFO, os.SCHED_RR):
-        return None
-    return policy, os.sched_getparam(0).sched_priority
-
-
-def _set_policy(policy: int, priority: int) -> None:
-    try:
-        os.sched_setscheduler(0, policy, os.sched_param(priority))
-    except OSError:  # refused: the thread stays as it is (as ff_spin)
-        pass
 
 
 def _mask(plen: int) -> int:
@@ -464,10 +391,10 @@ class Proxy:
         if role != ROLE_TX:
             poller.register(self._udp_fd, select.POLLIN)
         window = self._busy_ns
-        sched = _LoopSched()
+        sched = LoopSched()
         while True:
             try:
-                events, window = self._wait(poller, window, sched)
+                events, window = wait(poller, window, sched, self._c, self._busy_ns, self._demote_after)
             except InterruptedError:  # pragma: no cover - PEP 475 retries for us
                 continue
             for fd, ev in events:
@@ -483,80 +410,6 @@ class Proxy:
                         raise fastpath_error(errno.EPIPE, f"tx loop: tun fd {fd} hung up")
                 if fd == self._udp_fd and role != ROLE_TX:
                     self._rx_burst()
-
-    def _wait(self, poller: "select.poll", window: int, sched: _LoopSched) -> Tuple[list, int]:
-        """Mirror of the C ff_wait: look without waiting; if nothing is ready busy-poll up to ``window`` ns
-        (yielding between looks), then sleep. Return the events and the next window; count as the C loop does.
-        A real-time loop with demote_after set adapts its priority as ff_thin_account/ff_thin_woke do."""
-        c = self._c
-        adapt = sched.rt is not None and self._demote_after > 0
-        events = poller.poll(0)
-        c[_POLLS] += 1
-        if events:
-            return events, window
-        if window > 0:
-            t0 = time.monotonic_ns()
-            rt = None if sched.demoted else sched.rt
-            if rt is not None:  # spin as an ordinary thread (ff_spin says why), real-time again before sleeping
-                _set_policy(os.SCHED_OTHER, 0)
-            try:
-                while True:
-                    os.sched_yield()
-                    events = poller.poll(0)
-                    c[_BUSY_POLLS] += 1
-                    if events or time.monotonic_ns() - t0 >= window:
-                        break
-            finally:
-                if rt is not None:
-                    _set_policy(*rt)
-            if events:
-                c[_BUSY_HITS] += 1
-                return events, busy_window_next(window, self._busy_ns, BUSY_HIT)
-            c[_BUSY_MISSES] += 1
-            window = busy_window_next(window, self._busy_ns, BUSY_MISS)
-        c[_POLLS] += 1  # counted before: a reader sees a sleeping loop as asleep
-        c[_POLLS_SLEPT] += 1
-        t0 = time.monotonic_ns()
-        if adapt:
-            self._thin_account(sched)
-        if adapt and sched.demoted:
-            events = poller.poll(PRIO_IDLE_MS)
-            if not events:  # idle: real-time again before the long sleep
-                try:
-                    os.sched_setscheduler(0, sched.rt[0], os.sched_param(sched.rt[1]))  # type: ignore[index]
-                except OSError:
-                    pass
-                else:
-                    sched.demoted = False
-                    sched.thin = 0
-                    c[_PRIO_RESTORES] += 1
-                c[_POLLS] += 1
-                c[_POLLS_SLEPT] += 1
-                events = poller.poll()
-        else:
-            events = poller.poll()
-        if adapt:
-            now = time.monotonic_ns()
-            sched.gap, sched.last_wake = now - sched.last_wake, now
-            sched.tx0, sched.rx0 = c[_TX_PACKETS], c[_RX_PACKETS]
-        if self._busy_ns > 0:
-            window = busy_window_next(window, self._busy_ns, BUSY_WOKE, time.monotonic_ns() - t0)
-        return events, window
-
-    def _thin_account(self, sched: _LoopSched) -> None:
-        """Before sleeping: classify what moved since the wake-up; demote after demote_after thin ones in a row."""
-        dtx = self._c[_TX_PACKETS] - sched.tx0
-        drx = self._c[_RX_PACKETS] - sched.rx0
-        src = THIN_TUN if (dtx, drx) == (1, 0) else THIN_UDP if (dtx, drx) == (0, 1) else THIN_NONE
-        sched.thin = thin_next(sched.thin, src, sched.last_src, sched.gap)
-        sched.last_src = src
-        if not sched.demoted and sched.thin >= self._demote_after:
-            try:
-                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-            except OSError:
-                return
-            sched.demoted = True
-            self._c[_PRIO_DEMOTIONS] += 1
 
     def _wait_writable(self, fd: int) -> bool:
         p = select.poll()

@@ -15,6 +15,7 @@ is real-time again.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -27,7 +28,7 @@ from hypothesis import strategies as st
 from impls import HAVE_CYTHON, IMPLS, NO_CYTHON_REASON
 from packets import ipv4_packet
 
-from fastflannel.datapath import fastpath, twin
+from fastflannel.datapath import fastpath, twin, twin_wait
 from fastflannel.datapath.contract import MAX_DEMOTE_AFTER, THIN_GAP_NS, THIN_NONE, THIN_TUN, THIN_UDP
 
 WAKES = st.lists(st.tuples(st.sampled_from([THIN_NONE, THIN_TUN, THIN_UDP]), st.integers(0, 3 * THIN_GAP_NS)),
@@ -91,25 +92,26 @@ def _stream_until_demoted(rig: Rig, limit_s: float = 20.0) -> int:
     return n
 
 
-@pytest.fixture
-def wide_gap_for_the_twin(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    """The Python loop cannot wake within THIN_GAP_NS of its last wake-up reliably: widen the gap for it only (the
-    C loop keeps the contract's). Returns a function (impl) -> None."""
-    def widen(impl: str) -> None:
-        if impl == "python":
-            monkeypatch.setattr(twin, "THIN_GAP_NS", 10**9)
-    return widen
+@contextlib.contextmanager
+def _running(impl: str, monkeypatch: pytest.MonkeyPatch, priority: str, demote_after: int):  # type: ignore[no-untyped-def]
+    """A started one-thread rig with a route to PEER; yields (rig, loop thread). The Python loop cannot wake
+    within THIN_GAP_NS of its last wake-up reliably: the gap is widened for it only (C keeps the contract's)."""
+    if impl == "python":
+        monkeypatch.setattr(twin_wait, "THIN_GAP_NS", 10**9)
+    rig = Rig(impl, threads=1, loop_priority=priority, demote_after=demote_after)
+    try:
+        rig.fp.set_route(REMOTE, PEER)
+        rig.fp.start()
+        yield rig, _loop_thread()
+        rig.fp.check()
+    finally:
+        rig.close()
 
 
 @pytest.mark.skipif(not ROOT, reason="SCHED_FIFO needs CAP_SYS_NICE (root)")
 @pytest.mark.parametrize("impl", IMPLS)
-def test_one_way_single_packets_demote_and_idle_restores(impl: str, wide_gap_for_the_twin) -> None:
-    wide_gap_for_the_twin(impl)
-    rig = Rig(impl, threads=1, loop_priority="fifo:1", demote_after=8)
-    try:
-        rig.fp.set_route(REMOTE, PEER)
-        rig.fp.start()
-        loop = _loop_thread()
+def test_one_way_single_packets_demote_and_idle_restores(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with _running(impl, monkeypatch, "fifo:1", 8) as (rig, loop):
         rig.wait_for(lambda: os.sched_getscheduler(loop.native_id) == os.SCHED_FIFO, "SCHED_FIFO at start")
         n = _stream_until_demoted(rig)
         s = rig.fp.stats()
@@ -128,21 +130,13 @@ def test_one_way_single_packets_demote_and_idle_restores(impl: str, wide_gap_for
         assert os.sched_getparam(loop.native_id).sched_priority == 1
         rig.tun.send(ipv4_packet("10.244.1.5", "10.244.2.7", payload=b"after"))
         assert rig.peer.recvfrom(2048)[0][20:] == b"after"
-        rig.fp.check()
-    finally:
-        rig.close()
 
 
 @pytest.mark.skipif(not ROOT, reason="SCHED_FIFO needs CAP_SYS_NICE (root)")
 @pytest.mark.parametrize("impl", IMPLS)
-def test_request_response_never_demotes(impl: str, wide_gap_for_the_twin) -> None:
-    wide_gap_for_the_twin(impl)
-    rig = Rig(impl, threads=1, loop_priority="fifo:1", demote_after=8)
-    try:
-        rig.fp.set_route(REMOTE, PEER)
-        rig.fp.start()
-        loop = _loop_thread()
-        for i in range(300):  # a request out through the TUN, its answer in from the peer, in turn
+def test_request_response_never_demotes(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with _running(impl, monkeypatch, "fifo:1", 8) as (rig, loop):
+        for _ in range(300):  # a request out through the TUN, its answer in from the peer, in turn
             rig.tun.send(ipv4_packet("10.244.1.5", "10.244.2.7", payload=b"q"))
             rig.peer.recvfrom(2048)
             rig.from_peer(ipv4_packet("10.244.2.7", "10.244.1.5", payload=b"a"))
@@ -151,43 +145,26 @@ def test_request_response_never_demotes(impl: str, wide_gap_for_the_twin) -> Non
         assert s["tx_packets"] == s["rx_packets"] == 300
         assert s["prio_demotions"] == 0, s
         assert os.sched_getscheduler(loop.native_id) == os.SCHED_FIFO
-        rig.fp.check()
-    finally:
-        rig.close()
 
 
 @pytest.mark.skipif(not ROOT, reason="SCHED_FIFO needs CAP_SYS_NICE (root)")
 @pytest.mark.parametrize("impl", IMPLS)
-def test_demote_after_zero_keeps_the_loop_realtime(impl: str, wide_gap_for_the_twin) -> None:
-    wide_gap_for_the_twin(impl)
-    rig = Rig(impl, threads=1, loop_priority="fifo:1", demote_after=0)
-    try:
-        rig.fp.set_route(REMOTE, PEER)
-        rig.fp.start()
-        loop = _loop_thread()
+def test_demote_after_zero_keeps_the_loop_realtime(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with _running(impl, monkeypatch, "fifo:1", 0) as (rig, loop):
         assert _stream_until_demoted(rig, limit_s=1.0) > 20
         assert rig.fp.stats()["prio_demotions"] == 0
         assert os.sched_getscheduler(loop.native_id) == os.SCHED_FIFO
-    finally:
-        rig.close()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_an_ordinary_loop_is_never_switched(impl: str, wide_gap_for_the_twin) -> None:
+def test_an_ordinary_loop_is_never_switched(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # demote_after applies to real-time loops only: an inherited priority is left alone (nothing to restore to)
-    wide_gap_for_the_twin(impl)
-    rig = Rig(impl, threads=1, loop_priority="", demote_after=1)
-    try:
-        rig.fp.set_route(REMOTE, PEER)
-        rig.fp.start()
-        loop = _loop_thread()
+    with _running(impl, monkeypatch, "", 1) as (rig, loop):
         before = os.sched_getscheduler(loop.native_id)
         assert _stream_until_demoted(rig, limit_s=0.5) > 5
         s = rig.fp.stats()
         assert s["prio_demotions"] == s["prio_restores"] == 0
         assert os.sched_getscheduler(loop.native_id) == before
-    finally:
-        rig.close()
 
 
 @pytest.mark.parametrize("bad", [-1, MAX_DEMOTE_AFTER + 1])
