@@ -391,7 +391,7 @@ class Proxy:
         if role != ROLE_TX:
             poller.register(self._udp_fd, select.POLLIN)
         window = self._busy_ns
-        sched = LoopSched()
+        sched = LoopSched(role)
         while True:
             try:
                 events, window = wait(poller, window, sched, self._c, self._busy_ns, self._demote_after)

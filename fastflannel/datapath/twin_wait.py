@@ -21,6 +21,9 @@ from fastflannel.datapath.contract import (
     COUNTER_INDEX,
     MAX_DEMOTE_AFTER,
     PRIO_IDLE_MS,
+    ROLE_BOTH,
+    ROLE_RX,
+    ROLE_TX,
     THIN_GAP_NS,
     THIN_NONE,
     THIN_TUN,
@@ -70,7 +73,8 @@ def thin_next(thin: int, src: int, last_src: int, gap_ns: int) -> int:
 class LoopSched:
     """One loop's scheduling state (the C ff_sched): its real-time policy and the thin wake-up row."""
 
-    def __init__(self) -> None:
+    def __init__(self, role: int = ROLE_BOTH) -> None:
+        self.role = role  # a one-direction loop counts only its own direction
         self.rt = realtime_policy()
         self.demoted = False
         self.thin = 0
@@ -158,8 +162,8 @@ def wait(poller: "select.poll", window: int, sched: LoopSched, c: List[int], bus
 
 def _thin_account(sched: LoopSched, c: List[int], demote_after: int) -> None:
     """Before sleeping: classify what moved since the wake-up; demote after ``demote_after`` thin ones in a row."""
-    dtx = c[_TX_PACKETS] - sched.tx0
-    drx = c[_RX_PACKETS] - sched.rx0
+    dtx = c[_TX_PACKETS] - sched.tx0 if sched.role != ROLE_RX else 0  # the other direction is another thread's
+    drx = c[_RX_PACKETS] - sched.rx0 if sched.role != ROLE_TX else 0
     src = THIN_TUN if (dtx, drx) == (1, 0) else THIN_UDP if (dtx, drx) == (0, 1) else THIN_NONE
     sched.thin = thin_next(sched.thin, src, sched.last_src, sched.gap)
     sched.last_src = src

@@ -73,8 +73,8 @@ def test_row_policy_properties(wakes: List[Tuple[int, int]]) -> None:
         assert thin <= 1
 
 
-def _loop_thread() -> threading.Thread:
-    (loop,) = [t for t in threading.enumerate() if t.name.startswith("fastpath-")]
+def _loop_thread(name: str = "") -> threading.Thread:
+    (loop,) = [t for t in threading.enumerate() if t.name.startswith("fastpath-" + name)]
     return loop
 
 
@@ -93,16 +93,18 @@ def _stream_until_demoted(rig: Rig, limit_s: float = 20.0) -> int:
 
 
 @contextlib.contextmanager
-def _running(impl: str, monkeypatch: pytest.MonkeyPatch, priority: str, demote_after: int):  # type: ignore[no-untyped-def]
-    """A started one-thread rig with a route to PEER; yields (rig, loop thread). The Python loop cannot wake
-    within THIN_GAP_NS of its last wake-up reliably: the gap is widened for it only (C keeps the contract's)."""
+def _running(impl: str, monkeypatch: pytest.MonkeyPatch, priority: str, demote_after: int,  # type: ignore[no-untyped-def]
+             threads: int = 1):
+    """A started rig with a route to PEER; yields (rig, the loop thread, or the tx loop's with 2 threads). The
+    Python loop cannot wake within THIN_GAP_NS of its last wake-up reliably: the gap is widened for it only (C
+    keeps the contract's)."""
     if impl == "python":
         monkeypatch.setattr(twin_wait, "THIN_GAP_NS", 10**9)
-    rig = Rig(impl, threads=1, loop_priority=priority, demote_after=demote_after)
+    rig = Rig(impl, threads=threads, loop_priority=priority, demote_after=demote_after)
     try:
         rig.fp.set_route(REMOTE, PEER)
         rig.fp.start()
-        yield rig, _loop_thread()
+        yield rig, _loop_thread("tx")
         rig.fp.check()
     finally:
         rig.close()
@@ -145,6 +147,22 @@ def test_request_response_never_demotes(impl: str, monkeypatch: pytest.MonkeyPat
         assert s["tx_packets"] == s["rx_packets"] == 300
         assert s["prio_demotions"] == 0, s
         assert os.sched_getscheduler(loop.native_id) == os.SCHED_FIFO
+
+
+@pytest.mark.skipif(not ROOT, reason="SCHED_FIFO needs CAP_SYS_NICE (root)")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_one_direction_loops_count_their_own_direction(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # two loop threads, each classifying only its own direction: a one-way stream through the TUN demotes the tx
+    # loop; the rx loop, whose few datagrams make no row of 8, stays real-time
+    with _running(impl, monkeypatch, "fifo:1", 8, threads=2) as (rig, tx):
+        rx = _loop_thread("rx")
+        rig.wait_for(lambda: os.sched_getscheduler(rx.native_id) == os.SCHED_FIFO, "the rx loop at SCHED_FIFO")
+        for _ in range(4):
+            rig.from_peer(ipv4_packet("10.244.2.7", "10.244.1.5", payload=b"a"))
+            rig.tun.recv(2048)
+        n = _stream_until_demoted(rig)
+        assert rig.fp.stats()["prio_demotions"] == 1, f"the tx loop was not demoted after {n} packets"
+        assert os.sched_getscheduler(rx.native_id) == os.SCHED_FIFO
 
 
 @pytest.mark.skipif(not ROOT, reason="SCHED_FIFO needs CAP_SYS_NICE (root)")

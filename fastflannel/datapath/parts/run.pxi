@@ -80,11 +80,13 @@ cdef struct ff_sched:
     int64_t last_wake_ns
     int64_t gap_ns  # between the last two wake-ups
     uint64_t tx0, rx0  # tx_packets, rx_packets when the loop last woke
+    int role  # ROLE_*: a one-direction loop counts only its own direction
 
 
-cdef void ff_sched_init(ff_sched *s) noexcept nogil:
+cdef void ff_sched_init(ff_sched *s, int role) noexcept nogil:
     """Remember the loop thread's real-time policy (set before the loop started: FastPathOptions.loop_priority)."""
     memset(s, 0, sizeof(ff_sched))
+    s.role = role
     s.rt_policy = sched_getscheduler(0)
     if (s.rt_policy != SCHED_FIFO and s.rt_policy != SCHED_RR) or sched_getparam(0, &s.rt_param) != 0:
         s.rt_policy = -1
@@ -99,6 +101,10 @@ cdef void ff_thin_account(ff_state *st, ff_sched *s) noexcept nogil:
     cdef uint64_t dtx = ff_load(&st.c[C_TX_PACKETS]) - s.tx0
     cdef uint64_t drx = ff_load(&st.c[C_RX_PACKETS]) - s.rx0
     cdef int src = THIN_NONE
+    if s.role == ROLE_TX:  # the other direction is another thread's
+        drx = 0
+    elif s.role == ROLE_RX:
+        dtx = 0
     if dtx == 1 and drx == 0:
         src = THIN_TUN
     elif drx == 1 and dtx == 0:
@@ -215,7 +221,7 @@ cdef int ff_run(ff_state *st, int role, int ctl_fd, int *stage, int *bad_fd) noe
     cdef unsigned int got_tx = 0, got_rx = 0
     cdef int64_t window = st.busy_ns  # this loop's own window: no sharing between loop threads
     cdef ff_sched sched
-    ff_sched_init(&sched)
+    ff_sched_init(&sched, role)
     fds[0].fd = st.stop_fd
     fds[0].events = POLLIN
     fds[1].fd = ctl_fd
