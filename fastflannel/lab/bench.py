@@ -20,9 +20,9 @@ measures is in docs/benchmarks.md "What is measured"):
 
 - ``ping``: iputils ping every 10 ms, RTT p50/p99, and the daemons' CPU under that light load;
 - ``rr``: sockperf TCP ping-pong with 64-byte messages: transactions/s, one-way latency p50/p99, and for the
-  udp modes polls (and polls that slept) per transaction;
+  udp modes polls (and polls that slept) per transaction and loop demotions;
 - ``flood``: 64-byte UDP datagrams offered with ``sendmmsg`` faster than the data path takes, delivered rate and
-  loss by place (``fastflannel.lab.smallpkt.loss_by_place``);
+  loss by place (``fastflannel.lab.smallpkt.loss_by_place``), and the udp loops' demotions to SCHED_OTHER;
 - ``tcp1``/``tcp4``: iperf3 TCP, 1 and 4 streams: rate, retransmits, CPU core-seconds per Gbit (daemons + iperf3
   + softirq) and the fast path's per-packet figures (syscalls, batches, segments per crossing, copies);
 - ``udp64``: iperf3 UDP with 64-byte payloads at unlimited bitrate (the old small-packet figure);
@@ -313,6 +313,8 @@ class ModeCluster:
             row["rr_polls_per_trans"] = sum(x.get("polls", 0) for x in d) / trans
             if any("polls_slept" in x for x in d):
                 row["rr_sleeps_per_trans"] = sum(x.get("polls_slept", 0) for x in d) / trans
+            if any("prio_demotions" in x for x in d):
+                row["rr_demotions"] = sum(x.get("prio_demotions", 0) for x in d)
 
     def _flood(self, row: Dict[str, Any], seconds: float) -> None:
         from fastflannel.lab.smallpkt import counters_delta, flood, loss_by_place, netns_counters, softnet_dropped
@@ -330,6 +332,8 @@ class ModeCluster:
         if user:
             d = [counter_delta(b, a) for b, a in zip(f0, self.stats())]
             row["flood_fastpath_deltas"] = d
+            if any("prio_demotions" in x for x in d):
+                row["flood_demotions"] = sum(x.get("prio_demotions", 0) for x in d)
             # the fast path's own drops only: tx_drop_tun_queue / rx_drop_udp_rcvbuf are the kernel's (counted above)
             fdrops = sum(v for x in d for k, v in x.items() if "_drop_" in k and k in COUNTER_NAMES)
         lb = loss_by_place(int(g["sent"]), counters_delta(c0, c1), fdrops, s1 - s0, self.tun)

@@ -20,6 +20,7 @@ METRICS: List[tuple] = [
     ("rr_lat_p99_us", "  sockperf one-way latency p99", "us", 0, False),
     ("rr_polls_per_trans", "  polls per transaction (both daemons)", "", 2, False),
     ("rr_sleeps_per_trans", "  polls that slept per transaction", "", 2, False),
+    ("rr_demotions", "  loop demotions to SCHED_OTHER (both daemons)", "", 0, False),
     ("rtt_p50_ms", "RTT p50 (ping, 10 ms)", "ms", 3, False),
     ("rtt_p99_ms", "RTT p99 (ping, 10 ms)", "ms", 3, False),
     ("flood_offered_kpps", "64 B flood: offered (sendmmsg)", "kpps", 1, True),
@@ -30,6 +31,7 @@ METRICS: List[tuple] = [
     ("flood_loss_fastpath_pct", "  dropped by the fast path", "%", 1, False),
     ("flood_loss_backlog_pct", "  lost in a softnet backlog (machine)", "%", 1, False),
     ("flood_loss_other_pct", "  lost elsewhere (veth, sockets, unaccounted)", "%", 1, False),
+    ("flood_demotions", "  loop demotions to SCHED_OTHER (both daemons)", "", 0, False),
     ("udp64_kpps", "iperf3 UDP 64 B delivered", "kpps", 1, True),
     ("udp64_loss_pct", "iperf3 UDP 64 B loss", "%", 1, False),
     ("idle_cpu_pct", "daemon CPU idle (max of 2)", "% core", 2, False),
@@ -68,7 +70,7 @@ NO_RATIO = {"tun_tx_dropped", "udp_rcvbuf_errors", "daemon_cpu_s_per_gb",
             "copies_per_packet", "bytes_copied_per_byte", "tcp1_retransmits", "tcp4_retransmits", "udp64_loss_pct",
             "rr_polls_per_trans", "rr_sleeps_per_trans", "flood_loss_pct", "flood_loss_tun_queue_pct",
             "flood_loss_receiver_rcvbuf_pct", "flood_loss_fastpath_pct", "flood_loss_backlog_pct",
-            "flood_loss_other_pct", "idle_cpu_pct", "ping_cpu_pct"}
+            "flood_loss_other_pct", "idle_cpu_pct", "ping_cpu_pct", "rr_demotions", "flood_demotions"}
 
 
 
