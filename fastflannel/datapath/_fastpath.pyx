@@ -23,7 +23,6 @@ from cpython.mem cimport PyMem_RawCalloc, PyMem_RawFree, PyMem_RawMalloc
 from libc.errno cimport EAGAIN, EINTR, EIO, ETIMEDOUT, errno
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
-from posix.resource cimport PRIO_PROCESS, getpriority, setpriority
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, mmap, munmap
 from posix.uio cimport iovec, writev
 from posix.unistd cimport close, read, write

@@ -210,9 +210,6 @@ THIN_TUN = 1  # exactly one packet read from the TUN
 THIN_UDP = 2  # exactly one datagram received
 THIN_GAP_NS = 100_000  # one-way single packets at >= 10 kpps: a stream, not request/response
 PRIO_IDLE_MS = 2  # a demoted loop that sees nothing for this long is real-time again
-# the nice value of a demoted loop: as an ordinary thread it still gets a larger share than the sender it serves
-# (measured, 64-byte flood: nice 0 lost 12.2 % at flannel0's queue, nice -5 0.0 %; docs/benchmarks.md "Demoting")
-DEMOTE_NICE = -5
 MAX_DEMOTE_AFTER = 1 << 20
 
 # The C names of the constants above (enums in the generated contract.pxd).
@@ -229,7 +226,7 @@ C_CONSTANTS: Dict[str, int] = {
     "FF_UDP_GRO": UDP_GRO, "FF_SEGS_MAX": SEGS_MAX, "FF_WSLOTS": WSLOTS, "FF_USO_SEGS": USO_SEGS,
     "BUSY_HIT": BUSY_HIT, "BUSY_MISS": BUSY_MISS, "BUSY_WOKE": BUSY_WOKE, "BUSY_FLOOR_SHIFT": BUSY_FLOOR_SHIFT,
     "THIN_NONE": THIN_NONE, "THIN_TUN": THIN_TUN, "THIN_UDP": THIN_UDP, "THIN_GAP_NS": THIN_GAP_NS,
-    "PRIO_IDLE_MS": PRIO_IDLE_MS, "FF_MAX_DEMOTE_AFTER": MAX_DEMOTE_AFTER, "FF_DEMOTE_NICE": DEMOTE_NICE,
+    "PRIO_IDLE_MS": PRIO_IDLE_MS, "FF_MAX_DEMOTE_AFTER": MAX_DEMOTE_AFTER,
     "FF_PEER_SHIFT": PEER_CHUNK_SHIFT, "FF_PEER_CHUNK": 1 << PEER_CHUNK_SHIFT,
     **COMMANDS,
     "ROLE_BOTH": ROLE_BOTH, "ROLE_TX": ROLE_TX, "ROLE_RX": ROLE_RX,

@@ -19,7 +19,6 @@ from fastflannel.datapath.contract import (
     BUSY_MISS,
     BUSY_WOKE,
     COUNTER_INDEX,
-    DEMOTE_NICE,
     MAX_DEMOTE_AFTER,
     PRIO_IDLE_MS,
     ROLE_BOTH,
@@ -77,7 +76,6 @@ class LoopSched:
     def __init__(self, role: int = ROLE_BOTH) -> None:
         self.role = role  # a one-direction loop counts only its own direction
         self.rt = realtime_policy()
-        self.nice0 = os.getpriority(os.PRIO_PROCESS, 0)  # 0: the calling thread (Linux keeps nice per thread)
         self.demoted = False
         self.thin = 0
         self.last_src = THIN_NONE
@@ -145,7 +143,6 @@ def wait(poller: "select.poll", window: int, sched: LoopSched, c: List[int], bus
             except OSError:
                 pass
             else:
-                _set_nice(sched.nice0)
                 sched.demoted = False
                 sched.thin = 0
                 c[_PRIO_RESTORES] += 1
@@ -176,12 +173,4 @@ def _thin_account(sched: LoopSched, c: List[int], demote_after: int) -> None:
         except OSError:
             return
         sched.demoted = True
-        _set_nice(DEMOTE_NICE)
         c[_PRIO_DEMOTIONS] += 1
-
-
-def _set_nice(nice: int) -> None:
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, nice)
-    except OSError:  # refused: the thread keeps its nice value (as the C loop)
-        pass

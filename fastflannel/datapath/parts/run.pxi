@@ -81,17 +81,12 @@ cdef struct ff_sched:
     int64_t gap_ns  # between the last two wake-ups
     uint64_t tx0, rx0  # tx_packets, rx_packets when the loop last woke
     int role  # ROLE_*: a one-direction loop counts only its own direction
-    int nice0  # the thread's nice value at start, given back when it is real-time again
 
 
 cdef void ff_sched_init(ff_sched *s, int role) noexcept nogil:
     """Remember the loop thread's real-time policy (set before the loop started: FastPathOptions.loop_priority)."""
     memset(s, 0, sizeof(ff_sched))
     s.role = role
-    ff_set_errno(0)
-    s.nice0 = getpriority(PRIO_PROCESS, 0)  # 0: the calling thread (Linux keeps nice per thread)
-    if errno != 0:
-        s.nice0 = 0
     s.rt_policy = sched_getscheduler(0)
     if (s.rt_policy != SCHED_FIFO and s.rt_policy != SCHED_RR) or sched_getparam(0, &s.rt_param) != 0:
         s.rt_policy = -1
@@ -101,8 +96,7 @@ cdef void ff_thin_account(ff_state *st, ff_sched *s) noexcept nogil:
     """Before a real-time loop sleeps: classify what it moved since it woke, and demote it to SCHED_OTHER after
     st.demote_after thin wake-ups in a row (a FIFO loop woken on its producer's CPU preempts it at every packet,
     so a small-packet stream is served one packet per wake-up; as an ordinary thread the producer fills the queue
-    and the loop reads bursts). The demoted thread gets nice FF_DEMOTE_NICE, so it still drains the queue before
-    the sender overruns it. A refused switch leaves the thread as it is and counts nothing."""
+    and the loop reads bursts). A refused switch leaves the thread as it is and counts nothing."""
     cdef sched_param other
     cdef uint64_t dtx = ff_load(&st.c[C_TX_PACKETS]) - s.tx0
     cdef uint64_t drx = ff_load(&st.c[C_RX_PACKETS]) - s.rx0
@@ -121,7 +115,6 @@ cdef void ff_thin_account(ff_state *st, ff_sched *s) noexcept nogil:
         other.sched_priority = 0
         if sched_setscheduler(0, SCHED_OTHER, &other) == 0:
             s.demoted = True
-            setpriority(PRIO_PROCESS, 0, FF_DEMOTE_NICE)  # refused: it stays at its nice value
             ff_add_shared(&st.c[C_PRIO_DEMOTIONS], 1)
 
 
@@ -195,7 +188,6 @@ cdef int ff_wait(ff_state *st, pollfd *fds, int nfds, int64_t *window, ff_sched 
         r = poll(fds, nfds, PRIO_IDLE_MS)
         if r == 0:  # idle: real-time again, so the next wake-up preempts ordinary tasks at once
             if sched_setscheduler(0, s.rt_policy, &s.rt_param) == 0:
-                setpriority(PRIO_PROCESS, 0, s.nice0)
                 s.demoted = False
                 s.thin = 0
                 ff_add_shared(&st.c[C_PRIO_RESTORES], 1)
